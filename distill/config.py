@@ -1,0 +1,251 @@
+"""Typed training configuration: nested dataclasses from a YAML recipe plus ``key=value`` overrides.
+
+Parsed once in ``train.main``; each builder receives only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names it and lists the valid keys."""
+
+
+@dataclass
+class TeacherConfig:
+    name_or_path: str = ""
+    random_init: bool = False  # build from config with random weights (benchmarks, tests)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "vit-tiny-cifar"
+    init: str | None = None  # None | "teacher" | hub id / directory of a pretrained checkpoint
+    image_size: int | None = None  # None: the registry default for arch
+    tokenizer: str | None = None  # None: the teacher's tokenizer
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    train_split: str = "train"
+    eval: str | None = None  # None: same source as train
+    eval_split: str = "test"
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+    classnames: str | None = None  # JSON file / comma list / None for ClassLabel names
+    templates: str = "openai_cifar"
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class LossConfig:
+    kl_weight: float = 1.0
+    kl_temperature: float = 2.0
+    kl_on_classes: bool = True
+    kl_on_affinity: bool = True
+    clip_weight: float = 0.0
+    feature_weight: float = 1.0
+    feature_kind: str = "cosine"
+    interactive_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    max_steps: int = 500
+    batch_size: int = 64
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    init_logit_scale: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: str = ".cache/teacher-targets"
+    views: int = 1  # K augmented views per image stored in the cache (1 = the plain centre crop)
+
+
+@dataclass
+class TrainConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16, handed to Accelerate
+    cpu: bool = False  # force CPU even when a GPU is visible
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    resume: str | None = None  # None | "latest" | path to a checkpoint directory
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}; expected no, fp16 or bf16")
+        if self.loss.feature_kind not in ("cosine", "mse"):
+            raise ConfigError(f"loss.feature_kind={self.loss.feature_kind!r}; expected cosine or mse")
+        for name in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight"):
+            if getattr(self.loss, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
+        if self.loss.kl_temperature <= 0:
+            raise ConfigError(f"loss.kl_temperature must be > 0, got {self.loss.kl_temperature}")
+        if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.max_steps < 1:
+            raise ConfigError("optim.batch_size, optim.grad_accum and optim.max_steps must be >= 1")
+        if not self.teacher.name_or_path:
+            raise ConfigError("teacher.name_or_path is empty: set it in the recipe or as teacher.name_or_path=...")
+        if not self.data.train:
+            raise ConfigError("data.train is empty: set it in the recipe or as data.train=...")
+        return self
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, with an error naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: cannot interpret {value!r} ({'; '.join(errors)})")
+    if origin is tuple:
+        seq = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(seq, (list, tuple)) or len(seq) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(seq, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint in (int, float):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            out = hint(value)
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return out
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys raise with the valid ones."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    valid = field_names(cls)
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {valid}"
+        )
+    hints, kwargs = _hints(cls), {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, dotted: str, value: str, cls: type = TrainConfig) -> None:
+    """Set ``a.b.c=value`` in the nested dict after checking the path against the dataclasses."""
+    parts = dotted.split(".")
+    node, node_cls = data, cls
+    for i, part in enumerate(parts):
+        valid = field_names(node_cls)
+        if part not in valid:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown config key {dotted!r}: {part!r} is not one of {valid} (under {where})")
+        hint = _hints(node_cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint):
+                raise ConfigError(f"{dotted} is a section; set one of its keys: {field_names(hint)}")
+            node[part] = yaml.safe_load(value) if value != "" else ""
+            if isinstance(node[part], (int, float)) and hint is str:
+                node[part] = value  # keep "007"-like strings verbatim
+            return
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section")
+        node = node.setdefault(part, {})
+        node_cls = hint
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML recipe (optional), apply ``key=value`` overrides, and validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        apply_override(data, key.strip(), value)
+    return from_dict(TrainConfig, data).validate()
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML dumps and model cards."""
+
+    def convert(v):
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,76 @@
+"""Zero-shot classification and retrieval metrics on embeddings (pure tensor functions)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes)."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return (top == labels.view(-1, 1)).any(dim=1).float().mean().item()
+
+
+def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Average over classes present in ``labels`` of the per-class recall (balanced accuracy)."""
+    recalls = []
+    for c in range(num_classes):
+        mask = labels == c
+        if mask.any():
+            recalls.append((pred[mask] == c).float().mean().item())
+    return float(sum(recalls) / len(recalls)) if recalls else 0.0
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top-1, top-5 and mean per-class recall from (N, C) logits and (N,) integer labels."""
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logit rows but {labels.shape[0]} labels")
+    if logits.shape[0] == 0:
+        raise ValueError("no images to score (all failed to decode, or the split is empty)")
+    labels = labels.to(logits.device).long()
+    return {
+        "top1": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "mean_per_class_recall": mean_per_class_recall(logits.argmax(dim=1), labels, logits.shape[1]),
+    }
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_to_image: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, dict[str, float]]:
+    """Image->text and text->image recall@K with several captions per image.
+
+    An image->text query is a hit when ANY of the image's captions ranks in the top K
+    (images with no caption are left out); a text->image query is a hit when its own
+    image ranks in the top K.
+
+    Args:
+        image_emb: (N, D) normalised image embeddings.
+        text_emb: (M, D) normalised caption embeddings.
+        text_to_image: (M,) index of each caption's image.
+    """
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
+    if text_emb.shape[0] != t2i.shape[0]:
+        raise ValueError(f"{text_emb.shape[0]} captions but {t2i.shape[0]} caption->image indices")
+    if image_emb.shape[-1] != text_emb.shape[-1]:
+        raise ValueError(f"embedding sizes differ: images {image_emb.shape[-1]}, texts {text_emb.shape[-1]}")
+    sim = image_emb.float() @ text_emb.float().t()  # (N, M)
+    n_img = image_emb.shape[0]
+    # positives[i, j] is True when caption j belongs to image i
+    positives = torch.zeros(n_img, text_emb.shape[0], dtype=torch.bool, device=sim.device)
+    positives[t2i, torch.arange(t2i.shape[0], device=sim.device)] = True
+    has_text = positives.any(dim=1)
+    out: dict[str, dict[str, float]] = {"image_to_text": {}, "text_to_image": {}}
+    for k in ks:
+        top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        i2t_hits = positives.gather(1, top_t).any(dim=1)[has_text]
+        out["image_to_text"][f"R@{k}"] = i2t_hits.float().mean().item()
+        top_i = sim.t().topk(min(k, n_img), dim=1).indices
+        out["text_to_image"][f"R@{k}"] = (top_i == t2i.view(-1, 1)).any(dim=1).float().mean().item()
+    return out
