@@ -44,9 +44,10 @@ def _high_bit_depth_to_uint8(image: Image.Image) -> Image.Image:
         scale = 255.0 if peak <= 1.0 else (255.0 / 65535.0 if peak > 255.0 else 1.0)
         out = np.nan_to_num(arr.astype(np.float64) * scale)
     else:
-        # mode I;16* holds 0..65535; mode I (32-bit) is how PIL opens 16-bit PNGs.
+        # mode I;16* always holds 0..65535 (even a dark image); mode I (32-bit) is ambiguous:
+        # PIL opens 16-bit PNGs that way, so only values above 255 reveal a 16-bit range.
         out = arr.astype(np.float64)
-        if out.size and out.max() > 255:
+        if image.mode.startswith("I;16") or (out.size and out.max() > 255):
             out = out / 257.0
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
 
@@ -83,8 +84,8 @@ def decode_image(value: Any, source: str = "<image>") -> Image.Image:
             image = Image.open(io.BytesIO(value))
         elif isinstance(value, Mapping):
             if value.get("bytes") is not None:
-                image = Image.open(io.BytesIO(value["bytes"]))
                 source = value.get("path") or source
+                image = Image.open(io.BytesIO(value["bytes"]))
             elif value.get("path"):
                 source = value["path"]
                 image = Image.open(value["path"])
@@ -216,6 +217,8 @@ class ImageTransform:
         std = cfg.get("image_std", OPENAI_CLIP_STD)
         mean = (mean,) * 3 if isinstance(mean, (int, float)) else mean
         std = (std,) * 3 if isinstance(std, (int, float)) else std
+        if not cfg.get("do_normalize", True):
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         return cls(
             size=size,
             crop_size=crop,
