@@ -32,6 +32,23 @@ def load_classname_source(spec: str) -> list[str] | dict[str, str | list[str]]:
     return names
 
 
+def label_names_or_none(ds, label_column: str | None) -> list[str] | None:
+    """ClassLabel names of ``label_column``, or None when it is absent or not a ClassLabel."""
+    import datasets
+
+    feature = ds.features.get(label_column) if label_column else None
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def classnames_for(ds, label_column: str | None, spec: str | None) -> list[str] | None:
+    """Resolve ``--classnames``/``data.classnames`` against the dataset's labels (None: no names)."""
+    source = load_classname_source(spec) if spec else None
+    labels = label_names_or_none(ds, label_column)
+    if source is None and labels is None:
+        return None
+    return resolve_classnames(labels, source)
+
+
 def resolve_classnames(
     label_names: Sequence[str] | None, source: list[str] | Mapping[str, str | list[str]] | None = None
 ) -> list[str]:

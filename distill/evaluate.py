@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.classnames import load_classname_source, resolve_classnames
-from distill.data import DataSpec, ImageDataset, class_names, flatten_captions, load_hf_dataset, make_loader, resolve_columns
+from distill.classnames import classnames_for
+from distill.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, make_loader, resolve_columns
 from distill.linear_probe import linear_probe
 from distill.metrics import classification_metrics, retrieval_metrics
 from distill.teacher import DualEncoder, load_dual_encoder
@@ -179,9 +179,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if "zeroshot" in tasks:
         if not cols.label:
             raise ValueError(f"{args.data}[{args.split}]: zero-shot needs a label column (columns: {ds.column_names})")
-        source = load_classname_source(args.classnames) if args.classnames else None
-        label_names = class_names(ds, cols.label) if source is None or isinstance(source, dict) else None
-        names = resolve_classnames(label_names, source)
+        names = classnames_for(ds, cols.label, args.classnames)
+        if names is None:
+            raise ValueError(f"{args.data}: label column {cols.label!r} is not a ClassLabel; pass --classnames")
         report["zeroshot"] = zeroshot_eval(model, images, names, args.templates)
         report["zeroshot"]["templates"] = args.templates
     if "retrieval" in tasks:
