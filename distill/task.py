@@ -1,0 +1,124 @@
+"""The distillation task: trainable student + frozen teacher + losses in one module.
+
+Everything trainable (student, feature projections, the logit scale of image-only students)
+lives in :class:`DistillTask`, the one module handed to ``accelerator.prepare``. The teacher is
+kept out of the module tree on purpose: it is never wrapped in DDP, never seen by the optimizer
+and never saved in checkpoints; it is forced back to ``eval()`` whenever the task is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.losses import build_losses, make_feature_projection, total_loss
+from distill.teacher import DualEncoder
+
+
+@dataclass
+class TextBank:
+    """Every text the run trains on (class prompts and captions), tokenised once for the student,
+    with the teacher's embeddings looked up by row instead of recomputed each step."""
+
+    texts: list[str]
+    student_ids: torch.Tensor | None  # (M, L) long; None for image-only students
+    student_mask: torch.Tensor | None
+    teacher_emb: torch.Tensor  # (M, D_teacher) normalised
+    prompt_rows: torch.Tensor  # (C, T) rows of "template t applied to class c"
+    caption_rows: list[list[int]]  # dataset row -> rows of its captions ([] for label-only data)
+
+
+class DistillTask(nn.Module):
+    """Computes the loss dict for one batch. Keys ending in ``_loss`` are summed into ``loss``."""
+
+    def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg, bank: TextBank,
+                 teacher_class_head: torch.Tensor | None, init_logit_scale: float = 2.6592):
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
+        self.losses = build_losses(dict(loss_cfg.__dict__))
+        self.loss_cfg = loss_cfg
+        self.bank = bank
+        self.register_buffer("teacher_class_head", teacher_class_head, persistent=False)
+        self.has_text_tower = bank.student_ids is not None
+        s_dim, t_dim = student.embed_dim, teacher.embed_dim
+        # learned maps into the teacher space, only where the widths differ (None otherwise)
+        self.image_proj = make_feature_projection(s_dim, t_dim)
+        self.text_proj = make_feature_projection(s_dim, t_dim) if self.has_text_tower else None
+        # image-only students have no CLIP logit scale of their own; the task owns one for them
+        self.own_log_scale = None if self.has_text_tower else nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    @property
+    def teacher(self) -> DualEncoder:
+        return self._teacher[0]
+
+    def train(self, mode: bool = True) -> "DistillTask":
+        super().train(mode)
+        self.teacher.eval()  # dropout/BN in the teacher must never switch to training behaviour
+        return self
+
+    def student_log_scale(self) -> torch.Tensor:
+        return self.own_log_scale if self.own_log_scale is not None else self.student.log_logit_scale
+
+    def _sample_texts(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """One text row per image: a random caption of that image, or a random class prompt.
+
+        Prompts are drawn independently of the labels, so label-free image data still gives
+        the text tower and the affinity KL paired targets.
+        """
+        rows = []
+        for idx in batch["index"].tolist():
+            caps = self.bank.caption_rows[idx] if self.bank.caption_rows else []
+            if caps:
+                rows.append(caps[int(torch.randint(len(caps), (1,), generator=generator))])
+            else:
+                c, t = (int(torch.randint(n, (1,), generator=generator)) for n in self.bank.prompt_rows.shape)
+                rows.append(int(self.bank.prompt_rows[c, t]))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def _student_class_head(self, generator: torch.Generator, device) -> torch.Tensor | None:
+        """Student class embeddings from one random template per class (a cheap unbiased draw
+        of the template-averaged head); image-only students use the teacher's head."""
+        if self.teacher_class_head is None:
+            return None
+        if not self.has_text_tower:
+            return self.teacher_class_head
+        C, T = self.bank.prompt_rows.shape
+        pick = torch.randint(T, (C,), generator=generator)
+        rows = self.bank.prompt_rows[torch.arange(C), pick]
+        emb = self.student.encode_tokens(self.bank.student_ids[rows].to(device), self.bank.student_mask[rows].to(device))
+        return F.normalize(emb, dim=-1)
+
+    def forward(self, batch: dict, step: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        # a generator seeded by (seed, step) makes text sampling identical after a resume
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        device = batch["pixel_values_student"].device
+        teacher_image = batch.get("teacher_image")
+        if teacher_image is None:
+            with torch.no_grad():
+                teacher_image = self.teacher.encode_image(batch["pixel_values_teacher"])
+        s_img = self.student.encode_image(batch["pixel_values_student"])
+        text_rows = self._sample_texts(batch, gen)
+        t_txt = self.bank.teacher_emb[text_rows].to(device)
+        s_txt = None
+        if self.has_text_tower:
+            ids, mask = self.bank.student_ids[text_rows].to(device), self.bank.student_mask[text_rows].to(device)
+            s_txt = self.student.encode_tokens(ids, mask)
+        out = self.losses(
+            student_image=s_img,
+            student_text=s_txt,
+            student_image_proj=None if self.image_proj is None else self.image_proj(s_img),
+            student_text_proj=None if self.text_proj is None or s_txt is None else self.text_proj(s_txt),
+            teacher_image=teacher_image.float(),
+            teacher_text=t_txt.float(),
+            student_class=self._student_class_head(gen, device),
+            teacher_class=self.teacher_class_head,
+            student_log_scale=self.student_log_scale(),
+            teacher_scale=self.teacher.logit_scale.detach(),
+        )
+        out["loss"] = total_loss(out)
+        return out
