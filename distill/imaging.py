@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -91,9 +92,9 @@ def decode_image(value: Any, source: str = "<image>") -> Image.Image:
                 image = Image.open(value["path"])
             else:
                 raise ImageDecodeError(f"{source}: image value has neither bytes nor path")
-        elif isinstance(value, str):
-            source = value
-            image = Image.open(value)
+        elif isinstance(value, (str, os.PathLike)):
+            source = os.fspath(value)
+            image = Image.open(source)
         else:
             raise ImageDecodeError(f"{source}: unsupported image value of type {type(value).__name__}")
         image.load()  # force the decode here so truncated files fail now, not in a worker later

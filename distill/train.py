@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distill.cache import TeacherTargetCache, cache_key
 from distill.classnames import classnames_for
-from distill.config import TrainConfig, dump_config, load_config, to_dict
+from distill.config import ConfigError, TrainConfig, dump_config, load_config, to_dict
 from distill.data import (DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset,
                           resolve_columns)
 from distill.evaluate import embed_images, zeroshot_eval
@@ -139,6 +139,11 @@ def build_train_data(cfg: TrainConfig, teacher: DualEncoder, student: DualEncode
         for j, row in enumerate(owner):
             caption_rows[row].append(len(prompts) + j)
         texts += caps
+    if (cfg.loss.clip_weight > 0 or cfg.loss.interactive_weight > 0) and not cols.captions:
+        raise ConfigError(
+            f"loss.clip_weight / loss.interactive_weight need image-text pairs, but {spec.label} has no caption "
+            f"column (columns: {ds.column_names}); set data.caption_column=... or set those weights to 0"
+        )
     if not texts:
         raise ValueError(f"{spec.label}: no class names and no captions; set data.classnames=... or data.caption_column")
     cached, hit, teacher_text = None, None, None
@@ -352,6 +357,7 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     _check_path(cfg.teacher.name_or_path, "teacher.name_or_path")
+    torch.manual_seed(cfg.seed + 1)  # a random-init teacher must not equal a same-shape student seeded below
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
     torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
     student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
@@ -410,6 +416,9 @@ def train(cfg: TrainConfig) -> dict:
                 rate = seen / max(time.perf_counter() - tick, 1e-9)
                 logs = _log_line(state["step"], losses, rate, scheduler.get_last_lr()[0])
                 accelerator.log(logs, step=state["step"])
+                if accelerator.is_main_process:
+                    with open(out / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps({"step": state["step"], **logs}) + "\n")
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("_loss") or k == "images_per_s"})
                 tick, seen = time.perf_counter(), 0
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.optim.max_steps:

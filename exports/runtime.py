@@ -1,0 +1,376 @@
+"""Edge runtime: ONNX sessions and zero-shot bundles with onnxruntime, numpy and pillow only.
+
+Nothing here imports torch, transformers or onnx; image decoding and preprocessing come from
+:mod:`distill.imaging`, which is torch-free by design. A bundle is a directory written by
+:func:`exports.bundle.write_bundle`::
+
+    image_encoder.onnx     pixels -> L2-normalised image embeddings (fp32, fp16 or int8)
+    text_embeddings.npy    (num_classes, embed_dim) float32, unit rows: the zero-shot head
+    classes.json           class names, in the row order of text_embeddings.npy
+    config.json            logit scale, precision, preprocessing spec, graph I/O names, provenance
+    manifest.json          sha256 and size of every file above
+
+:func:`load_bundle` checks every hash before it reads anything, so a bundle that was edited,
+truncated or half-copied is refused with the name of the offending file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from distill.imaging import ImageTransform, decode_image
+from exports.interface import IMAGE_ENCODER, GraphSpec
+
+BUNDLE_FORMAT = "clip-distill-zeroshot-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+CLASSES = "classes.json"
+TEXT_EMBEDDINGS = "text_embeddings.npy"
+REQUIRED_FILES = (CONFIG, CLASSES, TEXT_EMBEDDINGS)  # plus the image encoder named in config.json
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class InvalidModelError(ValueError):
+    """A file is not a loadable ONNX model; the message names the file."""
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete, tampered with or inconsistent; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def session_options(
+    optimization: str = "all", threads: int | None = None, optimized_model_path: str | Path | None = None
+) -> ort.SessionOptions:
+    """onnxruntime session options.
+
+    Args:
+        optimization: ``disable``, ``basic``, ``extended`` or ``all`` (graph fusions at load time).
+        threads: intra-op threads; None lets onnxruntime use every core.
+        optimized_model_path: also write the optimised graph there (it is specific to this
+            onnxruntime version and execution provider; ship the unoptimised file).
+    """
+    if optimization not in _OPT_LEVELS:
+        raise ValueError(f"optimization={optimization!r}; expected one of {sorted(_OPT_LEVELS)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _OPT_LEVELS[optimization]
+    so.log_severity_level = 3  # fp16/int8 graphs warn about CPU fallbacks on every load
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    return so
+
+
+def load_session(
+    path: str | Path,
+    *,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    optimization: str = "all",
+    optimized_model_path: str | Path | None = None,
+) -> ort.InferenceSession:
+    """Open an ONNX file in onnxruntime, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        InvalidModelError: ``path`` is a directory, or not a valid / loadable ONNX model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    if path.is_dir():
+        hint = " (it is a zero-shot bundle: use exports.runtime.load_bundle)" if (path / MANIFEST).is_file() else ""
+        raise InvalidModelError(f"{path}: is a directory, not an .onnx model file{hint}")
+    so = session_options(optimization, threads, optimized_model_path)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, InvalidGraph, ... from pybind
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {first})") from exc
+
+
+class OnnxGraph:
+    """An onnxruntime session for one of the graphs declared in :mod:`exports.interface`."""
+
+    def __init__(self, path: str | Path, spec: GraphSpec, **session_kwargs: Any):
+        self.path = Path(path)
+        self.spec = spec
+        self.session = load_session(self.path, **session_kwargs)
+        have = {i.name for i in self.session.get_inputs()}
+        missing = [n for n in spec.input_names if n not in have]
+        if missing:
+            raise InvalidModelError(
+                f"{self.path}: not a {spec.name} graph: inputs {sorted(have)} lack {missing}"
+            )
+        self.input_names = [n for n in spec.input_names if n in have]
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run with numpy inputs cast to the declared dtypes; returns ``{output name: array}``."""
+        dtypes = {t.name: t.dtype for t in self.spec.inputs}
+        inputs = {n: np.ascontiguousarray(feeds[n], dtype=dtypes[n]) for n in self.input_names}
+        names = list(outputs or [o.name for o in self.session.get_outputs()])
+        return dict(zip(names, self.session.run(names, inputs)))
+
+    __call__ = run
+
+
+def run_onnx(path: str | Path, spec: GraphSpec, feeds: Mapping[str, np.ndarray], **session_kwargs: Any) -> dict[str, np.ndarray]:
+    """One-shot convenience: open ``path`` and run ``feeds`` through it."""
+    return OnnxGraph(path, spec, **session_kwargs).run(feeds)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | Path, files: Iterable[str]) -> Path:
+    """Hash ``files`` (relative to ``directory``) into ``directory/manifest.json``."""
+    directory = Path(directory)
+    entries = {
+        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in sorted(files)
+    }
+    manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "files": entries}
+    path = directory / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable JSON ({type(exc).__name__}: {exc})") from exc
+
+
+def verify_bundle(directory: str | Path) -> dict[str, Any]:
+    """Check that ``directory`` is a complete, untampered bundle; return its config.
+
+    Raises:
+        BundleError: naming the directory or the first file that is missing, unlisted or whose
+            sha256 differs from the manifest.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        what = "does not exist" if not directory.exists() else "is a file, not a bundle directory"
+        raise BundleError(f"{directory}: {what}")
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"{directory}: not a zero-shot bundle (no {MANIFEST}); a bundle holds {', '.join(REQUIRED_FILES)}, "
+            f"an image encoder .onnx and {MANIFEST}, and is written by exports.bundle.write_bundle"
+        )
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{manifest_path}: not a {BUNDLE_FORMAT} manifest")
+    if int(manifest.get("version", 0)) > BUNDLE_VERSION:
+        raise BundleError(
+            f"{manifest_path}: bundle version {manifest.get('version')} is newer than this runtime "
+            f"supports ({BUNDLE_VERSION}); upgrade clip-distill"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{manifest_path}: lists no files")
+    for name, entry in sorted(files.items()):
+        path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{manifest_path}: file entry {name!r} points outside the bundle")
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in {MANIFEST} but missing")
+        actual = sha256_file(path)
+        if actual != entry.get("sha256"):
+            raise BundleError(
+                f"{path}: sha256 mismatch (manifest {str(entry.get('sha256'))[:12]}..., file {actual[:12]}...); "
+                "the file was modified or corrupted after the bundle was written"
+            )
+    config = _read_json(directory / CONFIG) if CONFIG in files else None
+    if config is None:
+        raise BundleError(f"{directory / CONFIG}: not listed in {MANIFEST}")
+    model_file = config.get("image_encoder", {}).get("file")
+    for name in REQUIRED_FILES + ((model_file,) if model_file else ()):
+        if name not in files:
+            raise BundleError(f"{directory / name}: required file not listed in {MANIFEST}")
+    if not model_file:
+        raise BundleError(f"{directory / CONFIG}: names no image_encoder file")
+    return config
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    prob: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "prob": self.prob}
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+@dataclass
+class BundleClassifier:
+    """Zero-shot classifier over a fixed class list: image encoder + precomputed text head."""
+
+    image_encoder: OnnxGraph
+    classnames: list[str]
+    text_embeddings: np.ndarray  # (C, D) float32, unit rows
+    logit_scale: float
+    transform: ImageTransform
+    config: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def precision(self) -> str:
+        return str(self.config.get("precision", "fp32"))
+
+    def preprocess(self, images: Sequence[Any]) -> np.ndarray:
+        """Decode (any PIL mode, path, bytes, datasets dict) and transform to (N, 3, H, W) float32."""
+        arrays = [self.transform(decode_image(_fspath(img), source=_source_name(img, i))) for i, img in enumerate(images)]
+        return np.stack(arrays).astype(np.float32, copy=False)
+
+    def embed(self, images: Any, batch_size: int = 32) -> np.ndarray:
+        """L2-normalised image embeddings (N, D), float32."""
+        images = _as_list(images)
+        if not images:
+            return np.zeros((0, self.text_embeddings.shape[1]), np.float32)
+        out = []
+        name = self.image_encoder.spec.outputs[0].name
+        for i in range(0, len(images), batch_size):
+            pixels = self.preprocess(images[i : i + batch_size])
+            out.append(self.image_encoder.run({IMAGE_ENCODER.inputs[0].name: pixels}, [name])[name])
+        # renormalise in float32: fp16 / int8 graphs return embeddings a hair off unit length
+        return l2_normalize(np.concatenate(out).astype(np.float32))
+
+    def logits(self, images: Any, batch_size: int = 32) -> np.ndarray:
+        """``logit_scale * cos(image, class)``, shape (N, C)."""
+        return np.float32(self.logit_scale) * self.embed(images, batch_size) @ self.text_embeddings.T
+
+    def predict_proba(self, images: Any, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities (N, C), rows sum to 1."""
+        return softmax(self.logits(images, batch_size))
+
+    def predict(self, images: Any, top_k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
+        """Top-k classes per image, most probable first."""
+        probs = self.predict_proba(images, batch_size)
+        k = max(1, min(int(top_k), probs.shape[1]))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [
+            [Prediction(self.classnames[j], int(j), float(row[j])) for j in idx] for row, idx in zip(probs, order)
+        ]
+
+
+def _as_list(images: Any) -> list[Any]:
+    if isinstance(images, (str, bytes, bytearray, os.PathLike)) or hasattr(images, "mode") or isinstance(images, Mapping):
+        return [images]
+    return list(images)
+
+
+def _fspath(value: Any) -> Any:
+    # decode_image takes str paths; pathlib.Path is just as common
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _source_name(value: Any, index: int) -> str:
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    return f"<image {index}>"
+
+
+def load_bundle(
+    directory: str | Path,
+    *,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    optimization: str = "all",
+) -> BundleClassifier:
+    """Verify and open a bundle written by :func:`exports.bundle.write_bundle`.
+
+    Raises:
+        BundleError: the directory is not a bundle, a file is missing or tampered with, or the
+            files disagree with each other (class count, embedding size, image size).
+        InvalidModelError: the image encoder is not a loadable ONNX model.
+    """
+    directory = Path(directory)
+    config = verify_bundle(directory)
+    if config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{directory / CONFIG}: not a {BUNDLE_FORMAT} config")
+    classnames = _read_json(directory / CLASSES)
+    if not isinstance(classnames, list) or not classnames or not all(isinstance(c, str) for c in classnames):
+        raise BundleError(f"{directory / CLASSES}: expected a non-empty JSON list of class names")
+    try:
+        emb = np.load(directory / TEXT_EMBEDDINGS, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{directory / TEXT_EMBEDDINGS}: unreadable ({exc})") from exc
+    if emb.ndim != 2 or emb.shape[0] != len(classnames):
+        raise BundleError(
+            f"{directory / TEXT_EMBEDDINGS}: shape {emb.shape} does not match {len(classnames)} classes in {CLASSES}"
+        )
+    try:
+        transform = ImageTransform.from_dict(config["preprocess"])
+        logit_scale = float(config["logit_scale"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{directory / CONFIG}: bad preprocess/logit_scale ({type(exc).__name__}: {exc})") from exc
+    model_file = directory / config["image_encoder"]["file"]
+    encoder = OnnxGraph(model_file, IMAGE_ENCODER, providers=providers, threads=threads, optimization=optimization)
+    _check_encoder_shapes(encoder, transform, emb.shape[1])
+    return BundleClassifier(
+        image_encoder=encoder,
+        classnames=list(classnames),
+        text_embeddings=l2_normalize(emb.astype(np.float32)),
+        logit_scale=logit_scale,
+        transform=transform,
+        config=config,
+        path=directory,
+    )
+
+
+def _check_encoder_shapes(encoder: OnnxGraph, transform: ImageTransform, embed_dim: int) -> None:
+    shape = encoder.session.get_inputs()[0].shape  # [batch, 3, H, W]; ints where fixed
+    want = (3, *transform.output_size)
+    fixed = [(got, exp) for got, exp in zip(shape[1:], want) if isinstance(got, int)]
+    if any(got != exp for got, exp in fixed):
+        raise BundleError(
+            f"{encoder.path}: expects pixel input {shape[1:]} but the bundle's preprocessing produces {list(want)}"
+        )
+    out = encoder.session.get_outputs()[0].shape
+    if len(out) == 2 and isinstance(out[1], int) and out[1] != embed_dim:
+        raise BundleError(
+            f"{encoder.path}: produces {out[1]}-d embeddings but {TEXT_EMBEDDINGS} holds {embed_dim}-d class embeddings"
+        )

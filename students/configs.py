@@ -1,0 +1,148 @@
+"""Student architectures as data: one frozen dataclass per kind and the built-in named entries.
+
+A config says *what* to build; :func:`students.factory.build_student` builds it. Numbers that
+depend on the teacher or the tokenizer (embedding size, vocabulary, context length) are left
+out on purpose and resolved at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Width, depth and heads of one transformer tower.
+
+    Attributes:
+        width: hidden size.
+        layers: number of encoder layers.
+        heads: attention heads (must divide ``width``).
+        mlp_dim: MLP hidden size; None means ``4 * width`` as in CLIP.
+    """
+
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    def hf_kwargs(self) -> dict[str, int]:
+        """The transformers ``CLIP*Config`` keyword arguments for this tower."""
+        return dict(
+            hidden_size=self.width,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.mlp_dim or 4 * self.width,
+        )
+
+
+@dataclass(frozen=True)
+class ClipStudentConfig:
+    """A CLIP-architecture student: ViT image tower and causal text transformer, both trained.
+
+    Attributes:
+        name: registry name.
+        image_size: native square input side in pixels.
+        patch_size: ViT patch side; must divide the image size.
+        vision, text: the two towers.
+        context_length: text positions; None takes the tokenizer's maximum (capped at 77).
+        description: one line for listings.
+    """
+
+    name: str
+    image_size: int
+    patch_size: int
+    vision: TowerConfig
+    text: TowerConfig
+    context_length: int | None = None
+    description: str = ""
+    kind: ClassVar[str] = "clip"
+
+
+@dataclass(frozen=True)
+class ImageStudentConfig:
+    """An image-only student: a vision backbone plus a projection head; text is the frozen teacher's.
+
+    Attributes:
+        name: registry name.
+        backbone: a key of :data:`students.backbones.BACKBONES`.
+        backbone_config: keyword arguments of that backbone's transformers config class.
+        image_size: native square input side in pixels.
+        description: one line for listings.
+    """
+
+    name: str
+    backbone: str
+    backbone_config: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 224
+    description: str = ""
+    kind: ClassVar[str] = "frozen_text"
+
+
+StudentConfig = Union[ClipStudentConfig, ImageStudentConfig]
+
+# CLIP's text towers are narrower than its image towers at small scale (TinyCLIP, MobileCLIP-S0
+# use 4-layer text encoders): captions are short and the text side is cheap to run once per class.
+_TEXT_TINY = TowerConfig(width=256, layers=4, heads=4)
+_TEST_TOWER = TowerConfig(width=32, layers=2, heads=4, mlp_dim=37)  # = distill.testing.tiny_clip_config
+
+BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
+    ClipStudentConfig(
+        "vit-tiny-16", image_size=224, patch_size=16,
+        vision=TowerConfig(192, 6, 3), text=_TEXT_TINY,
+        description="ViT-Ti/16 width, 6 layers; 4-layer text tower",
+    ),
+    ClipStudentConfig(
+        "vit-small-32", image_size=224, patch_size=32,
+        vision=TowerConfig(384, 6, 6), text=TowerConfig(384, 6, 6),
+        description="ViT-S/32 width, 6 layers; 6-layer text tower",
+    ),
+    ClipStudentConfig(
+        "vit-tiny-cifar", image_size=32, patch_size=4,
+        vision=TowerConfig(192, 6, 3), text=_TEXT_TINY,
+        description="ViT-Ti width at native 32 px (8x8 patches of 4 px)",
+    ),
+    ClipStudentConfig(
+        "test-tiny", image_size=32, patch_size=8, vision=_TEST_TOWER, text=_TEST_TOWER,
+        description="unit-test size; same towers as distill.testing's tiny CLIP",
+    ),
+    ImageStudentConfig(
+        "mobilenetv2-1.0", backbone="mobilenet_v2", backbone_config=dict(depth_multiplier=1.0),
+        description="MobileNetV2 1.0 (architecture of google/mobilenet_v2_1.0_224)",
+    ),
+    ImageStudentConfig(
+        "resnet-18", backbone="resnet",
+        backbone_config=dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                             layer_type="basic"),
+        description="ResNet-18 (architecture of microsoft/resnet-18)",
+    ),
+    ImageStudentConfig(
+        "convnextv2-atto", backbone="convnextv2",
+        backbone_config=dict(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320]),
+        description="ConvNeXt-V2 atto (architecture of facebook/convnextv2-atto-1k-224)",
+    ),
+    ImageStudentConfig(
+        "convnextv2-femto", backbone="convnextv2",
+        backbone_config=dict(depths=[2, 2, 6, 2], hidden_sizes=[48, 96, 192, 384]),
+        description="ConvNeXt-V2 femto (architecture of facebook/convnextv2-femto-1k-224)",
+    ),
+    ImageStudentConfig(
+        "vit-tiny-16-vision", backbone="clip_vision",
+        backbone_config=dict(TowerConfig(192, 6, 3).hf_kwargs(), patch_size=16),
+        description="CLIP ViT image tower alone (ViT-Ti/16 width, 6 layers); teacher text",
+    ),
+    ImageStudentConfig(
+        "test-tiny-vision", backbone="clip_vision", backbone_config=dict(_TEST_TOWER.hf_kwargs(), patch_size=8),
+        image_size=32, description="unit-test size CLIP image tower; teacher text",
+    ),
+    ImageStudentConfig(
+        "test-tiny-resnet", backbone="resnet",
+        backbone_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
+        image_size=32, description="unit-test size ResNet; teacher text",
+    ),
+)

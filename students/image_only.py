@@ -1,0 +1,129 @@
+"""Image-only students: a trainable image tower paired with the frozen teacher's text tower."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from distill.imaging import ImageTransform
+from distill.teacher import DualEncoder, module_fingerprint
+
+CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
+
+
+class ImageTower(nn.Module):
+    """A transformers vision backbone and a head mapping its pooled features to the embedding.
+
+    ``family`` is the backbone's key in ``students.backbones.BACKBONES``, recorded when saving.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, family: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.family = family
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings, shape (B, D)."""
+        out = self.backbone(pixel_values=pixel_values)
+        # CLIPVisionModelWithProjection already projects; CNNs give pooled maps ((B, C) or (B, C, 1, 1)).
+        pooled = out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output
+        return self.head(pooled.flatten(1))
+
+
+class FrozenTextStudent(DualEncoder):
+    """Student image tower + the teacher's frozen text tower, in the teacher's embedding space.
+
+    The teacher is held by reference outside the module tree, so it is not in ``parameters()``
+    (an optimizer or DDP wrapper never sees it), not in ``state_dict()`` (checkpoints hold only
+    the student) and not switched by ``train()``. It is left on whatever device its owner chose:
+    token ids are moved to it and text features moved back.
+    """
+
+    def __init__(
+        self,
+        image_tower: ImageTower,
+        image_transform: ImageTransform,
+        *,
+        embed_dim: int,
+        name: str,
+        teacher: DualEncoder | None = None,
+        log_logit_scale: float = CLIP_INIT_LOG_SCALE,
+    ):
+        super().__init__()
+        self.image_tower = image_tower
+        self.image_transform = image_transform
+        self.name = name
+        # a buffer, not a Parameter: with a frozen text side the temperature belongs to the training
+        # task (distill.task owns a trainable one); an unused Parameter would also break DDP
+        self.register_buffer("log_scale", torch.tensor(float(log_logit_scale)))
+        self._embed_dim = int(embed_dim)
+        self.__dict__["_teacher"] = None  # bypasses nn.Module.__setattr__, which would register it
+        if teacher is not None:
+            self.attach_teacher(teacher)
+
+    @property
+    def teacher(self) -> DualEncoder | None:
+        return self.__dict__["_teacher"]
+
+    def attach_teacher(self, teacher: DualEncoder) -> None:
+        """Use ``teacher`` for text features and tokenisation.
+
+        Raises:
+            ValueError: its embedding size differs from the student's.
+        """
+        if teacher.embed_dim != self._embed_dim:
+            raise ValueError(
+                f"{self.name}: teacher {teacher.name!r} embeds into {teacher.embed_dim} dims, the student into "
+                f"{self._embed_dim}; an image-only student must share the teacher's text embedding space"
+            )
+        self.__dict__["_teacher"] = teacher
+
+    def _require_teacher(self) -> DualEncoder:
+        if self.teacher is None:
+            raise RuntimeError(
+                f"{self.name} is an image-only student without a teacher: its text side is the teacher's. "
+                "Pass teacher= to build_student/load_student or call attach_teacher()."
+            )
+        return self.teacher
+
+    def __deepcopy__(self, memo: dict) -> "FrozenTextStudent":
+        # copies (an EMA of the student, say) share the frozen teacher instead of cloning it
+        if self.teacher is not None:
+            memo.setdefault(id(self.teacher), self.teacher)
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
+
+    @property
+    def embed_dim(self) -> int:
+        return self._embed_dim
+
+    @property
+    def log_logit_scale(self) -> torch.Tensor:
+        return self.log_scale
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.image_tower(pixel_values)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        teacher = self._require_teacher()
+        device = teacher.device
+        mask = None if attention_mask is None else attention_mask.to(device)
+        with torch.no_grad():  # the teacher text tower is frozen; no graph to keep
+            feats = teacher.text_features(input_ids.to(device), mask)
+        return feats.to(input_ids.device)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._require_teacher().tokenize(texts)
+
+    def fingerprint(self) -> str:
+        """Hash of the student weights and transform, plus the teacher's (its text side is ours)."""
+        teacher = "" if self.teacher is None else self.teacher.fingerprint()
+        return module_fingerprint(self, extra=self.image_transform.to_json() + teacher)

@@ -1,0 +1,266 @@
+"""The trainer end to end on tiny models: in-process main(), resume after SIGKILL, the cache, NaN stops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.config import ConfigError
+from distill.testing import make_tiny_clip, write_byte_tokenizer
+from distill.train import NonFiniteLossError, main
+from tests.datagen import write_captions, write_labelled
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; each in-process run may pick another precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    teacher = make_tiny_clip(root / "teacher", seed=1)  # seed differs from the student's init seed
+    data = root / "data"
+    data.mkdir()
+    write_labelled(data, n=48)
+    return root, teacher, data
+
+
+def _args(setup, tmp_path, *extra):
+    root, teacher, data = setup
+    recipe = root / "empty.yaml"  # dataclass defaults, not the default recipe's ViT-B/32 teacher
+    recipe.write_text("{}\n")
+    return ["--config", str(recipe), f"teacher.name_or_path={teacher}", f"data.train={data}", "student.arch=test-tiny",
+            "optim.batch_size=8", "optim.warmup_steps=1", "log_every=1", "progress=false",
+            f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}", *extra]
+
+
+def _log(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_overfits_one_batch_and_saves_a_loadable_student(setup, tmp_path):
+    root, teacher, data = setup
+    one_batch = tmp_path / "one"
+    one_batch.mkdir()
+    write_labelled(one_batch, n=8)
+    metrics = main(_args(setup, tmp_path, f"data.train={one_batch}", "optim.max_steps=40", "optim.lr=3e-3"))
+    log = _log(tmp_path)
+    first, last = (sum(r["loss"] for r in rows) / 5 for rows in (log[:5], log[-5:]))
+    # prompts are re-drawn every step, so the curve is noisy: compare five-step means
+    assert len(log) == 40 and last < 0.7 * first, (first, last)
+    assert log[-1]["feature_image_loss"] < 0.3 * log[0]["feature_image_loss"]
+    assert {"kl_class_loss", "kl_affinity_loss", "feature_image_loss", "feature_text_loss"} <= set(log[0])
+    assert 0 <= metrics["eval/zeroshot_top1"] <= 1
+    final = tmp_path / "out" / "final"
+    from transformers import CLIPModel
+
+    CLIPModel.from_pretrained(final)  # a plain transformers checkpoint
+    card = (final / "README.md").read_text()
+    assert str(teacher) in card and str(one_batch) in card and "eval/zeroshot_top1" in card
+    assert (final / "training_config.yaml").is_file()
+
+
+def test_teacher_stays_frozen_and_in_eval_mode(setup):
+    from distill.config import LossConfig
+    from distill.task import DistillTask, TextBank
+    from distill.teacher import load_teacher
+    from students import build_student
+
+    _, teacher_dir, _ = setup
+    teacher = load_teacher(str(teacher_dir))
+    student = build_student("test-tiny", teacher=teacher)
+    tokens = student.tokenize(["a photo of a cat.", "a photo of a dog."])
+    bank = TextBank(["a photo of a cat.", "a photo of a dog."], tokens["input_ids"], tokens["attention_mask"],
+                    teacher.encode_text(["a photo of a cat.", "a photo of a dog."]), torch.arange(2).view(2, 1), [])
+    task = DistillTask(student, teacher, LossConfig(), bank, None)
+    task.train()
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert not any(n.startswith("_teacher") for n, _ in task.named_parameters())
+    batch = {"pixel_values_student": torch.randn(2, 3, 32, 32), "pixel_values_teacher": torch.randn(2, 3, 32, 32),
+             "index": torch.arange(2)}
+    task(batch, step=0)["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_precisions_and_accumulation(setup, tmp_path, precision):
+    main(_args(setup, tmp_path, f"mixed_precision={precision}", "optim.max_steps=2", "optim.grad_accum=2",
+               "cache.enabled=false", "loss.feature_kind=mse"))
+    log = _log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    caps = tmp_path_factory.mktemp("caps")
+    write_captions(caps, n=16)
+    return caps
+
+
+@pytest.mark.parametrize("arch", ["test-tiny-vision", "test-tiny-resnet"])
+def test_image_only_students_use_the_teachers_text(setup, captions, tmp_path, arch):
+    main(_args(setup, tmp_path, f"student.arch={arch}", "optim.max_steps=3", "loss.clip_weight=1.0",
+               "loss.interactive_weight=1.0", f"data.train={captions}", "data.eval_split=train",
+               "loss.kl_on_classes=false"))
+    final = tmp_path / "out" / "final"
+    meta = json.loads((final / "student.json").read_text())
+    assert "text" not in " ".join(load_file(str(final / "model.safetensors")))  # the teacher's text tower is not saved
+    assert meta
+
+
+def test_different_tokenizer_and_image_size(setup, tmp_path):
+    tok_dir = tmp_path / "tok"
+    write_byte_tokenizer(tok_dir, max_length=20)
+    main(_args(setup, tmp_path, f"student.tokenizer={tok_dir}", "student.image_size=16", "optim.max_steps=2"))
+    cfg = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
+    assert cfg["vision_config"]["image_size"] == 16 and cfg["text_config"]["max_position_embeddings"] == 20
+
+
+def test_contrastive_losses_on_captions(tmp_path, setup, captions):
+    main(_args(setup, tmp_path, f"data.train={captions}", "data.eval_split=train", "optim.max_steps=2",
+               "loss.kl_on_classes=false", "loss.clip_weight=0.5", "loss.interactive_weight=0.5"))
+    log = _log(tmp_path)
+    assert len(log) == 2 and {"clip_loss", "interactive_loss", "kl_affinity_loss"} <= set(log[0])
+
+
+def test_contrastive_losses_need_paired_text(setup, tmp_path):
+    with pytest.raises(ConfigError, match="need image-text pairs"):
+        main(_args(setup, tmp_path, "loss.clip_weight=1.0"))
+
+
+def test_unknown_key_lists_valid_keys(setup, tmp_path):
+    with pytest.raises(ConfigError, match=r"'lrr' is not one of \['lr', 'weight_decay'"):
+        main(_args(setup, tmp_path, "optim.lrr=1"))
+
+
+def test_nan_loss_stops_with_step_and_term_and_keeps_checkpoint(setup, tmp_path, monkeypatch):
+    from distill import task as task_mod
+
+    forward = task_mod.DistillTask.forward
+
+    def poisoned(self, batch, step, seed=0):
+        out = forward(self, batch, step, seed)
+        if step >= 3:
+            out["feature_image_loss"] = out["feature_image_loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(task_mod.DistillTask, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss \(feature_image_loss=nan\).*step-2"):
+        main(_args(setup, tmp_path, "optim.max_steps=6", "save_every=2"))
+    assert (tmp_path / "out" / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+
+
+def test_cache_hit_miss_and_invalidation(setup, tmp_path):
+    from accelerate import Accelerator
+
+    from distill.config import load_config
+    from distill.teacher import load_teacher
+    from distill.train import build_train_data
+    from students import build_student
+
+    root, teacher_dir, data = setup
+    acc = Accelerator(cpu=True)
+
+    def run(teacher, *extra):
+        cfg = load_config(None, _args(setup, tmp_path, *extra)[2:])
+        student = build_student("test-tiny", teacher=teacher)
+        return build_train_data(cfg, teacher, student, acc)
+
+    teacher = load_teacher(str(teacher_dir))
+    first = run(teacher)
+    assert first.cache_hit is False
+    again = run(teacher)
+    assert again.cache_hit is True
+    torch.testing.assert_close(first.teacher_images, again.teacher_images)
+    # cached targets equal the online teacher's embeddings (float16 storage)
+    ds_item = again.images[5]
+    online = teacher.encode_image(_teacher_pixels(teacher, data, ds_item["index"]))
+    torch.testing.assert_close(again.teacher_images[ds_item["index"], 0], online[0], atol=2e-3, rtol=0)
+    assert run(teacher, "data.train_limit=40").cache_hit is False  # other data
+    other_teacher = load_teacher(str(make_tiny_clip(tmp_path / "t2", seed=2)))
+    assert run(other_teacher).cache_hit is False  # other teacher
+    from dataclasses import replace
+
+    teacher.image_transform = replace(teacher.image_transform, resample="bilinear")
+    assert run(teacher).cache_hit is False  # other preprocessing
+    entries = [p for p in (tmp_path / "cache").iterdir() if (p / "meta.json").is_file()]
+    assert len(entries) == 4
+    # a half-written entry (no meta.json) is rebuilt, never read
+    (entries[0] / "meta.json").unlink()
+    assert not any(p.name == "meta.json" for p in entries[0].iterdir())
+
+
+def _teacher_pixels(teacher, data, index):
+    from distill.data import DataSpec, ImageDataset
+
+    ds = ImageDataset.from_spec(DataSpec(path=str(data), split="train"), {"t": teacher.image_transform})
+    return ds[int(index)]["pixel_values_t"][None]
+
+
+def _run_cli(setup, tmp_path, out, *extra, wait=True):
+    cmd = [sys.executable, str(REPO / "distill" / "train.py"), *_args(setup, tmp_path, f"output_dir={out}", *extra)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if wait:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_gives_identical_weights(setup, tmp_path):
+    common = ("optim.max_steps=14", "save_every=4", "optim.lr=2e-3")
+    _run_cli(setup, tmp_path, tmp_path / "straight", *common)
+    victim = _run_cli(setup, tmp_path, tmp_path / "killed", *common, wait=False)
+    marker = tmp_path / "killed" / "checkpoints" / "step-4" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed = victim.poll() is None
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert killed, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "final").exists()
+    _run_cli(setup, tmp_path, tmp_path / "killed", *common, "resume=latest")
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_cpu_processes(setup, captions, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "distill" / "train.py"),
+           *_args(setup, tmp_path, f"output_dir={out}", "optim.max_steps=3", "optim.batch_size=4", "cpu=true",
+                  "loss.clip_weight=1.0", f"data.train={captions}", "data.eval_split=train",
+                  "loss.kl_on_classes=false")]
+    proc = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert len(list((out / "checkpoints" / "step-3").glob("random_states_*.pkl"))) == 2  # one per process
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
