@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from distill.imaging import ImageDecodeError, ImageTransform, decode_image
@@ -347,6 +348,7 @@ class ImageDataset(torch.utils.data.Dataset):
         transforms: Mapping[str, ImageTransform],
         columns: Columns | None = None,
         name: str | None = None,
+        view: Callable[[Image.Image, int], Image.Image] | None = None,
     ):
         if not transforms:
             raise ValueError("ImageDataset needs at least one transform, e.g. {'teacher': transform}")
@@ -357,6 +359,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transforms = dict(transforms)
         self.name = name or ds.info.dataset_name or "dataset"
         self._warned: set[int] = set()  # per process: each DataLoader worker warns on its own
+        # optional (image, row) -> image step between decoding and the transforms, so every
+        # transform (teacher and student) sees the same augmented view
+        self.view = view
 
     @classmethod
     def from_spec(cls, spec: DataSpec, transforms: Mapping[str, ImageTransform]) -> "ImageDataset":
@@ -372,6 +377,8 @@ class ImageDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"index": int(index), "valid": True}
         try:
             image = decode_image(row[self.columns.image], source=f"{self.name} row {index}")
+            if self.view is not None:
+                image = self.view(image, int(index))
             for key, transform in self.transforms.items():
                 item[f"pixel_values_{key}"] = torch.from_numpy(transform(image))
         except ImageDecodeError as exc:

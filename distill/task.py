@@ -9,13 +9,12 @@ and never saved in checkpoints; it is forced back to ``eval()`` whenever the tas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import build_losses, make_feature_projection, total_loss
+from distill.losses import build_losses, clamp_log_scale_, make_feature_projection, total_loss
 from distill.teacher import DualEncoder
 
 
@@ -60,6 +59,18 @@ class DistillTask(nn.Module):
         super().train(mode)
         self.teacher.eval()  # dropout/BN in the teacher must never switch to training behaviour
         return self
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep the learnable log scale in [0, ln 100] after each step (open_clip does the same),
+        so it never sits above the cap where its gradient is zero."""
+        clamp_log_scale_(self.student_log_scale())
+
+    def export_student(self) -> DualEncoder:
+        """The student to save; an image-only student takes the logit scale trained here."""
+        if self.own_log_scale is not None and hasattr(self.student, "log_scale"):
+            self.student.log_scale.data.copy_(self.own_log_scale.data)
+        return self.student
 
     def student_log_scale(self) -> torch.Tensor:
         return self.own_log_scale if self.own_log_scale is not None else self.student.log_logit_scale

@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,148 +23,24 @@ if __package__ in (None, ""):  # `accelerate launch distill/train.py` runs this 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from distill.cache import TeacherTargetCache, cache_key
+from distill.checkpoint import STATE_FILE, resolve_resume, save_checkpoint
 from distill.classnames import classnames_for
-from distill.config import ConfigError, TrainConfig, dump_config, load_config, to_dict
-from distill.data import (DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset,
-                          resolve_columns)
+from distill.config import TrainConfig, dump_config, load_config, to_dict
+from distill.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
 from distill.evaluate import embed_images, zeroshot_eval
-from distill.task import DistillTask, TextBank
+from distill.task import DistillTask
 from distill.teacher import DualEncoder, load_teacher
-from distill.templates import get_templates
+from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
 from distill.zeroshot import build_classifier
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
-STATE_FILE = "trainer_state.json"
-
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
-
-
-# ------------------------------------------------------------------------------------------ data
-
-
-class TrainImages(Dataset):
-    """An :class:`ImageDataset` that replaces an undecodable row by the next decodable one,
-    so every process keeps equal batch sizes (the cross-process gather needs them)."""
-
-    def __init__(self, base: ImageDataset, max_tries: int = 16):
-        self.base, self.max_tries = base, max_tries
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict:
-        for attempt in range(self.max_tries):
-            item = self.base[(int(index) + attempt) % len(self.base)]
-            if item["valid"]:
-                item["substituted"] = attempt
-                return item
-        raise RuntimeError(f"{self.base.name}: rows {index}..{index + self.max_tries - 1} all failed to decode")
-
-
-def epoch_batches(num_rows: int, batch_size: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
-    """This process's batches for ``epoch``: a seeded permutation cut into equal global batches.
-
-    Determined by (seed, epoch) alone, so a resumed run sees exactly the batches it would have.
-    """
-    per_step = batch_size * world
-    if num_rows < per_step:
-        raise ValueError(f"{num_rows} training images < batch_size x processes = {per_step}")
-    perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-    usable = num_rows - num_rows % per_step
-    return perm[:usable].view(-1, world, batch_size)[:, rank].tolist()
-
-
-@dataclass
-class TrainData:
-    images: TrainImages
-    bank: TextBank
-    classnames: list[str] | None
-    teacher_images: torch.Tensor | None  # cached (N, K, D) teacher targets, or None to run the teacher online
-    cache_hit: bool | None
-
-
-def _check_path(path: str, what: str) -> None:
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parts[0] in ("..", ".")
-    if looks_local and not Path(path).expanduser().exists():
-        raise FileNotFoundError(
-            f"{what}={path} does not exist. The default recipe reads ../shared/data beside the repo; on a "
-            "connected machine pass e.g. teacher.name_or_path=openai/clip-vit-base-patch32 data.train=uoft-cs/cifar10"
-        )
-
-
-@torch.no_grad()
-def _teacher_rows(teacher: DualEncoder, ds, columns, batch_size: int, device) -> callable:
-    def embed(start: int, end: int):
-        sub = ImageDataset(ds.select(range(start, end)), {"teacher": teacher.image_transform}, columns)
-        out = torch.zeros(end - start, 1, teacher.embed_dim)
-        for batch in DataLoader(sub, batch_size=batch_size, collate_fn=collate):
-            if batch["index"].numel():
-                out[batch["index"], 0] = teacher.encode_image(batch["pixel_values_teacher"].to(device)).cpu()
-        return out.numpy()
-
-    return embed
-
-
-@torch.no_grad()
-def _embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([model.encode_text(list(texts[i : i + batch_size])).cpu() for i in range(0, len(texts), batch_size)])
-
-
-def build_train_data(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder, accelerator) -> TrainData:
-    """Load the training split, the text bank and (when enabled) the cached teacher targets."""
-    _check_path(cfg.data.train, "data.train")
-    spec = DataSpec(path=cfg.data.train, split=cfg.data.train_split, image_column=cfg.data.image_column,
-                    label_column=cfg.data.label_column, caption_column=cfg.data.caption_column,
-                    limit=cfg.data.train_limit, shuffle_seed=cfg.seed if cfg.data.train_limit else None)
-    ds = load_hf_dataset(spec)
-    cols = resolve_columns(ds, spec)
-    names = classnames_for(ds, cols.label, cfg.data.classnames)
-    templates = list(get_templates(cfg.data.templates))
-    prompts = [t.format(c) for c in names for t in templates] if names else []
-    texts, caption_rows = list(prompts), []
-    if cols.captions:
-        caps, owner = flatten_captions(ds, cols.captions)
-        caption_rows = [[] for _ in range(len(ds))]
-        for j, row in enumerate(owner):
-            caption_rows[row].append(len(prompts) + j)
-        texts += caps
-    if (cfg.loss.clip_weight > 0 or cfg.loss.interactive_weight > 0) and not cols.captions:
-        raise ConfigError(
-            f"loss.clip_weight / loss.interactive_weight need image-text pairs, but {spec.label} has no caption "
-            f"column (columns: {ds.column_names}); set data.caption_column=... or set those weights to 0"
-        )
-    if not texts:
-        raise ValueError(f"{spec.label}: no class names and no captions; set data.classnames=... or data.caption_column")
-    cached, hit, teacher_text = None, None, None
-    if cfg.cache.enabled:
-        key = cache_key(teacher.fingerprint(), ds._fingerprint, teacher.image_transform.to_json(), cfg.cache.views, cfg.seed)
-        store = TeacherTargetCache(cfg.cache.dir, key, accelerator.process_index, accelerator.num_processes,
-                                   accelerator.wait_for_everyone)
-        targets = store.get_or_build(len(ds), _teacher_rows(teacher, ds, cols, cfg.optim.batch_size, accelerator.device),
-                                     texts, lambda t: _embed_texts(teacher, t).numpy())
-        cached, hit = torch.from_numpy(targets.images), targets.hit
-        teacher_text = torch.from_numpy(targets.texts)
-        log.info("teacher-target cache %s: %s", "hit" if hit else "built", targets.path)
-    else:
-        teacher_text = _embed_texts(teacher, texts)
-    ids = mask = None
-    if _student_has_text(student):
-        tokens = student.tokenize(texts)
-        ids, mask = tokens["input_ids"], tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))
-    prompt_rows = torch.arange(len(prompts)).view(len(names), len(templates)) if names else torch.zeros(0, 0, dtype=torch.long)
-    bank = TextBank(texts, ids, mask, teacher_text, prompt_rows, caption_rows)
-    transforms = {"student": student.image_transform}
-    if cached is None:
-        transforms["teacher"] = teacher.image_transform
-    images = TrainImages(ImageDataset(ds, transforms, cols, name=spec.label))
-    return TrainData(images, bank, names, cached, hit)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -193,62 +65,13 @@ def build_scheduler(optimizer, cfg, num_processes: int):
     return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps * num_processes, cfg.max_steps * num_processes)
 
 
-# ------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    done = [p for p in checkpoint_dir(output_dir).glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
-
-def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep: int) -> Path:
-    """``accelerator.save_state`` into a temporary directory, renamed into place when complete.
-
-    A run killed mid-write leaves only a ``.tmp-*`` directory, which ``latest`` ignores.
-    """
-    root = checkpoint_dir(output_dir)
-    final = root / f"step-{state['step']}"
-    tmp = root / f".tmp-step-{state['step']}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))[:-keep]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            log.warning("resume=latest: no checkpoint under %s; starting fresh", checkpoint_dir(output_dir))
-        return found
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {STATE_FILE})")
-    return path
-
-
 # ------------------------------------------------------------------------------------ the loop
 
 
 def _to_device(batch: dict, device, cached: torch.Tensor | None) -> dict:
     out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     if cached is not None:
-        out["teacher_image"] = cached[batch["index"], 0].to(device)  # view 0: the centre crop
+        out["teacher_image"] = cached[batch["index"], batch["view"].cpu()].to(device)
     return out
 
 
@@ -331,12 +154,6 @@ def _load_tokenizer(name_or_path: str | None):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def _student_has_text(student: DualEncoder) -> bool:
-    from students.image_only import FrozenTextStudent
-
-    return not isinstance(student, FrozenTextStudent)
-
-
 def _log_line(step: int, losses: dict, images_per_s: float, lr: float) -> dict:
     logs = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.dim() == 0}
     logs.update(images_per_s=images_per_s, lr=lr)
@@ -356,7 +173,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    _check_path(cfg.teacher.name_or_path, "teacher.name_or_path")
+    check_path(cfg.teacher.name_or_path, "teacher.name_or_path")
     torch.manual_seed(cfg.seed + 1)  # a random-init teacher must not equal a same-shape student seeded below
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
     torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
@@ -393,6 +210,7 @@ def train(cfg: TrainConfig) -> dict:
         usable = len(batches) - len(batches) % accum  # an epoch ends on an optimiser-step boundary
         if usable == 0:
             raise ValueError(f"an epoch has {len(batches)} batches < optim.grad_accum={accum}")
+        data.images.epoch = state["epoch"]
         loader = DataLoader(data.images, batch_sampler=batches[state["batch"]:usable], collate_fn=collate,
                             num_workers=cfg.data.num_workers)
         for batch in loader:
@@ -406,6 +224,8 @@ def train(cfg: TrainConfig) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    accelerator.unwrap_model(task).clamp_logit_scale_()
             state["batch"] += 1
             seen += bs * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -434,7 +254,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:
         final = out / "final"
-        save_student(accelerator.unwrap_model(task).student, final)
+        save_student(accelerator.unwrap_model(task).export_student(), final)
         dump_config(cfg, final / "training_config.yaml")
         write_model_card(final, cfg, metrics, state["step"])
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

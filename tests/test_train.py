@@ -171,7 +171,7 @@ def test_cache_hit_miss_and_invalidation(setup, tmp_path):
 
     from distill.config import load_config
     from distill.teacher import load_teacher
-    from distill.train import build_train_data
+    from distill.train_data import build_train_data
     from students import build_student
 
     root, teacher_dir, data = setup
@@ -264,3 +264,40 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
+    from accelerate import Accelerator
+
+    from distill.augment import ViewSpec
+    from distill.config import load_config
+    from distill.teacher import load_teacher
+    from distill.train_data import build_train_data
+    from students import build_student
+
+    spec = ViewSpec(views=3, seed=5)
+    assert spec.box(7, 0, 40, 30) == ((0, 0, 40, 30), False)
+    assert spec.box(7, 2, 40, 30) == ViewSpec(views=3, seed=5).box(7, 2, 40, 30)  # same in any process
+    assert {spec.box(r, 1, 40, 30) for r in range(10)} != {spec.box(0, 1, 40, 30)}
+    assert {spec.view_for(r, 0) for r in range(30)} == {0, 1, 2}
+    _, teacher_dir, data = setup
+    teacher = load_teacher(str(teacher_dir))
+    cfg = load_config(None, _args(setup, tmp_path, "cache.views=3", "seed=5")[2:])
+    built = build_train_data(cfg, teacher, build_student("test-tiny", teacher=teacher), Accelerator(cpu=True))
+    assert built.teacher_images.shape == (48, 3, teacher.embed_dim)
+    # view 2 of row 5 in the cache == the teacher on that crop of the decoded image
+    from distill.data import DataSpec, ImageDataset
+
+    raw = ImageDataset.from_spec(DataSpec(path=str(data), split="train"), {"t": teacher.image_transform})
+    raw.view = lambda image, row: spec.apply(image, row, 2)
+    online = teacher.encode_image(raw[5]["pixel_values_t"][None])[0]
+    torch.testing.assert_close(built.teacher_images[5, 2], online, atol=2e-3, rtol=0)
+    assert not torch.allclose(built.teacher_images[5, 0], built.teacher_images[5, 2], atol=1e-2)
+    built.images.epoch = 1
+    item = built.images[5]
+    assert item["view"] == spec.view_for(item["index"], 1)
+
+
+def test_training_with_cached_views(setup, tmp_path):
+    main(_args(setup, tmp_path, "cache.views=2", "optim.max_steps=7"))  # 7 steps cross an epoch boundary
+    assert len(_log(tmp_path)) == 7
