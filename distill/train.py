@@ -154,6 +154,45 @@ def _load_tokenizer(name_or_path: str | None):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
+def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData]:
+    """Teacher, student, data and the distillation task for ``mode: distill``."""
+    from students import build_student
+
+    check_path(cfg.teacher.name_or_path, "teacher.name_or_path")
+    torch.manual_seed(cfg.seed + 1)  # a random-init teacher must not equal a same-shape student seeded below
+    teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
+    torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
+    student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
+                            init=cfg.student.init, tokenizer=_load_tokenizer(cfg.student.tokenizer))
+    data = build_train_data(cfg, teacher, student, accelerator)
+    head = None
+    if data.classnames and cfg.loss.kl_on_classes:
+        head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)
+    return DistillTask(student, teacher, cfg.loss, data.bank, head, cfg.optim.init_logit_scale), data
+
+
+def build_task(cfg: TrainConfig, accelerator):
+    """The trainable task module and its training rows, for either mode."""
+    if cfg.mode == "contrastive":
+        from distill.contrastive import build_contrastive
+
+        check_path(cfg.data.train, "data.train")
+        torch.manual_seed(cfg.seed)
+        task, rows, classnames = build_contrastive(cfg, accelerator)
+        return task, TrainData(rows, None, classnames, None, None)
+    return build_distill(cfg, accelerator)
+
+
+def save_model(model: DualEncoder, directory: Path) -> None:
+    """Save a trained student or fine-tuned dual encoder in the format its loader reads."""
+    if hasattr(model, "save_directory"):
+        model.save_directory(directory)
+        return
+    from students import save_student
+
+    save_student(model, directory)
+
+
 def _log_line(step: int, losses: dict, images_per_s: float, lr: float) -> dict:
     logs = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.dim() == 0}
     logs.update(images_per_s=images_per_s, lr=lr)
@@ -165,7 +204,6 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from students import build_student, save_student
 
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -173,17 +211,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    check_path(cfg.teacher.name_or_path, "teacher.name_or_path")
-    torch.manual_seed(cfg.seed + 1)  # a random-init teacher must not equal a same-shape student seeded below
-    teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
-    torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
-    student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
-                            init=cfg.student.init, tokenizer=_load_tokenizer(cfg.student.tokenizer))
-    data = build_train_data(cfg, teacher, student, accelerator)
-    head = None
-    if data.classnames and cfg.loss.kl_on_classes:
-        head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)
-    task = DistillTask(student, teacher, cfg.loss, data.bank, head, cfg.optim.init_logit_scale)
+    task, data = build_task(cfg, accelerator)
     optimizer = build_optimizer(task, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, accelerator.num_processes)
     task, optimizer, scheduler = accelerator.prepare(task, optimizer, scheduler)
@@ -254,7 +282,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:
         final = out / "final"
-        save_student(accelerator.unwrap_model(task).export_student(), final)
+        save_model(accelerator.unwrap_model(task).export_student(), final)
         dump_config(cfg, final / "training_config.yaml")
         write_model_card(final, cfg, metrics, state["step"])
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -273,7 +301,7 @@ def _next_position(state: dict, usable: int) -> dict:
 def _evaluate(cfg: TrainConfig, accelerator, task, data: TrainData) -> dict:
     metrics = {}
     if accelerator.is_main_process:
-        metrics = evaluate_student(cfg, accelerator.unwrap_model(task).student, data.classnames)
+        metrics = evaluate_student(cfg, accelerator.unwrap_model(task).export_student(), data.classnames)
         if metrics:
             accelerator.log(metrics, step=None)
             log.info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})

@@ -423,3 +423,30 @@ def test_low_precision_inputs(dtype):
     total_loss(out16).backward()
     assert x16["student_image"].grad.dtype == dtype
     assert torch.isfinite(x16["student_image"].grad.float()).all()
+
+
+def test_multi_positive_clip_loss_reference():
+    import torch.nn.functional as F
+
+    from distill.losses import ClipLoss, multi_positive_clip_loss
+
+    torch.manual_seed(0)
+    img, txt = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    log_scale = torch.tensor(2.0, requires_grad=True)
+    # no groups: exactly the CLIP loss
+    plain = ClipLoss(1.0)(student_image=img, student_text=txt, student_log_scale=log_scale)["clip_loss"]
+    torch.testing.assert_close(multi_positive_clip_loss(img, txt, log_scale), plain)
+    groups = torch.tensor([0, 1, 0, 2, 1, 0])
+    got = multi_positive_clip_loss(img, txt, log_scale, groups)
+    i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = log_scale.exp() * i @ t.t()
+    ref = 0.0
+    for row in range(6):
+        pos = [j for j in range(6) if groups[j] == groups[row]]
+        ref = ref - sum(F.log_softmax(logits[row], 0)[j] for j in pos) / len(pos) / 12
+        ref = ref - sum(F.log_softmax(logits.t()[row], 0)[j] for j in pos) / len(pos) / 12
+    torch.testing.assert_close(got, ref)
+    g1 = torch.autograd.grad(got, (img, txt, log_scale))
+    g2 = torch.autograd.grad(ref, (img, txt, log_scale))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,347 @@
+"""Contrastive fine-tuning (``mode: contrastive``): the classic "fine-tune CLIP on your data".
+
+A dual encoder trains with the CLIP loss and no teacher, on image-caption data or on labelled
+data turned into captions (templates x class-name synonyms). Either tower can be locked
+(LiT-style: a frozen tower, a trained projection head) or partly unfrozen. A fully frozen tower
+is run once: its features are cached on disk (like teacher targets) and each step runs only the
+heads, which is what makes aligning pretrained towers on a CPU practical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from distill.augment import ViewSpec
+from distill.cache import TeacherTargetCache, cache_key
+from distill.classnames import label_names_or_none, load_classname_source, synonyms
+from distill.config import ConfigError, TrainConfig
+from distill.data import DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset, resolve_columns
+from distill.losses import clamp_log_scale_, logit_scale, multi_positive_clip_loss
+from distill.teacher import DualEncoder, HFDualEncoder, freeze, module_fingerprint
+from distill.templates import get_templates
+
+log = logging.getLogger("distill.train")
+
+
+# --------------------------------------------------------------------------------- tower split
+
+
+@dataclass
+class TowerSplit:
+    """A dual encoder seen as (tower -> head) per modality; features = head(tower(x))."""
+
+    image_tower: nn.Module
+    image_tower_fn: Callable[[torch.Tensor], torch.Tensor]
+    image_head: nn.Module
+    image_blocks: Sequence[nn.Module]  # the tower's last blocks, in order, for partial unfreezing
+    text_tower: nn.Module
+    text_tower_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    text_head: nn.Module
+    text_blocks: Sequence[nn.Module]
+
+
+def split_towers(model: DualEncoder) -> TowerSplit:
+    """The tower/head split of a CLIPModel or a tower dual encoder; other models cannot be locked."""
+    if hasattr(model, "tower_split"):
+        return model.tower_split()
+    if isinstance(model, HFDualEncoder) and hasattr(model.model, "visual_projection"):
+        m = model.model
+        return TowerSplit(
+            image_tower=m.vision_model,
+            image_tower_fn=lambda px: m.vision_model(pixel_values=px).pooler_output,
+            image_head=m.visual_projection,
+            image_blocks=[*m.vision_model.encoder.layers, m.vision_model.post_layernorm],
+            text_tower=m.text_model,
+            text_tower_fn=lambda ids, mask: m.text_model(input_ids=ids, attention_mask=mask).pooler_output,
+            text_head=m.text_projection,
+            text_blocks=[*m.text_model.encoder.layers, m.text_model.final_layer_norm],
+        )
+    raise ConfigError(f"{type(model).__name__} has no tower/head split; locking towers needs a CLIPModel or towers")
+
+
+def apply_freezing(split: TowerSplit, cfg) -> tuple[bool, bool]:
+    """Freeze towers as configured; returns (image tower fully frozen, text tower fully frozen)."""
+    result = []
+    for tower, blocks, frozen, unfreeze in (
+        (split.image_tower, split.image_blocks, cfg.freeze_image, cfg.unfreeze_image_blocks),
+        (split.text_tower, split.text_blocks, cfg.freeze_text, cfg.unfreeze_text_layers),
+    ):
+        if not frozen:
+            result.append(False)
+            continue
+        freeze(tower)
+        if unfreeze > 0:
+            for block in list(blocks)[-unfreeze:]:
+                block.requires_grad_(True)
+        result.append(unfreeze == 0)
+    return result[0], result[1]
+
+
+# ----------------------------------------------------------------------------------- the texts
+
+
+@dataclass
+class ContrastiveTexts:
+    """Every text the run trains on, with which rows each image may draw from."""
+
+    texts: list[str]
+    class_rows: list[list[int]]  # class -> rows of its prompts (label data)
+    caption_rows: list[list[int]]  # image -> rows of its captions (caption data)
+    imagenet_rows: list[int]  # rows of the ImageNet-1k class prompts (soft targets), or []
+
+
+def _class_synonyms(ds, label_column: str | None, spec: str | None) -> list[list[str]] | None:
+    labels = label_names_or_none(ds, label_column)
+    source = load_classname_source(spec) if spec else None
+    if source is None:
+        return [[n] for n in labels] if labels else None
+    if isinstance(source, dict):
+        if labels is None:
+            raise ConfigError("data.classnames is a mapping but the label column is not a ClassLabel")
+        missing = [n for n in labels if n not in source]
+        if missing:
+            raise ConfigError(f"data.classnames lacks {len(missing)} labels, e.g. {missing[:5]}")
+        return [synonyms(source[n]) for n in labels]
+    return [synonyms(n) for n in source]
+
+
+def build_texts(cfg: TrainConfig, ds, cols) -> tuple[ContrastiveTexts, list[str] | None]:
+    """Captions, or prompts from templates x synonyms per class; returns the texts and class names."""
+    texts: list[str] = []
+    class_rows: list[list[int]] = []
+    caption_rows: list[list[int]] = []
+    names_syn = _class_synonyms(ds, cols.label, cfg.data.classnames)
+    if cols.captions:
+        caps, owner = flatten_captions(ds, cols.captions)
+        caption_rows = [[] for _ in range(len(ds))]
+        for j, row in enumerate(owner):
+            caption_rows[row].append(j)
+        texts += caps
+    elif names_syn:
+        for syns in names_syn:
+            rows = [len(texts) + i for i in range(len(syns) * len(get_templates(cfg.data.templates)))]
+            texts += [t.format(s) for s in syns for t in get_templates(cfg.data.templates)]
+            class_rows.append(rows)
+    else:
+        raise ConfigError("contrastive training needs a caption column or class labels (data.classnames)")
+    imagenet_rows: list[int] = []
+    if cfg.contrastive.imagenet_kl_weight > 0:
+        path = Path(cfg.contrastive.imagenet_classnames)
+        if not path.is_file():
+            raise FileNotFoundError(f"contrastive.imagenet_classnames={path} does not exist")
+        names = [synonyms(v)[0] for v in json.loads(path.read_text()).values()]
+        imagenet_rows = list(range(len(texts), len(texts) + len(names)))
+        texts += [f"a photo of a {n}." for n in names]
+    classnames = [s[0] for s in names_syn] if names_syn else None
+    return ContrastiveTexts(texts, class_rows, caption_rows, imagenet_rows), classnames
+
+
+# ---------------------------------------------------------------------------- feature caches
+
+
+@torch.no_grad()
+def _image_rows(split: TowerSplit, model: DualEncoder, ds, cols, views: ViewSpec, batch_size: int, device,
+                with_imagenet: bool):
+    """``(start, end) -> (rows, K, F[+1000])`` frozen image-tower features (and ImageNet logits)."""
+
+    def embed(start: int, end: int):
+        chunks = []
+        for k in range(views.views):
+            view = (lambda image, i, k=k: views.apply(image, start + i, k)) if k else None
+            sub = ImageDataset(ds.select(range(start, end)), {"m": model.image_transform}, cols, view=view)
+            out = None
+            for batch in DataLoader(sub, batch_size=batch_size, collate_fn=collate):
+                if not batch["index"].numel():
+                    continue
+                px = batch["pixel_values_m"].to(device)
+                feats = split.image_tower_fn(px).float()
+                if with_imagenet:
+                    feats = torch.cat([feats, model.imagenet_logits(px).float()], dim=1)
+                if out is None:
+                    out = torch.zeros(end - start, feats.shape[1])
+                out[batch["index"]] = feats.cpu()
+            chunks.append(out)
+        return torch.stack(chunks, dim=1).numpy()
+
+    return embed
+
+
+@torch.no_grad()
+def _text_features(split: TowerSplit, model: DualEncoder, texts: Sequence[str], batch_size: int = 256):
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tok = {k: v.to(model.device) for k, v in model.tokenize(list(texts[i : i + batch_size])).items()}
+        out.append(split.text_tower_fn(tok["input_ids"], tok.get("attention_mask")).float().cpu())
+    return torch.cat(out).numpy()
+
+
+# ------------------------------------------------------------------------------------- dataset
+
+
+class LabelledRows(Dataset):
+    """Rows of the training split as ``{"index", "label", "view"}`` (+ pixels when the image tower trains)."""
+
+    def __init__(self, labels: list[int] | None, images: ImageDataset | None, views: ViewSpec, n: int):
+        self.labels, self.images, self.views, self.n, self.epoch = labels, images, views, n, 0
+        if images is not None and views.views > 1:
+            images.view = lambda image, row: views.apply(image, row, views.view_for(row, self.epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if self.images is not None:
+            for attempt in range(16):  # keep batch sizes equal across processes: skip undecodable rows
+                item = self.images[(index + attempt) % self.n]
+                if item["valid"]:
+                    index = item["index"]
+                    break
+            else:
+                raise RuntimeError(f"rows {index}..{index + 15} all failed to decode")
+        else:
+            item = {"index": index}
+        item["label"] = -1 if self.labels is None else int(self.labels[index])
+        item["view"] = self.views.view_for(index, self.epoch)
+        return item
+
+
+# --------------------------------------------------------------------------------------- task
+
+
+class ContrastiveTask(nn.Module):
+    """CLIP loss (same-class positives) plus optional ImageNet soft targets, on cached or live towers."""
+
+    def __init__(self, model: DualEncoder, split: TowerSplit, texts: ContrastiveTexts, cfg,
+                 image_cache: torch.Tensor | None, text_cache: torch.Tensor | None, text_ids, text_mask):
+        super().__init__()
+        self.model, self.split, self.texts, self.cfg = model, split, texts, cfg
+        self.image_cache, self.text_cache = image_cache, text_cache
+        self.text_ids, self.text_mask = text_ids, text_mask
+        self.feat_dim = None
+
+    def train(self, mode: bool = True) -> "ContrastiveTask":
+        super().train(mode)
+        for tower, frozen in ((self.split.image_tower, self.image_cache is not None),
+                              (self.split.text_tower, self.text_cache is not None)):
+            if frozen:
+                tower.eval()  # a cached (frozen) tower keeps BatchNorm/dropout in inference mode
+        return self
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        clamp_log_scale_(self.model.log_logit_scale)
+
+    def export_student(self) -> DualEncoder:
+        return self.model
+
+    def _text_rows(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        rows = []
+        for idx, label in zip(batch["index"].tolist(), batch["label"].tolist()):
+            pool = self.texts.caption_rows[idx] if self.texts.caption_rows else self.texts.class_rows[label]
+            rows.append(pool[int(torch.randint(len(pool), (1,), generator=gen))])
+        return torch.tensor(rows, dtype=torch.long)
+
+    def _encode_texts(self, rows: torch.Tensor, device) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.split.text_head(self.text_cache[rows].to(device))
+        feats = self.split.text_tower_fn(self.text_ids[rows].to(device), self.text_mask[rows].to(device))
+        return self.split.text_head(feats)
+
+    def forward(self, batch: dict, step: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        device = batch["index"].device
+        extra = None
+        if self.image_cache is not None:
+            cached = self.image_cache[batch["index"].cpu(), batch["view"].cpu()].to(device)
+            feats = cached[:, : self.image_feat_dim]
+            extra = cached[:, self.image_feat_dim :]
+        else:
+            feats = self.split.image_tower_fn(batch["pixel_values_student"])
+        img = self.split.image_head(feats)
+        txt = self._encode_texts(self._text_rows(batch, gen), device)
+        groups = batch["label"] if (self.cfg.label_positives and not self.texts.caption_rows) else None
+        out = {"clip_loss": multi_positive_clip_loss(img, txt, self.model.log_logit_scale, groups)}
+        if self.cfg.imagenet_kl_weight > 0:
+            out["imagenet_kl_loss"] = self.cfg.imagenet_kl_weight * self._imagenet_kl(img, extra, device, batch)
+        out["logit_scale"] = logit_scale(self.model.log_logit_scale).detach()
+        out["loss"] = sum(v for k, v in out.items() if k.endswith("_loss"))
+        return out
+
+    def _imagenet_kl(self, img: torch.Tensor, logits: torch.Tensor | None, device, batch) -> torch.Tensor:
+        """KL(image tower's ImageNet-1k prediction || zero-shot prediction over the 1000 class prompts)."""
+        if logits is None or logits.shape[1] == 0:
+            logits = self.model.imagenet_logits(batch["pixel_values_student"])
+        rows = torch.tensor(self.texts.imagenet_rows, dtype=torch.long)
+        classes = F.normalize(self._encode_texts(rows, device).float(), dim=-1)
+        t = self.cfg.imagenet_temperature
+        student = logit_scale(self.model.log_logit_scale) * F.normalize(img.float(), dim=-1) @ classes.t()
+        target = F.softmax(logits.float() / t, dim=-1)
+        return F.kl_div(F.log_softmax(student, dim=-1), target, reduction="batchmean")
+
+
+# -------------------------------------------------------------------------------------- build
+
+
+def load_trainable(cfg: TrainConfig, device) -> DualEncoder:
+    """The dual encoder to fine-tune: ``reference:lite0`` builds from the pretrained wheels."""
+    spec = cfg.contrastive.model
+    if spec.startswith("reference:"):
+        from distill.towers import build_reference_dual_encoder
+
+        return build_reference_dual_encoder(image_variant=spec.split(":", 1)[1], head=cfg.contrastive.head,
+                                            embed_dim=cfg.contrastive.embed_dim).to(device)
+    from distill.teacher import load_dual_encoder
+
+    return load_dual_encoder(spec, device=device).train()
+
+
+def build_contrastive(cfg: TrainConfig, accelerator):
+    """Model, task and training rows for ``mode: contrastive``. Returns (task, rows, classnames)."""
+    c = cfg.contrastive
+    model = load_trainable(cfg, accelerator.device)
+    split = split_towers(model)
+    image_frozen, text_frozen = apply_freezing(split, c)
+    spec = DataSpec(path=cfg.data.train, split=cfg.data.train_split, image_column=cfg.data.image_column,
+                    label_column=cfg.data.label_column, caption_column=cfg.data.caption_column,
+                    limit=cfg.data.train_limit, shuffle_seed=cfg.seed if cfg.data.train_limit else None)
+    ds = load_hf_dataset(spec)
+    cols = resolve_columns(ds, spec)
+    texts, classnames = build_texts(cfg, ds, cols)
+    views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
+    with_imagenet = c.imagenet_kl_weight > 0 and hasattr(model, "imagenet_logits")
+    if c.imagenet_kl_weight > 0 and not with_imagenet:
+        raise ConfigError("contrastive.imagenet_kl_weight needs an image tower with ImageNet logits (reference:*)")
+    image_cache = text_cache = None
+    if image_frozen or text_frozen:
+        tower_fp = module_fingerprint(split.image_tower, extra=model.image_transform.to_json())
+        text_fp = module_fingerprint(split.text_tower)
+        key = cache_key(f"{tower_fp}/{text_fp}/{image_frozen}/{text_frozen}/{with_imagenet}", ds._fingerprint,
+                        model.image_transform.to_json(), views.views, cfg.seed)
+        store = TeacherTargetCache(cfg.cache.dir, "towers-" + key, accelerator.process_index,
+                                   accelerator.num_processes, accelerator.wait_for_everyone)
+        rows_fn = (_image_rows(split, model, ds, cols, views, cfg.optim.batch_size, accelerator.device, with_imagenet)
+                   if image_frozen else (lambda s, e: torch.zeros(e - s, views.views, 0).numpy()))
+        targets = store.get_or_build(len(ds), rows_fn, texts.texts if text_frozen else (),
+                                     lambda t: _text_features(split, model, t))
+        log.info("frozen-tower feature cache %s: %s", "hit" if targets.hit else "built", targets.path)
+        image_cache = torch.from_numpy(targets.images) if image_frozen else None
+        text_cache = torch.from_numpy(targets.texts) if text_frozen else None
+    tok = model.tokenize(texts.texts) if text_cache is None else {}
+    task = ContrastiveTask(model, split, texts, c, image_cache, text_cache, tok.get("input_ids"),
+                           tok.get("attention_mask"))
+    if image_cache is not None:
+        task.image_feat_dim = image_cache.shape[2] - (1000 if with_imagenet else 0)
+    labels = list(ds[cols.label]) if cols.label else None
+    images = None if image_frozen else ImageDataset(ds, {"student": model.image_transform}, cols, name=spec.label)
+    rows = LabelledRows(labels, images, views, len(ds))
+    return task, rows, classnames
