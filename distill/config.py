@@ -44,6 +44,8 @@ class DataConfig:
     caption_column: str | None = None
     classnames: str | None = None  # JSON file / comma list / None for ClassLabel names
     templates: str = "openai_cifar"
+    eval_classnames: str | None = None  # None: the eval split's own ClassLabel names
+    eval_templates: str | None = None  # None: data.templates
     train_limit: int | None = None
     eval_limit: int | None = None
     num_workers: int = 0

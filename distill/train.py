@@ -88,21 +88,29 @@ def check_finite(losses: dict, step: int, accelerator, last_checkpoint: Path | N
 
 
 def evaluate_student(cfg: TrainConfig, student: DualEncoder, classnames: list[str] | None) -> dict:
-    """Zero-shot top-1/top-5 of the student on the held-out split."""
-    source = cfg.data.eval or cfg.data.train
-    spec = DataSpec(path=source, split=cfg.data.eval_split, image_column=cfg.data.image_column,
-                    label_column=cfg.data.label_column, limit=cfg.data.eval_limit,
+    """Zero-shot top-1/top-5 of the student on the held-out split.
+
+    When ``data.eval`` names another dataset than ``data.train``, its columns are detected anew
+    and its class names come from its own labels (or ``data.eval_classnames``).
+    """
+    other = bool(cfg.data.eval) and cfg.data.eval != cfg.data.train
+    spec = DataSpec(path=cfg.data.eval or cfg.data.train, split=cfg.data.eval_split,
+                    image_column=None if other else cfg.data.image_column,
+                    label_column=None if other else cfg.data.label_column, limit=cfg.data.eval_limit,
                     shuffle_seed=cfg.seed if cfg.data.eval_limit else None)
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
-    names = classnames or classnames_for(ds, cols.label, cfg.data.classnames)
+    if other or cfg.data.eval_classnames:
+        names = classnames_for(ds, cols.label, cfg.data.eval_classnames)
+    else:
+        names = classnames or classnames_for(ds, cols.label, cfg.data.classnames)
     if not cols.label or not names:
         return {}
     loader = DataLoader(ImageDataset(ds, {"model": student.image_transform}, cols, name=spec.label),
                         batch_size=cfg.optim.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
     was_training = student.training
     images = embed_images(student, loader, progress=False)
-    metrics = zeroshot_eval(student, images, names, cfg.data.templates)
+    metrics = zeroshot_eval(student, images, names, cfg.data.eval_templates or cfg.data.templates)
     student.train(was_training)
     return {f"eval/zeroshot_{k}": v for k, v in metrics.items() if k in ("top1", "top5", "mean_per_class_recall")}
 

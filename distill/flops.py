@@ -1,0 +1,40 @@
+"""Model size and cost: parameter counts and GFLOPs per image, measured with torch's FLOP counter."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from distill.teacher import DualEncoder
+
+
+@torch.no_grad()
+def image_gflops(model: DualEncoder) -> float:
+    """Forward GFLOPs of ``encode_image`` for one image at the model's input size.
+
+    Counts multiply-adds as 2 FLOPs (matmuls and convolutions, as torch's counter does);
+    element-wise ops are not counted, so this is the usual "FLOPs" of model cards.
+    """
+    h, w = model.image_transform.output_size
+    pixels = torch.zeros(1, 3, h, w, device=model.device)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model.encode_image(pixels)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def image_parameters(model: DualEncoder) -> int:
+    """Parameters used by ``encode_image`` (the image tower and its projection)."""
+    h, w = model.image_transform.output_size
+    used: set[int] = set()
+    hooks = [m.register_forward_hook(lambda mod, *_: used.update(id(p) for p in mod.parameters(recurse=False)))
+             for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.encode_image(torch.zeros(1, 3, h, w, device=model.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(p.numel() for p in model.parameters() if id(p) in used)

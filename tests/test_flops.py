@@ -1,0 +1,25 @@
+
+from distill.flops import image_gflops, image_parameters
+
+
+def test_image_flops_and_parameters_of_tiny_clip(tiny_clip):
+    vision = tiny_clip.model.vision_model
+    expected_params = sum(p.numel() for p in vision.parameters()) + tiny_clip.model.visual_projection.weight.numel()
+    assert image_parameters(tiny_clip) == expected_params
+    # patch embedding alone: 2 * (3*8*8) * 32 * 16 patches; the whole tower costs more
+    patch = 2 * 3 * 8 * 8 * 32 * 16 / 1e9
+    g = image_gflops(tiny_clip)
+    assert patch < g < 0.01
+    tiny_clip.train()
+    image_gflops(tiny_clip)
+    assert tiny_clip.training
+    tiny_clip.eval()
+
+
+def test_flops_scale_with_resolution(tmp_path):
+    from distill.testing import make_tiny_clip
+    from distill.teacher import load_dual_encoder
+
+    small = load_dual_encoder(str(make_tiny_clip(tmp_path / "a", image_size=32)))
+    big = load_dual_encoder(str(make_tiny_clip(tmp_path / "b", image_size=64)))
+    assert image_gflops(big) > 3.5 * image_gflops(small)  # 4x the patches (attention grows faster)
