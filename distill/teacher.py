@@ -195,7 +195,7 @@ def load_dual_encoder(
     random_init: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-) -> HFDualEncoder:
+) -> DualEncoder:
     """Load a CLIP-family model, its tokenizer and its image transform.
 
     Args:
@@ -210,6 +210,10 @@ def load_dual_encoder(
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from distill import towers
+
+    if towers.is_tower_directory(name_or_path):  # a dual encoder assembled from towers (distill.towers)
+        return towers.load_tower_dual_encoder(name_or_path).to(dtype=dtype, device=device).eval()
     try:
         config = AutoConfig.from_pretrained(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

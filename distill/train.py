@@ -39,6 +39,10 @@ log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
 
+class ParityGateError(RuntimeError):
+    """An exported variant failed its parity gate (``export.fail_on_gate``); exit status 1."""
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
 
@@ -93,11 +97,8 @@ def evaluate_student(cfg: TrainConfig, student: DualEncoder, classnames: list[st
     When ``data.eval`` names another dataset than ``data.train``, its columns are detected anew
     and its class names come from its own labels (or ``data.eval_classnames``).
     """
-    other = bool(cfg.data.eval) and cfg.data.eval != cfg.data.train
-    spec = DataSpec(path=cfg.data.eval or cfg.data.train, split=cfg.data.eval_split,
-                    image_column=None if other else cfg.data.image_column,
-                    label_column=None if other else cfg.data.label_column, limit=cfg.data.eval_limit,
-                    shuffle_seed=cfg.seed if cfg.data.eval_limit else None)
+    other = _other_eval_data(cfg)
+    spec = eval_spec(cfg, cfg.data.eval_limit)
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
     if other or cfg.data.eval_classnames:
@@ -113,6 +114,33 @@ def evaluate_student(cfg: TrainConfig, student: DualEncoder, classnames: list[st
     metrics = zeroshot_eval(student, images, names, cfg.data.eval_templates or cfg.data.templates)
     student.train(was_training)
     return {f"eval/zeroshot_{k}": v for k, v in metrics.items() if k in ("top1", "top5", "mean_per_class_recall")}
+
+
+def _other_eval_data(cfg: TrainConfig) -> bool:
+    return bool(cfg.data.eval) and cfg.data.eval != cfg.data.train
+
+
+def eval_spec(cfg: TrainConfig, limit: int | None) -> DataSpec:
+    """The held-out split: ``data.eval`` (or the training source), a seeded subset of ``limit`` rows."""
+    other = _other_eval_data(cfg)
+    return DataSpec(path=cfg.data.eval or cfg.data.train, split=cfg.data.eval_split,
+                    image_column=None if other else cfg.data.image_column,
+                    label_column=None if other else cfg.data.label_column, limit=limit,
+                    shuffle_seed=cfg.seed if limit else None)
+
+
+def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder, out: Path) -> bool:
+    """``export.enabled``: ONNX variants, parity report against the teacher, edge bundle. Returns passed."""
+    from exports.pipeline import export_and_check, parse_variants
+
+    names = cfg.data.eval_classnames if (_other_eval_data(cfg) or cfg.data.eval_classnames) else cfg.data.classnames
+    result = export_and_check(teacher, student, eval_spec(cfg, cfg.export.parity_limit), out / "export",
+                              variants=parse_variants(cfg.export.variants),
+                              templates=cfg.data.eval_templates or cfg.data.templates, classnames=names,
+                              bundle_precision=cfg.export.bundle_precision, gates=cfg.export.gates)
+    log.info("parity %s; report: %s%s\n%s", "PASSED" if result.passed else "FAILED", result.report_paths["html"],
+             f"; edge bundle: {result.bundle}" if result.bundle else "", result.summary)
+    return result.passed
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -293,9 +321,17 @@ def train(cfg: TrainConfig) -> dict:
         save_model(accelerator.unwrap_model(task).export_student(), final)
         dump_config(cfg, final / "training_config.yaml")
         write_model_card(final, cfg, metrics, state["step"])
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("saved the student to %s", final)
+        if cfg.export.enabled:
+            unwrapped = accelerator.unwrap_model(task)
+            # contrastive mode has no teacher: its variants are checked against the trained model itself
+            teacher = getattr(unwrapped, "teacher", None) or unwrapped.export_student()
+            metrics["export/parity_passed"] = export_student(cfg, teacher, unwrapped.export_student(), out)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.end_training()
+    if cfg.export.fail_on_gate and metrics.get("export/parity_passed") is False:
+        raise ParityGateError(f"an exported variant failed its parity gate: see {out / 'export' / 'parity.md'} "
+                              "(the student itself is saved; export.fail_on_gate=false ignores the gates)")
     return metrics
 
 
@@ -348,8 +384,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
+    build_prerequisite(cfg)
     return train(cfg)
 
 
+def build_prerequisite(cfg: TrainConfig) -> None:
+    """Build the teacher (distill) or starting model (contrastive) first when a recipe makes it.
+
+    The reference teacher is such a case: the default job distils it, and a fresh checkout has
+    not built it yet. The build is an ordinary training run of its own recipe, in this process.
+    """
+    path, recipe = ((cfg.teacher.name_or_path, cfg.teacher.build_recipe) if cfg.mode == "distill"
+                    else (cfg.contrastive.model, cfg.contrastive.build_recipe))
+    if not recipe or Path(path).exists():
+        return
+    if not Path(recipe).is_file():
+        raise FileNotFoundError(f"{path} does not exist and its build recipe {recipe} is not a file")
+    log.info("%s does not exist yet: building it first with `python distill/train.py --config %s`", path, recipe)
+    main(["--config", recipe])
+    if not Path(path).exists():
+        raise FileNotFoundError(f"the build recipe {recipe} finished but did not produce {path}; "
+                                f"its output_dir must be the parent of {path}")
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ParityGateError as exc:
+        log.error("%s", exc)
+        sys.exit(1)

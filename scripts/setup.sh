@@ -7,5 +7,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[export,test]"
+python -m pip install -q -e ".[export,test,reference]"
 python -c "import torch, transformers, accelerate, datasets, onnxruntime; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| onnxruntime', onnxruntime.__version__)"

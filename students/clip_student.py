@@ -34,10 +34,12 @@ class TextSpec:
         Raises:
             ValueError: the tokenizer cannot drive CLIP's pooling at the end-of-text token.
         """
-        eos = tokenizer.eos_token_id
+        # BERT-style tokenizers (e.g. a MiniLM teacher's) end every sequence with [SEP] instead
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         name = type(tokenizer).__name__
         if eos is None:
-            raise ValueError(f"{name} has no eos token; the CLIP text tower pools at the end-of-text token")
+            raise ValueError(f"{name} has no eos or sep token; the CLIP text tower pools at the end-of-text token "
+                             "(set student.tokenizer to a CLIP tokenizer)")
         if eos == 2:
             # transformers treats eos_token_id == 2 as a legacy config and pools at argmax(input_ids)
             raise ValueError(f"{name} has eos_token_id 2, which CLIPTextTransformer reads as 'pool at the largest id'")
