@@ -130,6 +130,16 @@ def _embed_split(model: DualEncoder, spec: DataSpec, args: argparse.Namespace):
     return ds, cols, images
 
 
+def load_model(name_or_path: str, *, random_init: bool = False, device: str = "cpu") -> DualEncoder:
+    """Any model this project evaluates: a CLIP-family model, a tower teacher, or a saved student
+    (an image-only student brings the teacher recorded in its ``student.json`` for its text side)."""
+    if (Path(name_or_path) / "student.json").is_file():
+        from students import load_student
+
+        return load_student(name_or_path).to(device)
+    return load_dual_encoder(name_or_path, random_init=random_init, device=device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="hub id or local directory of a CLIP-family model")
@@ -159,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the requested tasks and return the JSON-serialisable report."""
     torch.manual_seed(args.seed)
-    model = load_dual_encoder(args.model, random_init=args.random_init, device=args.device)
+    model = load_model(args.model, random_init=args.random_init, device=args.device)
     spec = _spec(args, args.split, args.limit)
     ds, cols, images = _embed_split(model, spec, args)
     tasks = args.task or [t for t, ok in (("zeroshot", cols.label), ("retrieval", cols.captions)) if ok]
