@@ -225,7 +225,10 @@ def _linear_probe(model: DualEncoder, args: argparse.Namespace, test: EmbeddedIm
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # our loggers at INFO; libraries (onnxruntime's quantizer logs every tensor at INFO) at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("distill", "exports", "students"):
+        logging.getLogger(name).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     report = evaluate(args)
     text = json.dumps(report, indent=2)

@@ -31,10 +31,13 @@ def image_parameters(model: DualEncoder) -> int:
     used: set[int] = set()
     hooks = [m.register_forward_hook(lambda mod, *_: used.update(id(p) for p in mod.parameters(recurse=False)))
              for m in model.modules()]
+    was_training = model.training
+    model.eval()  # batch 1 through BatchNorm in training mode would fail on 1x1 maps
     try:
         with torch.no_grad():
             model.encode_image(torch.zeros(1, 3, h, w, device=model.device))
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return sum(p.numel() for p in model.parameters() if id(p) in used)

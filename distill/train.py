@@ -380,7 +380,10 @@ tags: [clip, knowledge-distillation, zero-shot-image-classification]
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Entry point for ``accelerate launch distill/train.py`` and for tests (``main([...])``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # our loggers at INFO; libraries (onnxruntime's quantizer logs every tensor at INFO) at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("distill", "exports", "students"):
+        logging.getLogger(name).setLevel(logging.INFO)
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config or DEFAULT_RECIPE, overrides)

@@ -121,6 +121,20 @@ BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
                              layer_type="basic"),
         description="ResNet-18 (architecture of microsoft/resnet-18)",
     ),
+    # Native-resolution CIFAR students: plain 3x3 convolutions train ~20x faster on a CPU than the
+    # depthwise convolutions of MobileNet/ConvNeXt (measured in docs/benchmarks.md).
+    ImageStudentConfig(
+        "resnet-cifar-s", backbone="resnet",
+        backbone_config=dict(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+                             layer_type="basic"),
+        image_size=32, description="small basic-block ResNet at CIFAR's 32 px (0.010 GFLOPs); teacher text",
+    ),
+    ImageStudentConfig(
+        "resnet-cifar-m", backbone="resnet",
+        backbone_config=dict(embedding_size=48, hidden_sizes=[48, 96, 192, 384], depths=[1, 2, 2, 1],
+                             layer_type="basic"),
+        image_size=32, description="medium basic-block ResNet at CIFAR's 32 px (0.032 GFLOPs); teacher text",
+    ),
     ImageStudentConfig(
         "convnextv2-atto", backbone="convnextv2",
         backbone_config=dict(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320]),

@@ -168,8 +168,8 @@ def test_clip_student_with_vocabulary_of_another_size(tiny_clip):
 
 
 class _StubTokenizer:
-    def __init__(self, eos, ids):
-        self.eos_token_id, self._ids = eos, ids
+    def __init__(self, eos, ids, sep=None):
+        self.eos_token_id, self._ids, self.sep_token_id = eos, ids, sep
 
     def __call__(self, text):
         return {"input_ids": self._ids}
@@ -183,6 +183,21 @@ class _StubTokenizer:
 def test_text_spec_rejects_tokenizers_clip_cannot_pool(tokenizer, message):
     with pytest.raises(ValueError, match=message):
         TextSpec.from_tokenizer(tokenizer)
+
+
+def test_text_spec_pools_at_sep_for_bert_style_tokenizers():
+    # e.g. a MiniLM teacher's tokenizer: no eos token, every sequence ends with [SEP]
+    spec = TextSpec.from_tokenizer(_BertLike())
+    assert spec.eos_token_id == 102 and spec.pad_token_id == 0
+
+
+class _BertLike(_StubTokenizer):
+    def __init__(self):
+        super().__init__(None, [101, 1037, 102], sep=102)
+        self.pad_token_id, self.bos_token_id, self.model_max_length = 0, None, 512
+
+    def __len__(self):
+        return 30522
 
 
 def test_clip_student_needs_a_tokenizer_and_divisible_size():
