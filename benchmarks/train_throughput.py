@@ -103,8 +103,9 @@ def trainer_argv(args, label: str, out_dir: Path, cache: bool, cache_dir: Path, 
                  batch_size: int, processes: int) -> list[str]:
     steps = args.images // (batch_size * processes)
     return [
+        "--config", str(REPO_ROOT / "configs" / "vit_b32_random.yaml"), "export.enabled=false",
         f"output_dir={out_dir}",
-        f"teacher.name_or_path={TEACHER}", "teacher.random_init=true",
+        f"teacher.name_or_path={TEACHER}", "teacher.random_init=true", "teacher.build_recipe=null",
         f"student.arch={args.student}", f"student.image_size={args.image_size}",
         f"data.train={CIFAR}", f"data.train_limit={args.images}", f"data.eval_limit={args.eval_limit}",
         f"optim.batch_size={batch_size}", f"optim.max_steps={steps}", f"optim.warmup_steps={min(10, steps)}",
