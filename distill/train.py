@@ -39,6 +39,7 @@ log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
 
+
 class ParityGateError(RuntimeError):
     """An exported variant failed its parity gate (``export.fail_on_gate``); exit status 1."""
 
@@ -325,9 +326,10 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.export.enabled:
             unwrapped = accelerator.unwrap_model(task)
             # contrastive mode has no teacher: its variants are checked against the trained model itself
-            teacher = getattr(unwrapped, "teacher", None) or unwrapped.export_student()
+            teacher = unwrapped.teacher if hasattr(unwrapped, "teacher") else unwrapped.export_student()
             metrics["export/parity_passed"] = export_student(cfg, teacher, unwrapped.export_student(), out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()  # `final/` exists for every process once train() returns
     accelerator.end_training()
     if cfg.export.fail_on_gate and metrics.get("export/parity_passed") is False:
         raise ParityGateError(f"an exported variant failed its parity gate: see {out / 'export' / 'parity.md'} "
