@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from distill.augment import ViewSpec
 from distill.cache import TeacherTargetCache, cache_key
@@ -93,7 +94,9 @@ def _teacher_rows(teacher: DualEncoder, ds, columns, views: ViewSpec, batch_size
         for k in range(views.views):
             view = (lambda image, i, k=k: views.apply(image, start + i, k)) if k else None
             sub = ImageDataset(ds.select(range(start, end)), {"teacher": teacher.image_transform}, columns, view=view)
-            for batch in DataLoader(sub, batch_size=batch_size, collate_fn=collate):
+            batches = DataLoader(sub, batch_size=batch_size, collate_fn=collate)
+            for batch in tqdm(batches, desc=f"teacher targets, view {k + 1}/{views.views}", unit="batch",
+                              mininterval=10, leave=False):
                 if batch["index"].numel():
                     out[batch["index"], k] = teacher.encode_image(batch["pixel_values_teacher"].to(device)).cpu()
         return out.numpy()
