@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from distill.augment import ViewSpec
-from distill.cache import TeacherTargetCache, cache_key
+from distill.cache import TeacherTargetCache, cache_key, texts_sha
 from distill.classnames import label_names_or_none, load_classname_source, synonyms
 from distill.config import ConfigError, TrainConfig
 from distill.data import DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset, resolve_columns
@@ -149,11 +150,11 @@ def build_texts(cfg: TrainConfig, ds, cols) -> tuple[ContrastiveTexts, list[str]
 # ---------------------------------------------------------------------------- feature caches
 
 
-@torch.no_grad()
 def _image_rows(split: TowerSplit, model: DualEncoder, ds, cols, views: ViewSpec, batch_size: int, device,
                 with_imagenet: bool):
     """``(start, end) -> (rows, K, F[+1000])`` frozen image-tower features (and ImageNet logits)."""
 
+    @torch.no_grad()  # here, not on the outer function: this closure runs later, outside it
     def embed(start: int, end: int):
         chunks = []
         for k in range(views.views):
@@ -167,10 +168,8 @@ def _image_rows(split: TowerSplit, model: DualEncoder, ds, cols, views: ViewSpec
                     continue
                 px = batch["pixel_values_m"].to(device)
                 feats = split.image_tower_fn(px).float()
-                if with_imagenet:  # from the same forward pass when the model can (towers can)
-                    logits = (model.imagenet_logits_from_features(feats) if hasattr(model, "imagenet_logits_from_features")
-                              else model.imagenet_logits(px))
-                    feats = torch.cat([feats, logits.float()], dim=1)
+                if with_imagenet:  # from the same forward pass
+                    feats = torch.cat([feats, model.imagenet_logits_from_features(feats).float()], dim=1)
                 if out is None:
                     out = torch.zeros(end - start, feats.shape[1])
                 out[batch["index"]] = feats.cpu()
@@ -187,6 +186,42 @@ def _text_features(split: TowerSplit, model: DualEncoder, texts: Sequence[str], 
         tok = {k: v.to(model.device) for k, v in model.tokenize(list(texts[i : i + batch_size])).items()}
         out.append(split.text_tower_fn(tok["input_ids"], tok.get("attention_mask")).float().cpu())
     return torch.cat(out).numpy()
+
+
+def _store(cache_dir: str, key: str, accelerator) -> TeacherTargetCache:
+    return TeacherTargetCache(cache_dir, "towers-" + key, accelerator.process_index, accelerator.num_processes,
+                              accelerator.wait_for_everyone)
+
+
+def cached_image_tower_features(model: DualEncoder, split: TowerSplit, ds, cols, views: ViewSpec, cache_dir: str,
+                                seed: int, batch_size: int, accelerator) -> tuple[torch.Tensor, int]:
+    """Frozen image-tower features ``(N, K, F [+1000 ImageNet logits])`` of every view of every row.
+
+    Keyed by the image tower, its preprocessing and the images alone -- not by the heads -- so a
+    teacher aligned on frozen towers reuses, when it distils a student on the same images, the
+    features its alignment run computed (a 50,000-image tower pass is 20 minutes on 2 cores).
+    Returns the features and F (the columns before the ImageNet logits, which towers add for free).
+    """
+    with_imagenet = hasattr(model, "imagenet_logits_from_features")
+    transform = model.image_transform.to_json()
+    tower_fp = module_fingerprint(split.image_tower, extra=transform)
+    key = cache_key(f"image-tower/{tower_fp}/imagenet={with_imagenet}", ds._fingerprint, transform, views.views, seed)
+    store = _store(cache_dir, key, accelerator)
+    out = store.get_or_build(len(ds), _image_rows(split, model, ds, cols, views, batch_size, accelerator.device,
+                                                  with_imagenet))
+    log.info("frozen image-tower feature cache %s: %s", "hit" if out.hit else "built", out.path)
+    feats = torch.from_numpy(out.images)
+    return feats, feats.shape[2] - (1000 if with_imagenet else 0)
+
+
+def cached_text_tower_features(model: DualEncoder, split: TowerSplit, texts: Sequence[str], cache_dir: str,
+                               accelerator) -> torch.Tensor:
+    """Frozen text-tower features ``(M, F)`` of ``texts``, cached under the text tower and the texts."""
+    store = _store(cache_dir, cache_key(f"text-tower/{module_fingerprint(split.text_tower)}", texts_sha(texts),
+                                        "", 1, 0), accelerator)
+    out = store.get_or_build(0, lambda start, end: np.zeros((end - start, 1, 0), np.float32), texts,
+                             lambda t: _text_features(split, model, t))
+    return torch.from_numpy(out.texts)
 
 
 # ------------------------------------------------------------------------------------- dataset
@@ -329,29 +364,19 @@ def build_contrastive(cfg: TrainConfig, accelerator):
     cols = resolve_columns(ds, spec)
     texts, classnames = build_texts(cfg, ds, cols)
     views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
-    with_imagenet = c.imagenet_kl_weight > 0 and hasattr(model, "imagenet_logits")
-    if c.imagenet_kl_weight > 0 and not with_imagenet:
+    if c.imagenet_kl_weight > 0 and not hasattr(model, "imagenet_logits"):
         raise ConfigError("contrastive.imagenet_kl_weight needs an image tower with ImageNet logits (reference:*)")
     image_cache = text_cache = None
-    if image_frozen or text_frozen:
-        tower_fp = module_fingerprint(split.image_tower, extra=model.image_transform.to_json())
-        text_fp = module_fingerprint(split.text_tower)
-        key = cache_key(f"{tower_fp}/{text_fp}/{image_frozen}/{text_frozen}/{with_imagenet}", ds._fingerprint,
-                        model.image_transform.to_json(), views.views, cfg.seed)
-        store = TeacherTargetCache(cfg.cache.dir, "towers-" + key, accelerator.process_index,
-                                   accelerator.num_processes, accelerator.wait_for_everyone)
-        rows_fn = (_image_rows(split, model, ds, cols, views, cfg.optim.batch_size, accelerator.device, with_imagenet)
-                   if image_frozen else (lambda s, e: torch.zeros(e - s, views.views, 0).numpy()))
-        targets = store.get_or_build(len(ds), rows_fn, texts.texts if text_frozen else (),
-                                     lambda t: _text_features(split, model, t))
-        log.info("frozen-tower feature cache %s: %s", "hit" if targets.hit else "built", targets.path)
-        image_cache = torch.from_numpy(targets.images) if image_frozen else None
-        text_cache = torch.from_numpy(targets.texts) if text_frozen else None
+    if image_frozen:
+        image_cache, feat_dim = cached_image_tower_features(model, split, ds, cols, views, cfg.cache.dir, cfg.seed,
+                                                            cfg.optim.batch_size, accelerator)
+    if text_frozen:
+        text_cache = cached_text_tower_features(model, split, texts.texts, cfg.cache.dir, accelerator)
     tok = model.tokenize(texts.texts) if text_cache is None else {}
     task = ContrastiveTask(model, split, texts, c, image_cache, text_cache, tok.get("input_ids"),
                            tok.get("attention_mask"))
     if image_cache is not None:
-        task.image_feat_dim = image_cache.shape[2] - (1000 if with_imagenet else 0)
+        task.image_feat_dim = feat_dim
     labels = list(ds[cols.label]) if cols.label else None
     images = None if image_frozen else ImageDataset(ds, {"student": model.image_transform}, cols, name=spec.label)
     rows = LabelledRows(labels, images, views, len(ds))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -85,10 +86,10 @@ def check_path(path: str, what: str) -> None:
         )
 
 
-@torch.no_grad()
 def _teacher_rows(teacher: DualEncoder, ds, columns, views: ViewSpec, batch_size: int, device) -> callable:
     """``(start, end) -> (rows, K, D)`` teacher embeddings of every view of those rows."""
 
+    @torch.no_grad()  # here, not on the outer function: this closure runs later, outside it
     def embed(start: int, end: int):
         out = torch.zeros(end - start, views.views, teacher.embed_dim)
         for k in range(views.views):
@@ -100,6 +101,26 @@ def _teacher_rows(teacher: DualEncoder, ds, columns, views: ViewSpec, batch_size
                 if batch["index"].numel():
                     out[batch["index"], k] = teacher.encode_image(batch["pixel_values_teacher"].to(device)).cpu()
         return out.numpy()
+
+    return embed
+
+
+def _teacher_rows_from_tower_features(teacher: DualEncoder, ds, columns, views: ViewSpec, cfg: TrainConfig,
+                                      accelerator) -> callable:
+    """Like :func:`_teacher_rows` for a teacher built on frozen towers (``tower_split``): its targets
+    are its heads applied to the cached tower features, which the run that aligned it on the same
+    images has usually computed already (see ``cached_image_tower_features``)."""
+    from distill.contrastive import cached_image_tower_features
+
+    split = teacher.tower_split()
+
+    @torch.no_grad()
+    def embed(start: int, end: int):
+        feats, dim = cached_image_tower_features(teacher, split, ds, columns, views, cfg.cache.dir, cfg.seed,
+                                                 cfg.optim.batch_size, accelerator)
+        head = split.image_head
+        x = feats[start:end, :, :dim].flatten(0, 1).to(accelerator.device, next(head.parameters()).dtype)
+        return F.normalize(head(x).float(), dim=-1).view(end - start, views.views, -1).cpu().numpy()
 
     return embed
 
@@ -140,7 +161,9 @@ def build_train_data(cfg: TrainConfig, teacher: DualEncoder, student: DualEncode
         key = cache_key(teacher.fingerprint(), ds._fingerprint, teacher.image_transform.to_json(), cfg.cache.views, cfg.seed)
         store = TeacherTargetCache(cfg.cache.dir, key, accelerator.process_index, accelerator.num_processes,
                                    accelerator.wait_for_everyone)
-        rows = _teacher_rows(teacher, ds, cols, views, cfg.optim.batch_size, accelerator.device)
+        rows = (_teacher_rows_from_tower_features(teacher, ds, cols, views, cfg, accelerator)
+                if hasattr(teacher, "tower_split") else
+                _teacher_rows(teacher, ds, cols, views, cfg.optim.batch_size, accelerator.device))
         targets = store.get_or_build(len(ds), rows,
                                      texts, lambda t: _embed_texts(teacher, t).numpy())
         cached, hit = torch.from_numpy(targets.images), targets.hit

@@ -66,11 +66,12 @@ def test_lit_heads_fit_labelled_data_and_cache_is_reused(setup, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     first, last = (sum(r["loss"] for r in rows) / 5 for rows in (log[:5], log[-5:]))
     assert last < 0.8 * first, (first, last)
-    entries = list((tmp_path / "cache").glob("towers-*/meta.json"))
-    assert len(entries) == 1
-    stamp = entries[0].stat().st_mtime
+    entries = sorted((tmp_path / "cache").glob("towers-*/meta.json"))
+    assert len(entries) == 2  # image-tower and text-tower features
+    stamps = [e.stat().st_mtime for e in entries]
     main(_args(setup, tmp_path, "optim.max_steps=2", f"output_dir={tmp_path / 'again'}"))
-    assert entries[0].stat().st_mtime == stamp  # hit: not rebuilt
+    assert sorted((tmp_path / "cache").glob("towers-*/meta.json")) == entries
+    assert [e.stat().st_mtime for e in entries] == stamps  # hits: not rebuilt
 
 
 def test_captions_and_synonym_prompts(setup, tmp_path):

@@ -138,11 +138,38 @@ def test_lit_alignment_with_imagenet_targets_then_distillation_from_the_result(d
     fresh = build_reference_dual_encoder("lite0", head="mlp", embed_dim=32, image_size=64).state_dict()
     assert all(torch.equal(weights[k], v) for k, v in fresh.items() if k.startswith(("image_tower.", "text_tower.")))
     # The aligned teacher directory is a teacher like any other: distil a tiny student from it.
+    towers_before = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("towers-"))
     metrics = main(["--config", str(data / "empty.yaml"), f"teacher.name_or_path={teacher_dir}",
                     "student.arch=test-tiny", f"data.train={data / 'labelled'}", "optim.batch_size=8",
                     "optim.max_steps=2", "optim.warmup_steps=1", "progress=false", "data.templates=simple",
-                    f"output_dir={tmp_path / 'student'}", f"cache.dir={tmp_path / 'cache2'}"])
+                    f"output_dir={tmp_path / 'student'}", f"cache.dir={tmp_path / 'cache'}"])
     assert (tmp_path / "student" / "final").is_dir() and "eval/zeroshot_top1" in metrics
+    # Its targets came from the image-tower features the alignment run cached: no second tower pass.
+    towers_after = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("towers-"))
+    assert towers_after == towers_before and len(towers_before) == 2, (towers_before, towers_after)
+
+
+def test_tower_teacher_targets_equal_the_teachers_own_embeddings(small, data, tmp_path):
+    from types import SimpleNamespace
+
+    from distill.augment import ViewSpec
+    from distill.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
+    from distill.train_data import _teacher_rows_from_tower_features
+
+    spec = DataSpec(path=str(data / "labelled"), split="train")
+    ds = load_hf_dataset(spec)
+    cols = resolve_columns(ds, spec)
+    cfg = SimpleNamespace(cache=SimpleNamespace(dir=str(tmp_path / "cache")), seed=0,
+                          optim=SimpleNamespace(batch_size=8))
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, wait_for_everyone=lambda: None,
+                                  device=torch.device("cpu"))
+    targets = _teacher_rows_from_tower_features(small, ds, cols, ViewSpec(views=1), cfg, accelerator)(4, 12)
+    batch = collate([ImageDataset(ds, {"t": small.image_transform}, cols)[i] for i in range(4, 12)])
+    with torch.no_grad():
+        expected = small.encode_image(batch["pixel_values_t"])
+    assert targets.shape == (8, 1, 32)
+    # The cache stores tower features in float16: targets match to about 1e-3.
+    torch.testing.assert_close(torch.from_numpy(targets[:, 0]), expected, rtol=0, atol=5e-3)
 
 
 def test_unfreezing_the_last_image_block_trains_only_it(data, tmp_path):
