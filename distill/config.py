@@ -131,6 +131,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16, handed to Accelerate
     cpu: bool = False  # force CPU even when a GPU is visible
+    cpu_threads: int | None = None  # CPU runs: intra-op threads per process; None = cores / local processes
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 0  # 0: checkpoint only at the end
@@ -139,6 +140,8 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads={self.cpu_threads}; expected a positive integer or null")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}; expected no, fp16 or bf16")
         if self.loss.feature_kind not in ("cosine", "mse"):

@@ -61,7 +61,8 @@ def _save_clip(student: HFDualEncoder, directory: Path) -> dict[str, Any]:
 def _save_frozen_text(student: FrozenTextStudent, directory: Path) -> dict[str, Any]:
     from safetensors.torch import save_model
 
-    save_model(student, str(directory / WEIGHTS_FILE))  # only the student: the teacher is not a submodule
+    # only the student (the teacher is not a submodule); channels_last CNN weights are made contiguous
+    save_model(student, str(directory / WEIGHTS_FILE), force_contiguous=True)
     tower = student.image_tower
     return {
         "kind": "frozen_text",

@@ -291,3 +291,26 @@ def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
 def test_training_with_cached_views(setup, tmp_path):
     main(_args(setup, tmp_path, "cache.views=2", "optim.max_steps=7"))  # 7 steps cross an epoch boundary
     assert len(_log(tmp_path)) == 7
+
+
+def test_cpu_threads_are_shared_out_over_local_processes(monkeypatch):
+    # accelerate launch exports OMP_NUM_THREADS=1; a CPU run takes its share of the cores back
+    from types import SimpleNamespace
+
+    from distill.config import TrainConfig
+    from distill.train import set_cpu_threads
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_cpu_threads(TrainConfig(), cpu) == 2 and torch.get_num_threads() == 2
+        assert set_cpu_threads(TrainConfig(cpu_threads=1), cpu) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        assert set_cpu_threads(TrainConfig(), cpu) == 4 and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    assert set_cpu_threads(TrainConfig(), SimpleNamespace(device=torch.device("cuda"), num_processes=1)) is None
+    with pytest.raises(ConfigError, match="cpu_threads=0"):
+        TrainConfig(cpu_threads=0).validate()
