@@ -138,7 +138,8 @@ class TowerDualEncoder(DualEncoder):
     def image_tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Globally pooled EfficientNet features (B, 1280): the ImageNet classifier's input."""
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        if torch.is_grad_enabled() or pixel_values.device.type != "cpu":
+        if torch.is_grad_enabled() or pixel_values.device.type != "cpu" or torch.jit.is_tracing():
+            # (a traced split would fix the chunk sizes into an exported graph)
             return self.image_tower.extract_features(pixel_values).mean(dim=(2, 3))
         return torch.cat([self.image_tower.extract_features(chunk).mean(dim=(2, 3))
                           for chunk in pixel_values.split(CPU_INFERENCE_CHUNK)])

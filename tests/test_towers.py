@@ -74,6 +74,20 @@ def test_cpu_inference_in_small_chunks_equals_one_batch(small, monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_exported_image_encoder_takes_any_batch_size(small, tmp_path):
+    from exports.onnx_export import export_image_encoder
+    from exports.runtime import load_session
+
+    session = load_session(export_image_encoder(small, tmp_path / "image.onnx"))
+    name = session.get_inputs()[0].name
+    for batch in (1, 11):  # below and above the CPU inference chunk
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            expected = small.encode_image(x)
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_saved_directory_loads_as_a_teacher_with_identical_outputs(small, tmp_path):
     small.save_directory(tmp_path / "t")
     loaded = load_teacher(str(tmp_path / "t"))
