@@ -166,8 +166,9 @@ def make_accelerator(cfg: TrainConfig):
 
 def set_cpu_threads(cfg: TrainConfig, accelerator) -> int | None:
     """Intra-op threads of a CPU process. ``accelerate launch`` exports OMP_NUM_THREADS=1 unless given
-    --num_cpu_threads_per_process, which leaves all but one core idle in a one-process CPU run (the
-    default job trained 2x slower here); so the cores are shared out here unless cpu_threads is set."""
+    --num_cpu_threads_per_process, which leaves all but one core idle in a one-process CPU run
+    (resnet-cifar-m forward + backward: 323 images/s on 1 thread, 729 on 2 here); so the cores are
+    shared out over the local processes unless cpu_threads is set."""
     if accelerator.device.type != "cpu":
         return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
