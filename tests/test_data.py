@@ -171,6 +171,28 @@ def test_limit_first_and_seeded_subset(parquet_dir, tmp_path):
         DataSpec(path="x", limit=0)
 
 
+def test_fingerprint_follows_content_not_path_or_mtime(parquet_dir, tmp_path):
+    # Feature caches are keyed on this fingerprint: a copied or re-synced dataset must keep it,
+    # changed rows must not.
+    import os
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(parquet_dir, copy)
+    for f in copy.rglob("*.parquet"):
+        os.utime(f, (1_000_000, 1_000_000))
+
+    def fingerprint(path: Path, cache: str, **kw) -> str:
+        return load_hf_dataset(DataSpec(path=str(path), cache_dir=str(tmp_path / cache), **kw))._fingerprint
+
+    original = fingerprint(parquet_dir, "a", split="test")
+    assert fingerprint(copy, "b", split="test") == original
+    assert fingerprint(copy, "b", split="train") != original
+    assert fingerprint(copy, "b", split="test", limit=2) not in (original, fingerprint(copy, "b", split="test", limit=3))
+    _labelled(_mixed_images(), [2, 1, 0, 2, 1, 0]).to_parquet(str(copy / "data" / "test-00000-of-00001.parquet"))
+    assert fingerprint(copy, "c", split="test") != original
+
+
 def test_configured_columns_and_errors(parquet_dir, tmp_path):
     ds = load_hf_dataset(_spec(parquet_dir, tmp_path, split="test", image_column="image", label_column="label"))
     missing = r"label column 'fine' does not exist; available columns: \['image', 'label'\]"
