@@ -14,6 +14,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
 
 
@@ -54,3 +55,40 @@ class ViewSpec:
         box, flip = self.box(row, view, *image.size)
         out = image.crop(box) if box != (0, 0, *image.size) else image
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+@dataclass(frozen=True)
+class StudentJitter:
+    """Random horizontal flips and small shifts of the student's pixels only (``data.student_flip``,
+    ``data.student_shift``), the standard CIFAR augmentation.
+
+    The teacher's target stays that of the un-jittered image, so with cached targets this costs no
+    teacher pass; it relies on the teacher being nearly invariant to a flip or a shift of a few
+    pixels, which holds for a CNN on CIFAR-sized objects. Shifts pad with 0, the mean colour after
+    normalisation.
+    """
+
+    flip: bool = False
+    shift: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shift < 0:
+            raise ValueError(f"data.student_shift must be >= 0 pixels, got {self.shift}")
+
+    def __bool__(self) -> bool:
+        return self.flip or self.shift > 0
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, h, w = pixels.shape
+        if self.flip:
+            flip = (torch.rand(b, generator=generator) < 0.5).to(pixels.device)
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        if self.shift:
+            s = self.shift
+            padded = torch.nn.functional.pad(pixels, (s, s, s, s))
+            dy, dx = (torch.randint(0, 2 * s + 1, (b,), generator=generator).to(pixels.device) for _ in range(2))
+            rows = (dy[:, None] + torch.arange(h, device=pixels.device))[:, :, None]  # (B, H, 1)
+            cols = (dx[:, None] + torch.arange(w, device=pixels.device))[:, None, :]  # (B, 1, W)
+            batch = torch.arange(b, device=pixels.device)[:, None, None]
+            pixels = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+        return pixels

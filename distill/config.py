@@ -50,6 +50,9 @@ class DataConfig:
     train_limit: int | None = None
     eval_limit: int | None = None
     num_workers: int = 0
+    # distill mode: jitter the student's view only (teacher targets stay those of the plain image)
+    student_flip: bool = False  # random horizontal flip
+    student_shift: int = 0  # random shift by up to N pixels each way, zero-padded
 
 
 @dataclass
@@ -161,6 +164,8 @@ class TrainConfig:
             raise ConfigError("mode=contrastive needs contrastive.model (a hub id, directory or reference:lite0)")
         if self.contrastive.head not in ("linear", "mlp"):
             raise ConfigError(f"contrastive.head={self.contrastive.head!r}; expected linear or mlp")
+        if self.data.student_shift < 0:
+            raise ConfigError(f"data.student_shift must be >= 0 pixels, got {self.data.student_shift}")
         if not self.data.train:
             raise ConfigError("data.train is empty: set it in the recipe or as data.train=...")
         return self

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.augment import StudentJitter
 from distill.losses import build_losses, clamp_log_scale_, make_feature_projection, total_loss
 from distill.teacher import DualEncoder
 
@@ -35,9 +36,11 @@ class DistillTask(nn.Module):
     """Computes the loss dict for one batch. Keys ending in ``_loss`` are summed into ``loss``."""
 
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg, bank: TextBank,
-                 teacher_class_head: torch.Tensor | None, init_logit_scale: float = 2.6592):
+                 teacher_class_head: torch.Tensor | None, init_logit_scale: float = 2.6592,
+                 jitter: StudentJitter = StudentJitter()):
         super().__init__()
         self.student = student
+        self.jitter = jitter
         self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
         self.losses = build_losses(dict(loss_cfg.__dict__))
         self.loss_cfg = loss_cfg
@@ -112,7 +115,11 @@ class DistillTask(nn.Module):
         if teacher_image is None:
             with torch.no_grad():
                 teacher_image = self.teacher.encode_image(batch["pixel_values_teacher"])
-        s_img = self.student.encode_image(batch["pixel_values_student"])
+        pixels = batch["pixel_values_student"]
+        if self.training and self.jitter:
+            # its own generator, so that runs with and without jitter sample the same texts
+            pixels = self.jitter(pixels, torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009))
+        s_img = self.student.encode_image(pixels)
         text_rows = self._sample_texts(batch, gen)
         t_txt = self.bank.teacher_emb[text_rows].to(device)
         s_txt = None

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # `accelerate launch distill/train.py` runs this 
 import torch
 from torch.utils.data import DataLoader
 
+from distill.augment import StudentJitter
 from distill.checkpoint import STATE_FILE, resolve_resume, save_checkpoint
 from distill.classnames import classnames_for
 from distill.config import TrainConfig, dump_config, load_config, to_dict
@@ -221,7 +222,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     head = None
     if data.classnames and cfg.loss.kl_on_classes:
         head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)
-    return DistillTask(student, teacher, cfg.loss, data.bank, head, cfg.optim.init_logit_scale), data
+    jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift)
+    return DistillTask(student, teacher, cfg.loss, data.bank, head, cfg.optim.init_logit_scale, jitter), data
 
 
 def build_task(cfg: TrainConfig, accelerator):

@@ -314,3 +314,55 @@ def test_cpu_threads_are_shared_out_over_local_processes(monkeypatch):
     assert set_cpu_threads(TrainConfig(), SimpleNamespace(device=torch.device("cuda"), num_processes=1)) is None
     with pytest.raises(ConfigError, match="cpu_threads=0"):
         TrainConfig(cpu_threads=0).validate()
+
+
+def test_student_jitter_flips_and_shifts_whole_images():
+    from distill.augment import StudentJitter
+
+    x = torch.randn(16, 3, 8, 8)
+    flipped = StudentJitter(flip=True)(x, torch.Generator().manual_seed(0))
+    same = [torch.equal(a, b) for a, b in zip(flipped, x)]
+    mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(flipped, x)]
+    assert all(s != m for s, m in zip(same, mirrored)) and 0 < sum(same) < 16
+    shifted = StudentJitter(shift=2)(x, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    windows = [{(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(s, p[:, dy:dy + 8, dx:dx + 8])}
+               for s, p in zip(shifted, padded)]
+    assert all(windows) and len(set.union(*windows)) > 3  # each image is one window; offsets vary
+    assert torch.equal(shifted, StudentJitter(shift=2)(x, torch.Generator().manual_seed(1)))
+    assert not StudentJitter() and StudentJitter(shift=1)
+    with pytest.raises(ValueError, match="student_shift"):
+        StudentJitter(shift=-1)
+
+
+def test_jitter_reaches_the_student_only_and_only_in_training(setup):
+    from distill.augment import StudentJitter
+    from distill.config import LossConfig
+    from distill.task import DistillTask, TextBank
+    from distill.teacher import load_teacher
+    from students import build_student
+
+    teacher = load_teacher(str(setup[1]))
+    student = build_student("test-tiny", teacher=teacher)
+    tokens = student.tokenize(["a cat.", "a dog."])
+    bank = TextBank(["a cat.", "a dog."], tokens["input_ids"], tokens["attention_mask"],
+                    teacher.encode_text(["a cat.", "a dog."]), torch.arange(2).view(2, 1), [])
+    task = DistillTask(student, teacher, LossConfig(), bank, None, jitter=StudentJitter(flip=True, shift=3))
+    seen = {}
+    for who, model in (("student", student), ("teacher", teacher)):
+        encode = model.encode_image
+        model.encode_image = lambda px, who=who, encode=encode: seen.__setitem__(who, px) or encode(px)
+    pixels = torch.randn(4, 3, 32, 32)
+    batch = {"pixel_values_student": pixels, "pixel_values_teacher": pixels.clone(), "index": torch.arange(4) % 2}
+    task.train()(batch, step=0)
+    assert not torch.equal(seen["student"], pixels) and torch.equal(seen["teacher"], pixels)
+    with torch.no_grad():
+        task.eval()(batch, step=0)
+    assert torch.equal(seen["student"], pixels)
+
+
+def test_training_with_student_jitter(setup, tmp_path):
+    main(_args(setup, tmp_path, "data.student_flip=true", "data.student_shift=2", "optim.max_steps=3"))
+    assert len(_log(tmp_path)) == 3
+    with pytest.raises(ConfigError, match="data.student_shift"):
+        main(_args(setup, tmp_path, "data.student_shift=-2"))
