@@ -113,7 +113,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['params_m']:.2f}M | {r['gflops']:.3f} | {r['ort_ms_bs1']:.2f} ms | "
-            f"{_pct(r['cifar10_top1'])} | {100 * r['cifar10_top1'] / teacher['cifar10_top1']:.0f} % | "
+            f"{_pct(r['cifar10_top1'])} | {100 * r['cifar10_top1'] / teacher['cifar10_top1']:.1f} % | "
             f"{_pct(r['tiny_top1'])} | {100 * r['tiny_top1'] / teacher['tiny_top1']:.0f} % | "
             f"{_pct(r['coco_i2t_r5'])} / {_pct(r['coco_t2i_r5'])} | {_agree(r, 'fp16')} | {_agree(r, 'int8')} |")
     return "\n".join(lines)
