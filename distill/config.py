@@ -164,6 +164,9 @@ class TrainConfig:
             raise ConfigError("mode=contrastive needs contrastive.model (a hub id, directory or reference:lite0)")
         if self.contrastive.head not in ("linear", "mlp"):
             raise ConfigError(f"contrastive.head={self.contrastive.head!r}; expected linear or mlp")
+        if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift):
+            raise ConfigError("data.student_flip / data.student_shift jitter a distilled student's input; "
+                              "mode=contrastive trains on cached tower features and cannot apply them")
         if self.data.student_shift < 0:
             raise ConfigError(f"data.student_shift must be >= 0 pixels, got {self.data.student_shift}")
         if not self.data.train:

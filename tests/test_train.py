@@ -366,3 +366,5 @@ def test_training_with_student_jitter(setup, tmp_path):
     assert len(_log(tmp_path)) == 3
     with pytest.raises(ConfigError, match="data.student_shift"):
         main(_args(setup, tmp_path, "data.student_shift=-2"))
+    with pytest.raises(ConfigError, match="mode=contrastive"):
+        main(_args(setup, tmp_path, "mode=contrastive", f"contrastive.model={setup[1]}", "data.student_flip=true"))
