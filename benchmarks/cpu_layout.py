@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def tower_images_per_s(chunks=(256, 16, 8, 4), size: int = 128, n: int = 256) -> dict[int, float]:
-    import distill.towers as towers
+    from distill.core import towers
 
     model = towers.build_reference_dual_encoder("lite2", head="mlp", image_size=size).eval()
     x = torch.randn(n, 3, size, size)

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,33 +22,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from distill.augment import ViewSpec
-from distill.cache import TeacherTargetCache, cache_key, texts_sha
-from distill.classnames import label_names_or_none, load_classname_source, synonyms
 from distill.config import ConfigError, TrainConfig
-from distill.data import DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset, resolve_columns
-from distill.losses import clamp_log_scale_, logit_scale, multi_positive_clip_loss
-from distill.teacher import DualEncoder, HFDualEncoder, freeze, module_fingerprint
-from distill.templates import get_templates
+from distill.core.augment import ViewSpec
+from distill.core.cache import TeacherTargetCache, cache_key, texts_sha
+from distill.core.classnames import label_names_or_none, load_classname_source, synonyms
+from distill.core.data import DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset, resolve_columns
+from distill.core.dual_encoder import DualEncoder, HFDualEncoder, TowerSplit, freeze, module_fingerprint
+from distill.core.loading import load_dual_encoder
+from distill.core.losses import clamp_log_scale_, logit_scale, multi_positive_clip_loss
+from distill.core.templates import get_templates
+from distill.core.towers import build_reference_dual_encoder
 
 log = logging.getLogger("distill.train")
 
 
 # --------------------------------------------------------------------------------- tower split
-
-
-@dataclass
-class TowerSplit:
-    """A dual encoder seen as (tower -> head) per modality; features = head(tower(x))."""
-
-    image_tower: nn.Module
-    image_tower_fn: Callable[[torch.Tensor], torch.Tensor]
-    image_head: nn.Module
-    image_blocks: Sequence[nn.Module]  # the tower's last blocks, in order, for partial unfreezing
-    text_tower: nn.Module
-    text_tower_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    text_head: nn.Module
-    text_blocks: Sequence[nn.Module]
 
 
 def split_towers(model: DualEncoder) -> TowerSplit:
@@ -341,13 +329,9 @@ def load_trainable(cfg: TrainConfig, device) -> DualEncoder:
     """The dual encoder to fine-tune: ``reference:lite0`` builds from the pretrained wheels."""
     spec = cfg.contrastive.model
     if spec.startswith("reference:"):
-        from distill.towers import build_reference_dual_encoder
-
         return build_reference_dual_encoder(image_variant=spec.split(":", 1)[1], head=cfg.contrastive.head,
                                             embed_dim=cfg.contrastive.embed_dim, image_size=cfg.contrastive.image_size,
                                             init_logit_scale=cfg.optim.init_logit_scale).to(device)
-    from distill.teacher import load_dual_encoder
-
     return load_dual_encoder(spec, device=device).train()
 
 

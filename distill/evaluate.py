@@ -20,13 +20,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from distill.classnames import classnames_for
-from distill.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, make_loader, resolve_columns
-from distill.linear_probe import linear_probe
-from distill.metrics import classification_metrics, retrieval_metrics
-from distill.teacher import DualEncoder, load_dual_encoder
-from distill.templates import get_templates
-from distill.zeroshot import ClassifierCache
+from distill.core.classnames import classnames_for
+from distill.core.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, make_loader, resolve_columns
+from distill.core.dual_encoder import DualEncoder
+from distill.core.linear_probe import linear_probe
+from distill.core.loading import load_dual_encoder
+from distill.core.metrics import classification_metrics, retrieval_metrics
+from distill.core.templates import get_templates
+from distill.core.zeroshot import ClassifierCache
 
 log = logging.getLogger(__name__)
 TASKS = ("zeroshot", "retrieval", "linear-probe")

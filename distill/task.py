@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.augment import StudentJitter
-from distill.losses import build_losses, clamp_log_scale_, make_feature_projection, total_loss
-from distill.teacher import DualEncoder
+from distill.core.augment import StudentJitter
+from distill.core.dual_encoder import DualEncoder
+from distill.core.losses import build_losses, clamp_log_scale_, make_feature_projection, total_loss
 
 
 @dataclass

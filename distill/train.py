@@ -26,16 +26,17 @@ if __package__ in (None, ""):  # `accelerate launch distill/train.py` runs this 
 import torch
 from torch.utils.data import DataLoader
 
-from distill.augment import StudentJitter
 from distill.checkpoint import STATE_FILE, resolve_resume, save_checkpoint
-from distill.classnames import classnames_for
 from distill.config import TrainConfig, dump_config, load_config, to_dict
-from distill.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
+from distill.core.augment import StudentJitter
+from distill.core.classnames import classnames_for
+from distill.core.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
+from distill.core.dual_encoder import DualEncoder
+from distill.core.loading import load_teacher
+from distill.core.zeroshot import build_classifier
 from distill.evaluate import embed_images, zeroshot_eval
 from distill.task import DistillTask
-from distill.teacher import DualEncoder, load_teacher
 from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
-from distill.zeroshot import build_classifier
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from distill.augment import ViewSpec
-from distill.cache import TeacherTargetCache, cache_key
-from distill.classnames import classnames_for
 from distill.config import ConfigError, TrainConfig
-from distill.data import DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset, resolve_columns
+from distill.core.augment import ViewSpec
+from distill.core.cache import TeacherTargetCache, cache_key
+from distill.core.classnames import classnames_for
+from distill.core.data import DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset, resolve_columns
+from distill.core.dual_encoder import DualEncoder
+from distill.core.templates import get_templates
 from distill.task import TextBank
-from distill.teacher import DualEncoder
-from distill.templates import get_templates
 
 log = logging.getLogger("distill.train")
 

@@ -36,12 +36,20 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from distill.classnames import classnames_for
-from distill.data import DataSpec, DataSpecError, DatasetUnavailableError, ImageDataset, load_hf_dataset
-from distill.data import make_loader, resolve_columns
-from distill.teacher import DualEncoder, ModelNotFoundError, load_dual_encoder, load_teacher
-from distill.templates import get_templates
-from distill.zeroshot import build_classifier, validate_classnames
+from distill.core.classnames import classnames_for
+from distill.core.data import (
+    DatasetUnavailableError,
+    DataSpec,
+    DataSpecError,
+    ImageDataset,
+    load_hf_dataset,
+    make_loader,
+    resolve_columns,
+)
+from distill.core.dual_encoder import DualEncoder, ModelNotFoundError
+from distill.core.loading import load_dual_encoder, load_teacher
+from distill.core.templates import get_templates
+from distill.core.zeroshot import build_classifier, validate_classnames
 from exports import providers as prov
 from exports.interface import IMAGE_ENCODER, TEXT_ENCODER
 from exports.onnx_export import _eval_mode, export_image_encoder, export_text_encoder
@@ -491,7 +499,7 @@ def prompts_for(classnames: Sequence[str], templates: str | Sequence[str]) -> tu
 
 def onnx_class_head(text_encoder: OnnxGraph, model: DualEncoder, classnames: Sequence[str],
                     templates: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """:func:`distill.zeroshot.build_classifier`'s recipe with an exported text encoder.
+    """:func:`distill.core.zeroshot.build_classifier`'s recipe with an exported text encoder.
 
     Every prompt is embedded and normalised, averaged per class and renormalised; tokens come
     from ``model.tokenize``.

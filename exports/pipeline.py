@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from distill.data import DataSpec
-from distill.teacher import DualEncoder
+from distill.core.data import DataSpec
+from distill.core.dual_encoder import DualEncoder
 
 log = logging.getLogger("exports.pipeline")
 

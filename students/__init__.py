@@ -3,7 +3,7 @@
     from students import build_student, list_students
     student = build_student("vit-tiny-16", teacher=teacher, init="teacher")
 
-Two kinds, both :class:`distill.teacher.DualEncoder` with the teacher's API:
+Two kinds, both :class:`distill.core.dual_encoder.DualEncoder` with the teacher's API:
 
 * CLIP students (``ClipStudentConfig``): a transformers ``CLIPModel`` with its own tokenizer and
   image size, wrapped in ``HFDualEncoder``; saved as a Hugging Face checkpoint.

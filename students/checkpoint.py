@@ -1,7 +1,7 @@
 """Save and load students as directories.
 
 CLIP students are plain Hugging Face checkpoints (``CLIPModel.from_pretrained`` and
-``distill.teacher.load_dual_encoder`` read them) plus ``student.json``. Image-only students are
+``distill.core.loading.load_dual_encoder`` read them) plus ``student.json``. Image-only students are
 ``student.json`` (kind, backbone config, embedding size, image transform, teacher reference) and
 ``model.safetensors`` holding only the student's own tensors: the frozen teacher is referenced,
 never copied.
@@ -14,8 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from distill.imaging import ImageTransform
-from distill.teacher import DualEncoder, HFDualEncoder, load_dual_encoder, load_teacher
+from distill.core.dual_encoder import DualEncoder, HFDualEncoder
+from distill.core.imaging import ImageTransform
+from distill.core.loading import load_dual_encoder, load_teacher
 from students.backbones import backbone_config, build_image_tower
 from students.image_only import FrozenTextStudent
 
@@ -101,7 +102,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} has no {STUDENT_FILE}; it was not written by save_student "
-            "(a Hugging Face CLIP checkpoint loads with distill.teacher.load_dual_encoder)"
+            "(a Hugging Face CLIP checkpoint loads with distill.core.loading.load_dual_encoder)"
         )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") not in ("clip", "frozen_text"):

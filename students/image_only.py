@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from distill.imaging import ImageTransform
-from distill.teacher import DualEncoder, module_fingerprint
+from distill.core.dual_encoder import DualEncoder, module_fingerprint
+from distill.core.imaging import ImageTransform
 
 CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 

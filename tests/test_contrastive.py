@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distill.core.testing import make_tiny_clip
 from distill.train import main
-from distill.testing import make_tiny_clip
 from tests.datagen import write_captions, write_labelled
 
 

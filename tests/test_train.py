@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.config import ConfigError
-from distill.testing import make_tiny_clip, write_byte_tokenizer
+from distill.core.testing import make_tiny_clip, write_byte_tokenizer
 from distill.train import NonFiniteLossError, main
 from tests.datagen import write_captions, write_labelled
 
@@ -67,8 +67,8 @@ def test_overfits_one_batch_and_saves_a_loadable_student(setup, tmp_path):
 
 def test_teacher_stays_frozen_and_in_eval_mode(setup):
     from distill.config import LossConfig
+    from distill.core.loading import load_teacher
     from distill.task import DistillTask, TextBank
-    from distill.teacher import load_teacher
     from students import build_student
 
     _, teacher_dir, _ = setup
@@ -160,7 +160,7 @@ def test_cache_hit_miss_and_invalidation(setup, tmp_path):
     from accelerate import Accelerator
 
     from distill.config import load_config
-    from distill.teacher import load_teacher
+    from distill.core.loading import load_teacher
     from distill.train_data import build_train_data
     from students import build_student
 
@@ -197,7 +197,7 @@ def test_cache_hit_miss_and_invalidation(setup, tmp_path):
 
 
 def _teacher_pixels(teacher, data, index):
-    from distill.data import DataSpec, ImageDataset
+    from distill.core.data import DataSpec, ImageDataset
 
     ds = ImageDataset.from_spec(DataSpec(path=str(data), split="train"), {"t": teacher.image_transform})
     return ds[int(index)]["pixel_values_t"][None]
@@ -259,9 +259,9 @@ def _free_port() -> int:
 def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
     from accelerate import Accelerator
 
-    from distill.augment import ViewSpec
     from distill.config import load_config
-    from distill.teacher import load_teacher
+    from distill.core.augment import ViewSpec
+    from distill.core.loading import load_teacher
     from distill.train_data import build_train_data
     from students import build_student
 
@@ -276,7 +276,7 @@ def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
     built = build_train_data(cfg, teacher, build_student("test-tiny", teacher=teacher), Accelerator(cpu=True))
     assert built.teacher_images.shape == (48, 3, teacher.embed_dim)
     # view 2 of row 5 in the cache == the teacher on that crop of the decoded image
-    from distill.data import DataSpec, ImageDataset
+    from distill.core.data import DataSpec, ImageDataset
 
     raw = ImageDataset.from_spec(DataSpec(path=str(data), split="train"), {"t": teacher.image_transform})
     raw.view = lambda image, row: spec.apply(image, row, 2)
@@ -317,7 +317,7 @@ def test_cpu_threads_are_shared_out_over_local_processes(monkeypatch):
 
 
 def test_student_jitter_flips_and_shifts_whole_images():
-    from distill.augment import StudentJitter
+    from distill.core.augment import StudentJitter
 
     x = torch.randn(16, 3, 8, 8)
     flipped = StudentJitter(flip=True)(x, torch.Generator().manual_seed(0))
@@ -336,10 +336,10 @@ def test_student_jitter_flips_and_shifts_whole_images():
 
 
 def test_jitter_reaches_the_student_only_and_only_in_training(setup):
-    from distill.augment import StudentJitter
     from distill.config import LossConfig
+    from distill.core.augment import StudentJitter
+    from distill.core.loading import load_teacher
     from distill.task import DistillTask, TextBank
-    from distill.teacher import load_teacher
     from students import build_student
 
     teacher = load_teacher(str(setup[1]))

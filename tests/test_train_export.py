@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from distill.core.testing import make_tiny_clip
 from distill.train import ParityGateError, main
-from distill.testing import make_tiny_clip
 from tests.datagen import write_labelled
 
 

@@ -1,7 +1,7 @@
 """Datasets for evaluation and distillation: Hugging Face loading, column detection, decoding.
 
 Images are kept undecoded in the Hugging Face dataset (``datasets.Image(decode=False)``) and
-decoded here, once per item, with :func:`distill.imaging.decode_image`: a corrupt file then
+decoded here, once per item, with :func:`distill.core.imaging.decode_image`: a corrupt file then
 becomes an invalid sample that :func:`collate` drops and counts, instead of an exception
 inside ``datasets`` that would kill a whole evaluation.
 """
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from distill.imaging import ImageDecodeError, ImageTransform, decode_image
+from distill.core.imaging import ImageDecodeError, ImageTransform, decode_image
 
 logger = logging.getLogger(__name__)
 
