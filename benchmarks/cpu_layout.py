@@ -1,4 +1,4 @@
-"""CPU speed of the layout choices in distill/towers.py and students/image_only.py.
+"""CPU speed of the layout choices in clipcore/towers.py and students/image_only.py.
 
     python benchmarks/cpu_layout.py
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def tower_images_per_s(chunks=(256, 16, 8, 4), size: int = 128, n: int = 256) -> dict[int, float]:
-    from distill.core import towers
+    from clipcore import towers
 
     model = towers.build_reference_dual_encoder("lite2", head="mlp", image_size=size).eval()
     x = torch.randn(n, 3, size, size)

@@ -148,11 +148,11 @@ def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], Any]:
 
 def load_models(args: argparse.Namespace, work: Path) -> list[tuple[str, str, Any]]:
     """``[(name, role, model)]``: the teacher first, then the students, all in eval mode."""
-    from distill.core.loading import load_teacher
+    from clipcore.loading import load_teacher
     from students import build_student
 
     if args.quick:  # tiny random CLIP: no shared data needed, seconds instead of minutes
-        from distill.core.testing import make_tiny_clip
+        from clipcore.testing import make_tiny_clip
 
         teacher = load_teacher(str(make_tiny_clip(work / "tiny-teacher", seed=0)))
         teacher_name = "tiny CLIP (test config)"
@@ -173,7 +173,7 @@ def calibration(model, args: argparse.Namespace):
     from exports.precision import ArrayCalibrationReader, ImageCalibrationReader
 
     if CIFAR.is_dir() and not args.quick:
-        from distill.core.data import DataSpec, load_hf_dataset
+        from clipcore.data import DataSpec, load_hf_dataset
 
         ds = load_hf_dataset(DataSpec(str(CIFAR), split="train", limit=args.calibration_images, shuffle_seed=0))
         column = "img" if "img" in ds.column_names else "image"
@@ -206,7 +206,7 @@ def build_variants(model, name: str, out_dir: Path, args: argparse.Namespace) ->
 
 
 def measure_model(name: str, role: str, model, out_dir: Path, args: argparse.Namespace) -> tuple[list[Row], str]:
-    from distill.core.flops import image_parameters
+    from clipcore.flops import image_parameters
 
     size = model.image_transform.output_size[0]
     params = image_parameters(model)

@@ -77,8 +77,8 @@ def parity_agreement(model_dir: Path) -> dict[str, float | None]:
 
 
 def measure(path: str, limit: int | None) -> dict:
-    from distill.core.flops import image_gflops, image_parameters
-    from distill.evaluate import load_model
+    from clipcore.flops import image_gflops, image_parameters
+    from students import load_model
 
     model = load_model(path)
     row = {"model": path, "name": model.name, "params_m": image_parameters(model) / 1e6,

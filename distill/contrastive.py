@@ -13,25 +13,22 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from clipcore.augment import ViewSpec
+from clipcore.classnames import label_names_or_none, load_classname_source, synonyms
+from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
+from clipcore.dual_encoder import DualEncoder, HFDualEncoder, TowerSplit, freeze
+from clipcore.loading import load_dual_encoder
+from clipcore.losses import clamp_log_scale_, logit_scale, multi_positive_clip_loss
+from clipcore.templates import get_templates
+from clipcore.towers import TowerDualEncoder, build_reference_dual_encoder
 from distill.config import ConfigError, TrainConfig
-from distill.core.augment import ViewSpec
-from distill.core.cache import TeacherTargetCache, cache_key, texts_sha
-from distill.core.classnames import label_names_or_none, load_classname_source, synonyms
-from distill.core.data import DataSpec, ImageDataset, collate, flatten_captions, load_hf_dataset, resolve_columns
-from distill.core.dual_encoder import DualEncoder, HFDualEncoder, TowerSplit, freeze, module_fingerprint
-from distill.core.loading import load_dual_encoder
-from distill.core.losses import clamp_log_scale_, logit_scale, multi_positive_clip_loss
-from distill.core.templates import get_templates
-from distill.core.towers import build_reference_dual_encoder
+from distill.features import cached_image_tower_features, cached_text_tower_features
+from distill.train_data import TrainRows
 
 log = logging.getLogger("distill.train")
 
@@ -41,7 +38,7 @@ log = logging.getLogger("distill.train")
 
 def split_towers(model: DualEncoder) -> TowerSplit:
     """The tower/head split of a CLIPModel or a tower dual encoder; other models cannot be locked."""
-    if hasattr(model, "tower_split"):
+    if isinstance(model, TowerDualEncoder):
         return model.tower_split()
     if isinstance(model, HFDualEncoder) and hasattr(model.model, "visual_projection"):
         m = model.model
@@ -135,114 +132,6 @@ def build_texts(cfg: TrainConfig, ds, cols) -> tuple[ContrastiveTexts, list[str]
     return ContrastiveTexts(texts, class_rows, caption_rows, imagenet_rows), classnames
 
 
-# ---------------------------------------------------------------------------- feature caches
-
-
-def _image_rows(split: TowerSplit, model: DualEncoder, ds, cols, views: ViewSpec, batch_size: int, device,
-                with_imagenet: bool):
-    """``(start, end) -> (rows, K, F[+1000])`` frozen image-tower features (and ImageNet logits)."""
-
-    @torch.no_grad()  # here, not on the outer function: this closure runs later, outside it
-    def embed(start: int, end: int):
-        chunks = []
-        for k in range(views.views):
-            view = (lambda image, i, k=k: views.apply(image, start + i, k)) if k else None
-            sub = ImageDataset(ds.select(range(start, end)), {"m": model.image_transform}, cols, view=view)
-            out = None
-            batches = DataLoader(sub, batch_size=batch_size, collate_fn=collate)
-            for batch in tqdm(batches, desc=f"image-tower features, view {k + 1}/{views.views}", unit="batch",
-                              mininterval=10, leave=False):
-                if not batch["index"].numel():
-                    continue
-                px = batch["pixel_values_m"].to(device)
-                feats = split.image_tower_fn(px).float()
-                if with_imagenet:  # from the same forward pass
-                    feats = torch.cat([feats, model.imagenet_logits_from_features(feats).float()], dim=1)
-                if out is None:
-                    out = torch.zeros(end - start, feats.shape[1])
-                out[batch["index"]] = feats.cpu()
-            chunks.append(out)
-        return torch.stack(chunks, dim=1).numpy()
-
-    return embed
-
-
-@torch.no_grad()
-def _text_features(split: TowerSplit, model: DualEncoder, texts: Sequence[str], batch_size: int = 256):
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tok = {k: v.to(model.device) for k, v in model.tokenize(list(texts[i : i + batch_size])).items()}
-        out.append(split.text_tower_fn(tok["input_ids"], tok.get("attention_mask")).float().cpu())
-    return torch.cat(out).numpy()
-
-
-def _store(cache_dir: str, key: str, accelerator) -> TeacherTargetCache:
-    return TeacherTargetCache(cache_dir, "towers-" + key, accelerator.process_index, accelerator.num_processes,
-                              accelerator.wait_for_everyone)
-
-
-def cached_image_tower_features(model: DualEncoder, split: TowerSplit, ds, cols, views: ViewSpec, cache_dir: str,
-                                seed: int, batch_size: int, accelerator) -> tuple[torch.Tensor, int]:
-    """Frozen image-tower features ``(N, K, F [+1000 ImageNet logits])`` of every view of every row.
-
-    Keyed by the image tower, its preprocessing and the images alone -- not by the heads -- so a
-    teacher aligned on frozen towers reuses, when it distils a student on the same images, the
-    features its alignment run computed (a 50,000-image tower pass is 20 minutes on 2 cores).
-    Returns the features and F (the columns before the ImageNet logits, which towers add for free).
-    """
-    with_imagenet = hasattr(model, "imagenet_logits_from_features")
-    transform = model.image_transform.to_json()
-    tower_fp = module_fingerprint(split.image_tower, extra=transform)
-    key = cache_key(f"image-tower/{tower_fp}/imagenet={with_imagenet}", ds._fingerprint, transform, views.views, seed)
-    store = _store(cache_dir, key, accelerator)
-    out = store.get_or_build(len(ds), _image_rows(split, model, ds, cols, views, batch_size, accelerator.device,
-                                                  with_imagenet))
-    log.info("frozen image-tower feature cache %s: %s", "hit" if out.hit else "built", out.path)
-    feats = torch.from_numpy(out.images)
-    return feats, feats.shape[2] - (1000 if with_imagenet else 0)
-
-
-def cached_text_tower_features(model: DualEncoder, split: TowerSplit, texts: Sequence[str], cache_dir: str,
-                               accelerator) -> torch.Tensor:
-    """Frozen text-tower features ``(M, F)`` of ``texts``, cached under the text tower and the texts."""
-    store = _store(cache_dir, cache_key(f"text-tower/{module_fingerprint(split.text_tower)}", texts_sha(texts),
-                                        "", 1, 0), accelerator)
-    out = store.get_or_build(0, lambda start, end: np.zeros((end - start, 1, 0), np.float32), texts,
-                             lambda t: _text_features(split, model, t))
-    return torch.from_numpy(out.texts)
-
-
-# ------------------------------------------------------------------------------------- dataset
-
-
-class LabelledRows(Dataset):
-    """Rows of the training split as ``{"index", "label", "view"}`` (+ pixels when the image tower trains)."""
-
-    def __init__(self, labels: list[int] | None, images: ImageDataset | None, views: ViewSpec, n: int):
-        self.labels, self.images, self.views, self.n, self.epoch = labels, images, views, n, 0
-        if images is not None and views.views > 1:
-            images.view = lambda image, row: views.apply(image, row, views.view_for(row, self.epoch))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if self.images is not None:
-            for attempt in range(16):  # keep batch sizes equal across processes: skip undecodable rows
-                item = self.images[(index + attempt) % self.n]
-                if item["valid"]:
-                    index = item["index"]
-                    break
-            else:
-                raise RuntimeError(f"rows {index}..{index + 15} all failed to decode")
-        else:
-            item = {"index": index}
-        item["label"] = -1 if self.labels is None else int(self.labels[index])
-        item["view"] = self.views.view_for(index, self.epoch)
-        return item
-
-
 # --------------------------------------------------------------------------------------- task
 
 
@@ -275,6 +164,10 @@ class ContrastiveTask(nn.Module):
         clamp_log_scale_(self.model.log_logit_scale)
 
     def export_student(self) -> DualEncoder:
+        return self.model
+
+    def parity_reference(self) -> DualEncoder:
+        """No teacher here: exported variants are checked against the trained model itself."""
         return self.model
 
     def _text_rows(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
@@ -341,14 +234,12 @@ def build_contrastive(cfg: TrainConfig, accelerator):
     model = load_trainable(cfg, accelerator.device)
     split = split_towers(model)
     image_frozen, text_frozen = apply_freezing(split, c)
-    spec = DataSpec(path=cfg.data.train, split=cfg.data.train_split, image_column=cfg.data.image_column,
-                    label_column=cfg.data.label_column, caption_column=cfg.data.caption_column,
-                    limit=cfg.data.train_limit, shuffle_seed=cfg.seed if cfg.data.train_limit else None)
+    spec = DataSpec.from_config(cfg.data, cfg.seed)
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
     texts, classnames = build_texts(cfg, ds, cols)
     views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
-    if c.imagenet_kl_weight > 0 and not hasattr(model, "imagenet_logits"):
+    if c.imagenet_kl_weight > 0 and not isinstance(model, TowerDualEncoder):
         raise ConfigError("contrastive.imagenet_kl_weight needs an image tower with ImageNet logits (reference:*)")
     image_cache = text_cache = None
     if image_frozen:
@@ -361,7 +252,7 @@ def build_contrastive(cfg: TrainConfig, accelerator):
                            tok.get("attention_mask"))
     if image_cache is not None:
         task.image_feat_dim = feat_dim
-    labels = list(ds[cols.label]) if cols.label else None
+    labels = list(ds[cols.label]) if cols.label else [-1] * len(ds)
     images = None if image_frozen else ImageDataset(ds, {"student": model.image_transform}, cols, name=spec.label)
-    rows = LabelledRows(labels, images, views, len(ds))
+    rows = TrainRows(len(ds), views, images, labels)
     return task, rows, classnames

@@ -20,14 +20,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from distill.core.classnames import classnames_for
-from distill.core.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, make_loader, resolve_columns
-from distill.core.dual_encoder import DualEncoder
-from distill.core.linear_probe import linear_probe
-from distill.core.loading import load_dual_encoder
-from distill.core.metrics import classification_metrics, retrieval_metrics
-from distill.core.templates import get_templates
-from distill.core.zeroshot import ClassifierCache
+from clipcore.classnames import classnames_for
+from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, make_loader, resolve_columns
+from clipcore.dual_encoder import DualEncoder
+from clipcore.linear_probe import linear_probe
+from clipcore.metrics import classification_metrics, retrieval_metrics
+from clipcore.templates import get_templates
+from clipcore.zeroshot import ClassifierCache
+from students import load_model
 
 log = logging.getLogger(__name__)
 TASKS = ("zeroshot", "retrieval", "linear-probe")
@@ -131,16 +131,6 @@ def _embed_split(model: DualEncoder, spec: DataSpec, args: argparse.Namespace):
     return ds, cols, images
 
 
-def load_model(name_or_path: str, *, random_init: bool = False, device: str = "cpu") -> DualEncoder:
-    """Any model this project evaluates: a CLIP-family model, a tower teacher, or a saved student
-    (an image-only student brings the teacher recorded in its ``student.json`` for its text side)."""
-    if (Path(name_or_path) / "student.json").is_file():
-        from students import load_student
-
-        return load_student(name_or_path).to(device)
-    return load_dual_encoder(name_or_path, random_init=random_init, device=device)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="hub id or local directory of a CLIP-family model")
@@ -228,7 +218,7 @@ def _linear_probe(model: DualEncoder, args: argparse.Namespace, test: EmbeddedIm
 def main(argv: Sequence[str] | None = None) -> dict:
     # our loggers at INFO; libraries (onnxruntime's quantizer logs every tensor at INFO) at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("distill", "exports", "students"):
+    for name in ("clipcore", "distill", "exports", "students"):
         logging.getLogger(name).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     report = evaluate(args)

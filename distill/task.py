@@ -9,14 +9,31 @@ and never saved in checkpoints; it is forced back to ``eval()`` whenever the tas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.core.augment import StudentJitter
-from distill.core.dual_encoder import DualEncoder
-from distill.core.losses import build_losses, clamp_log_scale_, make_feature_projection, total_loss
+from clipcore.augment import StudentJitter
+from clipcore.dual_encoder import DualEncoder
+from clipcore.losses import build_losses, clamp_log_scale_, make_feature_projection, total_loss
+
+
+class TrainingTask(Protocol):
+    """What the training loop asks of a task module (:class:`DistillTask`, ``ContrastiveTask``)."""
+
+    def __call__(self, batch: dict, step: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """The loss dict of one batch; ``loss`` is the sum of the ``*_loss`` entries."""
+
+    def clamp_logit_scale_(self) -> None:
+        """Keep the learnable log logit scale in range after an optimiser step."""
+
+    def export_student(self) -> DualEncoder:
+        """The trained model to save and export."""
+
+    def parity_reference(self) -> DualEncoder:
+        """The model the exported variants are checked against."""
 
 
 @dataclass
@@ -74,6 +91,10 @@ class DistillTask(nn.Module):
         if self.own_log_scale is not None and hasattr(self.student, "log_scale"):
             self.student.log_scale.data.copy_(self.own_log_scale.data)
         return self.student
+
+    def parity_reference(self) -> DualEncoder:
+        """What the exported student's variants are checked against: the teacher."""
+        return self.teacher
 
     def student_log_scale(self) -> torch.Tensor:
         return self.own_log_scale if self.own_log_scale is not None else self.student.log_logit_scale

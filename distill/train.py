@@ -26,17 +26,21 @@ if __package__ in (None, ""):  # `accelerate launch distill/train.py` runs this 
 import torch
 from torch.utils.data import DataLoader
 
+from clipcore.augment import StudentJitter
+from clipcore.classnames import classnames_for
+from clipcore.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
+from clipcore.dual_encoder import DualEncoder
+from clipcore.loading import load_teacher
+from clipcore.towers import TowerDualEncoder
+from clipcore.zeroshot import build_classifier
 from distill.checkpoint import STATE_FILE, resolve_resume, save_checkpoint
 from distill.config import TrainConfig, dump_config, load_config, to_dict
-from distill.core.augment import StudentJitter
-from distill.core.classnames import classnames_for
-from distill.core.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
-from distill.core.dual_encoder import DualEncoder
-from distill.core.loading import load_teacher
-from distill.core.zeroshot import build_classifier
+from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
-from distill.task import DistillTask
+from distill.task import DistillTask, TrainingTask
 from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
+from exports.pipeline import export_and_check, parse_variants
+from students import build_student, save_student
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +139,6 @@ def eval_spec(cfg: TrainConfig, limit: int | None) -> DataSpec:
 
 def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder, out: Path) -> bool:
     """``export.enabled``: ONNX variants, parity report against the teacher, edge bundle. Returns passed."""
-    from exports.pipeline import export_and_check, parse_variants
-
     names = cfg.data.eval_classnames if (_other_eval_data(cfg) or cfg.data.eval_classnames) else cfg.data.classnames
     result = export_and_check(teacher, student, eval_spec(cfg, cfg.export.parity_limit), out / "export",
                               variants=parse_variants(cfg.export.variants),
@@ -211,8 +213,6 @@ def _load_tokenizer(name_or_path: str | None):
 
 def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData]:
     """Teacher, student, data and the distillation task for ``mode: distill``."""
-    from students import build_student
-
     check_path(cfg.teacher.name_or_path, "teacher.name_or_path")
     torch.manual_seed(cfg.seed + 1)  # a random-init teacher must not equal a same-shape student seeded below
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
@@ -230,23 +230,19 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
 def build_task(cfg: TrainConfig, accelerator):
     """The trainable task module and its training rows, for either mode."""
     if cfg.mode == "contrastive":
-        from distill.contrastive import build_contrastive
-
         check_path(cfg.data.train, "data.train")
         torch.manual_seed(cfg.seed)
         task, rows, classnames = build_contrastive(cfg, accelerator)
-        return task, TrainData(rows, None, classnames, None, None)
+        return task, TrainData(rows, None, classnames)
     return build_distill(cfg, accelerator)
 
 
 def save_model(model: DualEncoder, directory: Path) -> None:
     """Save a trained student or fine-tuned dual encoder in the format its loader reads."""
-    if hasattr(model, "save_directory"):
+    if isinstance(model, TowerDualEncoder):
         model.save_directory(directory)
-        return
-    from students import save_student
-
-    save_student(model, directory)
+    else:
+        save_student(model, directory)
 
 
 def _log_line(step: int, losses: dict, images_per_s: float, lr: float) -> dict:
@@ -289,13 +285,13 @@ def train(cfg: TrainConfig) -> dict:
     tick, seen = time.perf_counter(), 0
     task.train()
     while state["step"] < cfg.optim.max_steps:
-        batches = epoch_batches(len(data.images), bs, accelerator.process_index, accelerator.num_processes,
+        batches = epoch_batches(len(data.rows), bs, accelerator.process_index, accelerator.num_processes,
                                 cfg.seed, state["epoch"])
         usable = len(batches) - len(batches) % accum  # an epoch ends on an optimiser-step boundary
         if usable == 0:
             raise ValueError(f"an epoch has {len(batches)} batches < optim.grad_accum={accum}")
-        data.images.epoch = state["epoch"]
-        loader = DataLoader(data.images, batch_sampler=batches[state["batch"]:usable], collate_fn=collate,
+        data.rows.epoch = state["epoch"]
+        loader = DataLoader(data.rows, batch_sampler=batches[state["batch"]:usable], collate_fn=collate,
                             num_workers=cfg.data.num_workers)
         for batch in loader:
             batch = _to_device(batch, accelerator.device, cached)
@@ -343,10 +339,9 @@ def train(cfg: TrainConfig) -> dict:
         write_model_card(final, cfg, metrics, state["step"])
         log.info("saved the student to %s", final)
         if cfg.export.enabled:
-            unwrapped = accelerator.unwrap_model(task)
-            # contrastive mode has no teacher: its variants are checked against the trained model itself
-            teacher = unwrapped.teacher if hasattr(unwrapped, "teacher") else unwrapped.export_student()
-            metrics["export/parity_passed"] = export_student(cfg, teacher, unwrapped.export_student(), out)
+            unwrapped: TrainingTask = accelerator.unwrap_model(task)
+            metrics["export/parity_passed"] = export_student(cfg, unwrapped.parity_reference(),
+                                                             unwrapped.export_student(), out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()  # `final/` exists for every process once train() returns
     accelerator.end_training()
@@ -403,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Entry point for ``accelerate launch distill/train.py`` and for tests (``main([...])``)."""
     # our loggers at INFO; libraries (onnxruntime's quantizer logs every tensor at INFO) at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("distill", "exports", "students"):
+    for name in ("clipcore", "distill", "exports", "students"):
         logging.getLogger(name).setLevel(logging.INFO)
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from distill.core.dual_encoder import DualEncoder
-from distill.core.templates import get_templates
-from distill.core.zeroshot import build_classifier, validate_classnames
+from clipcore.dual_encoder import DualEncoder
+from clipcore.templates import get_templates
+from clipcore.zeroshot import build_classifier, validate_classnames
 from exports.interface import DEFAULT_OPSET, IMAGE_ENCODER
 from exports.onnx_export import export_image_encoder
 from exports.precision import PRECISIONS, ImageCalibrationReader, make_variant
@@ -50,7 +50,7 @@ def write_bundle(
         calibration_images: images for ``int8-static`` (paths, bytes, PIL images; any mode),
             preprocessed with the model's own transform.
         class_embeddings: a precomputed (C, D) head (e.g. from ``ClassifierCache``); built with
-            :func:`distill.core.zeroshot.build_classifier` when omitted.
+            :func:`clipcore.zeroshot.build_classifier` when omitted.
         overwrite: replace an existing non-empty ``out_dir``.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Export any :class:`~distill.core.dual_encoder.DualEncoder` to ONNX and measure parity with torch.
+"""Export any :class:`~clipcore.dual_encoder.DualEncoder` to ONNX and measure parity with torch.
 
 Three graphs, named and shaped in :mod:`exports.interface`:
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.core.dual_encoder import DualEncoder, HFDualEncoder, ModelNotFoundError
+from clipcore.dual_encoder import DualEncoder, HFDualEncoder, ModelNotFoundError
 from exports.interface import DEFAULT_OPSET, IMAGE_ENCODER, TEXT_ENCODER, ZERO_SHOT_CLASSIFIER, GraphSpec
 from exports.precision import load_onnx_model
 from exports.runtime import OnnxGraph, load_session
@@ -53,7 +53,7 @@ class ZeroShotGraph(nn.Module):
     """Pixels -> class logits and probabilities for a fixed zero-shot head.
 
     Args:
-        class_embeddings: (C, D) unit rows, e.g. from :func:`distill.core.zeroshot.build_classifier`.
+        class_embeddings: (C, D) unit rows, e.g. from :func:`clipcore.zeroshot.build_classifier`.
     """
 
     def __init__(self, model: DualEncoder, class_embeddings: torch.Tensor):
@@ -286,7 +286,7 @@ def _quiet() -> Iterator[None]:
 
 
 def image_processor_from_transform(transform):
-    """A ``CLIPImageProcessor`` that reproduces an :class:`~distill.core.imaging.ImageTransform`."""
+    """A ``CLIPImageProcessor`` that reproduces an :class:`~clipcore.imaging.ImageTransform`."""
     from PIL import Image
     from transformers import CLIPImageProcessor
 

@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from distill.core.classnames import classnames_for
-from distill.core.data import (
+from clipcore.classnames import classnames_for
+from clipcore.data import (
     DatasetUnavailableError,
     DataSpec,
     DataSpecError,
@@ -46,16 +46,17 @@ from distill.core.data import (
     make_loader,
     resolve_columns,
 )
-from distill.core.dual_encoder import DualEncoder, ModelNotFoundError
-from distill.core.loading import load_dual_encoder, load_teacher
-from distill.core.templates import get_templates
-from distill.core.zeroshot import build_classifier, validate_classnames
+from clipcore.dual_encoder import DualEncoder, ModelNotFoundError
+from clipcore.loading import load_teacher
+from clipcore.templates import get_templates
+from clipcore.zeroshot import build_classifier, validate_classnames
 from exports import providers as prov
 from exports.interface import IMAGE_ENCODER, TEXT_ENCODER
 from exports.onnx_export import _eval_mode, export_image_encoder, export_text_encoder
 from exports.precision import PRECISIONS, ArrayCalibrationReader, load_onnx_model, make_variant
 from exports.report import format_metric, render_html, render_markdown, subjects_table
 from exports.runtime import InvalidModelError, OnnxGraph, l2_normalize
+from students import load_model
 
 REPORT_FORMAT = "clip-distill-parity-report"
 REPORT_VERSION = 1
@@ -499,7 +500,7 @@ def prompts_for(classnames: Sequence[str], templates: str | Sequence[str]) -> tu
 
 def onnx_class_head(text_encoder: OnnxGraph, model: DualEncoder, classnames: Sequence[str],
                     templates: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """:func:`distill.core.zeroshot.build_classifier`'s recipe with an exported text encoder.
+    """:func:`clipcore.zeroshot.build_classifier`'s recipe with an exported text encoder.
 
     Every prompt is embedded and normalised, averaged per class and renormalised; tokens come
     from ``model.tokenize``.
@@ -516,12 +517,6 @@ def onnx_class_head(text_encoder: OnnxGraph, model: DualEncoder, classnames: Seq
     return l2_normalize(emb.mean(axis=1)).astype(np.float32)
 
 
-def has_own_text_tower(model: DualEncoder) -> bool:
-    from students.image_only import FrozenTextStudent
-
-    return not isinstance(model, FrozenTextStudent)
-
-
 @dataclass
 class Heads:
     teacher: np.ndarray
@@ -535,10 +530,10 @@ def build_heads(teacher: DualEncoder, student: DualEncoder, names: Sequence[str]
                 onnx_dir: Path) -> Heads:
     """Class embeddings for the teacher, the torch student and the exported variants."""
     teacher_head = build_classifier(teacher, names, settings.templates).cpu().numpy()
-    if not has_own_text_tower(student) and student.teacher is teacher:
+    if not student.has_own_text_tower and student.teacher is teacher:
         return Heads(teacher_head, teacher_head, teacher_head, "teacher text tower (torch), shared", 0.0)
     student_head = build_classifier(student, names, settings.templates).cpu().numpy()
-    if not has_own_text_tower(student):
+    if not student.has_own_text_tower:
         return Heads(teacher_head, student_head, student_head, "teacher text tower (torch), shared", 0.0)
     path = export_text_encoder(student, onnx_dir / "text_encoder.fp32.onnx")
     head = onnx_class_head(OnnxGraph(path, TEXT_ENCODER, threads=settings.threads), student, names, settings.templates)
@@ -864,7 +859,7 @@ def _run(teacher, student, data: EvalData, out_dir: Path, variants, gates, setti
         subjects=results, gates=gates,
         teacher={"name": teacher.name, "fingerprint": teacher.fingerprint(), "embed_dim": teacher.embed_dim},
         student={"name": student.name, "fingerprint": student.fingerprint(), "embed_dim": student.embed_dim,
-                 "own_text_tower": has_own_text_tower(student), "variant_class_embeddings": heads.source,
+                 "own_text_tower": student.has_own_text_tower, "variant_class_embeddings": heads.source,
                  "variant_head_max_abs_diff": heads.exported_vs_torch},
         data={"path": data.spec.path, "split": data.spec.split, "limit": data.spec.limit,
               "num_images": int(len(labels)), "num_failed": failed, "num_classes": len(data.classnames),
@@ -972,27 +967,7 @@ def _threads(n: int | None) -> Iterator[None]:
 # ----------------------------------------------------------------------------- CLI
 
 
-def load_student_dir(path: str, teacher: DualEncoder, device: str) -> DualEncoder:
-    """A ``save_student`` directory, or a plain Hugging Face CLIP-family model as the student.
-
-    Raises:
-        ModelNotFoundError: ``path`` is neither.
-    """
-    from students import load_student
-
-    directory = Path(path)
-    if (directory / "student.json").is_file():
-        return load_student(directory, teacher=teacher).to(device)
-    if (directory / "config.json").is_file():
-        return load_dual_encoder(str(directory), device=device)
-    what = "does not exist" if not directory.exists() else "is not a student or model directory"
-    raise ModelNotFoundError(
-        f"--student {path}: {what} (expected student.json from students.save_student, or a Hugging Face "
-        "model's config.json)"
-    )
-
-
-def load_model(flag: str, path: str, loader: Callable[[], DualEncoder],
+def cli_model(flag: str, path: str, loader: Callable[[], DualEncoder],
                markers: Sequence[str] = ("config.json",)) -> DualEncoder:
     """Run ``loader``; a model that loads but cannot serve as a dual encoder is bad input.
 
@@ -1096,9 +1071,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = DataSpec(path=args.data, split=args.split, image_column=args.image_column,
                         label_column=args.label_column, limit=args.limit,
                         shuffle_seed=args.seed if args.shuffle else None)
-        teacher = load_model("--teacher", args.teacher, lambda: load_teacher(
+        teacher = cli_model("--teacher", args.teacher, lambda: load_teacher(
             args.teacher, random_init=args.teacher_random_init, device=args.device))
-        student = load_model("--student", args.student, lambda: load_student_dir(args.student, teacher, args.device),
+        student = cli_model("--student", args.student, lambda: load_model(args.student, teacher=teacher, device=args.device),
                              markers=("student.json", "config.json"))
         report = run_parity(teacher, student, spec, args.out, variants=variants, gates=gates,
                             settings=settings, onnx_files=dict(args.onnx))

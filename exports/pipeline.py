@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from distill.core.data import DataSpec
-from distill.core.dual_encoder import DualEncoder
+from clipcore.data import DataSpec
+from clipcore.dual_encoder import DualEncoder
+from exports.bundle import write_bundle
+from exports.parity import ParitySettings, check_variant_names, load_gates, run_parity, summary_table
 
 log = logging.getLogger("exports.pipeline")
 
@@ -31,8 +33,6 @@ class ExportResult:
 
 
 def parse_variants(spec: str) -> list[str]:
-    from exports.parity import check_variant_names
-
     return check_variant_names([v.strip() for v in spec.split(",") if v.strip()])
 
 
@@ -40,9 +40,6 @@ def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec,
                      variants: Sequence[str], templates: str, classnames: str | None = None,
                      bundle_precision: str | None = None, gates: str | None = None) -> ExportResult:
     """Parity of every variant against the teacher and the torch student; bundle a kept precision."""
-    from exports.bundle import write_bundle
-    from exports.parity import ParitySettings, load_gates, run_parity, summary_table
-
     out_dir = Path(out_dir)
     settings = ParitySettings(templates=templates, classnames=classnames)
     overrides = [g.strip() for g in (gates or "").split(",") if g.strip()]

@@ -41,7 +41,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 
-from distill.core.imaging import ImageTransform, decode_image
+from clipcore.imaging import ImageTransform, decode_image
 from exports.interface import IMAGE_ENCODER
 from exports.runtime import InvalidModelError
 
@@ -242,7 +242,7 @@ class ImageCalibrationReader(ArrayCalibrationReader):
     """Decodes and preprocesses real images lazily, ``batch_size`` at a time.
 
     Args:
-        images: anything :func:`distill.core.imaging.decode_image` accepts (paths, bytes, PIL images,
+        images: anything :func:`clipcore.imaging.decode_image` accepts (paths, bytes, PIL images,
             datasets ``Image`` dicts), in any PIL mode.
         transform: the model's preprocessing, the same one the runtime applies.
     """

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Sequence
 
-from distill.core.imaging import ImageDecodeError, decode_image
+from clipcore.imaging import ImageDecodeError, decode_image
 from exports.runtime import BundleError, InvalidModelError, load_bundle
 
 

@@ -1,7 +1,7 @@
 """Edge runtime: ONNX sessions and zero-shot bundles with onnxruntime, numpy and pillow only.
 
 Nothing here imports torch, transformers or onnx; image decoding and preprocessing come from
-:mod:`distill.core.imaging`, which is torch-free by design. A bundle is a directory written by
+:mod:`clipcore.imaging`, which is torch-free by design. A bundle is a directory written by
 :func:`exports.bundle.write_bundle`::
 
     image_encoder.onnx     pixels -> L2-normalised image embeddings (fp32, fp16 or int8)
@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from distill.core.imaging import ImageTransform, decode_image
+from clipcore.imaging import ImageTransform, decode_image
 from exports.interface import IMAGE_ENCODER, GraphSpec
 
 BUNDLE_FORMAT = "clip-distill-zeroshot-bundle"

@@ -3,7 +3,7 @@
     from students import build_student, list_students
     student = build_student("vit-tiny-16", teacher=teacher, init="teacher")
 
-Two kinds, both :class:`distill.core.dual_encoder.DualEncoder` with the teacher's API:
+Two kinds, both :class:`clipcore.dual_encoder.DualEncoder` with the teacher's API:
 
 * CLIP students (``ClipStudentConfig``): a transformers ``CLIPModel`` with its own tokenizer and
   image size, wrapped in ``HFDualEncoder``; saved as a Hugging Face checkpoint.
@@ -13,7 +13,7 @@ Two kinds, both :class:`distill.core.dual_encoder.DualEncoder` with the teacher'
 """
 
 from students.backbones import BACKBONES
-from students.checkpoint import load_student, save_student
+from students.checkpoint import load_model, load_student, save_student
 from students.clip_student import TextSpec
 from students.configs import BUILTIN_STUDENTS, ClipStudentConfig, ImageStudentConfig, StudentConfig, TowerConfig
 from students.factory import build_student
@@ -37,6 +37,7 @@ __all__ = [
     "get_student_config",
     "inherit_from_teacher",
     "list_students",
+    "load_model",
     "load_student",
     "pick_layers",
     "register_student",

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from distill.core.dual_encoder import ModelNotFoundError
+from clipcore.dual_encoder import ModelNotFoundError
 from students.image_only import ImageTower
 
 

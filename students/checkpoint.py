@@ -1,7 +1,7 @@
 """Save and load students as directories.
 
 CLIP students are plain Hugging Face checkpoints (``CLIPModel.from_pretrained`` and
-``distill.core.loading.load_dual_encoder`` read them) plus ``student.json``. Image-only students are
+``clipcore.loading.load_dual_encoder`` read them) plus ``student.json``. Image-only students are
 ``student.json`` (kind, backbone config, embedding size, image transform, teacher reference) and
 ``model.safetensors`` holding only the student's own tensors: the frozen teacher is referenced,
 never copied.
@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from distill.core.dual_encoder import DualEncoder, HFDualEncoder
-from distill.core.imaging import ImageTransform
-from distill.core.loading import load_dual_encoder, load_teacher
+from clipcore.dual_encoder import DualEncoder, HFDualEncoder
+from clipcore.imaging import ImageTransform
+from clipcore.loading import load_dual_encoder, load_teacher
 from students.backbones import backbone_config, build_image_tower
 from students.image_only import FrozenTextStudent
 
@@ -102,7 +102,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} has no {STUDENT_FILE}; it was not written by save_student "
-            "(a Hugging Face CLIP checkpoint loads with distill.core.loading.load_dual_encoder)"
+            "(a Hugging Face CLIP checkpoint loads with clipcore.loading.load_dual_encoder)"
         )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") not in ("clip", "frozen_text"):
@@ -143,7 +143,7 @@ def load_student(directory: str | Path, *, teacher: DualEncoder | str | None = N
     meta = _read_meta(directory)
     if meta["kind"] == "clip":
         return load_dual_encoder(str(directory))
-    from safetensors.torch import load_model
+    from safetensors.torch import load_model as load_weights
 
     transform = ImageTransform.from_dict(meta["image_transform"])
     config = backbone_config(meta["backbone"], meta["backbone_config"], embed_dim=meta["embed_dim"],
@@ -151,5 +151,21 @@ def load_student(directory: str | Path, *, teacher: DualEncoder | str | None = N
     tower = build_image_tower(meta["backbone"], config, embed_dim=meta["embed_dim"])
     student = FrozenTextStudent(tower, transform, embed_dim=meta["embed_dim"], name=meta["name"],
                                 teacher=_resolve_teacher(teacher, meta.get("teacher")))
-    load_model(student, str(directory / WEIGHTS_FILE), strict=True)
+    load_weights(student, str(directory / WEIGHTS_FILE), strict=True)
     return student.eval()
+
+
+def load_model(name_or_path: str | Path, *, teacher: DualEncoder | str | None = None, random_init: bool = False,
+               device: str = "cpu") -> DualEncoder:
+    """Any model this project trains, exports or evaluates, in eval mode.
+
+    A :func:`save_student` directory loads with :func:`load_student` (an image-only student takes
+    ``teacher`` for its text side, else the teacher recorded in ``student.json``); anything else --
+    a CLIP-family hub id or directory, a tower dual encoder -- with ``load_dual_encoder``.
+
+    Raises:
+        ModelNotFoundError: the id or directory cannot be resolved.
+    """
+    if (Path(name_or_path) / STUDENT_FILE).is_file():
+        return load_student(name_or_path, teacher=teacher).to(device)
+    return load_dual_encoder(str(name_or_path), random_init=random_init, device=device)

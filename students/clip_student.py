@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.core.dual_encoder import HFDualEncoder
-from distill.core.imaging import ImageTransform
+from clipcore.dual_encoder import HFDualEncoder
+from clipcore.imaging import ImageTransform
 from students.backbones import from_pretrained_strict
 from students.configs import ClipStudentConfig
 

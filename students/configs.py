@@ -89,7 +89,7 @@ StudentConfig = Union[ClipStudentConfig, ImageStudentConfig]
 # CLIP's text towers are narrower than its image towers at small scale (TinyCLIP, MobileCLIP-S0
 # use 4-layer text encoders): captions are short and the text side is cheap to run once per class.
 _TEXT_TINY = TowerConfig(width=256, layers=4, heads=4)
-_TEST_TOWER = TowerConfig(width=32, layers=2, heads=4, mlp_dim=37)  # = distill.core.testing.tiny_clip_config
+_TEST_TOWER = TowerConfig(width=32, layers=2, heads=4, mlp_dim=37)  # = clipcore.testing.tiny_clip_config
 
 BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
     ClipStudentConfig(
@@ -109,7 +109,7 @@ BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
     ),
     ClipStudentConfig(
         "test-tiny", image_size=32, patch_size=8, vision=_TEST_TOWER, text=_TEST_TOWER,
-        description="unit-test size; same towers as distill.core.testing's tiny CLIP",
+        description="unit-test size; same towers as clipcore.testing's tiny CLIP",
     ),
     ImageStudentConfig(
         "mobilenetv2-1.0", backbone="mobilenet_v2", backbone_config=dict(depth_multiplier=1.0),

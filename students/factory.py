@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.core.dual_encoder import DualEncoder
-from distill.core.imaging import ImageTransform
+from clipcore.dual_encoder import DualEncoder
+from clipcore.imaging import ImageTransform
 from students.backbones import backbone_config, build_image_tower
 from students.clip_student import build_clip_student
 from students.configs import ClipStudentConfig, ImageStudentConfig, StudentConfig

@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from distill.core.dual_encoder import DualEncoder, module_fingerprint
-from distill.core.imaging import ImageTransform
+from clipcore.dual_encoder import DualEncoder, module_fingerprint
+from clipcore.imaging import ImageTransform
 
 CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 
@@ -104,6 +104,10 @@ class FrozenTextStudent(DualEncoder):
         for key, value in self.__dict__.items():
             clone.__dict__[key] = copy.deepcopy(value, memo)
         return clone
+
+    @property
+    def has_own_text_tower(self) -> bool:
+        return False
 
     @property
     def embed_dim(self) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.core.dual_encoder import DualEncoder, HFDualEncoder
+from clipcore.dual_encoder import DualEncoder, HFDualEncoder
 from students.image_only import FrozenTextStudent
 
 logger = logging.getLogger(__name__)

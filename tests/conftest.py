@@ -20,14 +20,14 @@ def require_shared(sub: str = "") -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from distill.core.testing import make_tiny_clip
+    from clipcore.testing import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_clip_dir):
-    from distill.core.loading import load_teacher
+    from clipcore.loading import load_teacher
 
     return load_teacher(str(tiny_clip_dir))
 

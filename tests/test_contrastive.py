@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.core.testing import make_tiny_clip
+from clipcore.testing import make_tiny_clip
 from distill.train import main
 from tests.datagen import write_captions, write_labelled
 

@@ -1,4 +1,4 @@
-"""distill.core.data: loading local parquet/imagefolder data, columns, decoding failures, batching."""
+"""clipcore.data: loading local parquet/imagefolder data, columns, decoding failures, batching."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.core.data import (
+from clipcore.data import (
     Columns,
     DatasetUnavailableError,
     DataSpec,
@@ -27,7 +27,7 @@ from distill.core.data import (
     make_loader,
     resolve_columns,
 )
-from distill.core.imaging import ImageTransform, decode_image
+from clipcore.imaging import ImageTransform, decode_image
 
 from .conftest import require_shared
 
@@ -240,7 +240,7 @@ def test_hub_id_offline_says_pass_a_local_directory(tmp_path, monkeypatch):
 def test_loader_two_transforms_and_failures(parquet_dir, tmp_path, caplog):
     dataset = ImageDataset.from_spec(_spec(parquet_dir, tmp_path, split="test"), TRANSFORMS)
     assert len(dataset) == 6
-    with caplog.at_level(logging.WARNING, logger="distill.core.data"):
+    with caplog.at_level(logging.WARNING, logger="clipcore.data"):
         batches, stats = _drain(make_loader(dataset, batch_size=4))
         dataset[1]  # a second failure of the same row does not warn again
     assert [b["num_failed"] for b in batches] == [1, 0]

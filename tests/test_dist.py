@@ -1,4 +1,4 @@
-"""distill.core.dist in one process, and cross-process loss parity with two real gloo processes."""
+"""clipcore.dist in one process, and cross-process loss parity with two real gloo processes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distill.core.dist import check_equal_batch, gather_with_grad, is_distributed, rank, world_size
+from clipcore.dist import check_equal_batch, gather_with_grad, is_distributed, rank, world_size
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "dist_scripts" / "loss_parity.py"

@@ -8,10 +8,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from distill.core.dual_encoder import HFDualEncoder, ModelNotFoundError
-from distill.core.loading import load_dual_encoder
-from distill.core.testing import tiny_clip_config
-from distill.core.zeroshot import build_classifier, zeroshot_logits
+from clipcore.dual_encoder import HFDualEncoder, ModelNotFoundError
+from clipcore.loading import load_dual_encoder
+from clipcore.testing import tiny_clip_config
+from clipcore.zeroshot import build_classifier, zeroshot_logits
 from exports.interface import IMAGE_ENCODER, TEXT_ENCODER, ZERO_SHOT_CLASSIFIER
 from exports.onnx_export import (
     ImageEncoderGraph,

@@ -1,5 +1,5 @@
 
-from distill.core.flops import image_gflops, image_parameters
+from clipcore.flops import image_gflops, image_parameters
 
 
 def test_image_flops_and_parameters_of_tiny_clip(tiny_clip):
@@ -17,8 +17,8 @@ def test_image_flops_and_parameters_of_tiny_clip(tiny_clip):
 
 
 def test_flops_scale_with_resolution(tmp_path):
-    from distill.core.loading import load_dual_encoder
-    from distill.core.testing import make_tiny_clip
+    from clipcore.loading import load_dual_encoder
+    from clipcore.testing import make_tiny_clip
 
     small = load_dual_encoder(str(make_tiny_clip(tmp_path / "a", image_size=32)))
     big = load_dual_encoder(str(make_tiny_clip(tmp_path / "b", image_size=64)))

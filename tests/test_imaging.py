@@ -1,4 +1,4 @@
-"""distill.core.imaging: parity with transformers' image processors, mode conversion, decoding."""
+"""clipcore.imaging: parity with transformers' image processors, mode conversion, decoding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.core.imaging import ImageDecodeError, ImageTransform, decode_image, to_rgb
+from clipcore.imaging import ImageDecodeError, ImageTransform, decode_image, to_rgb
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.core.losses import (
+from clipcore.losses import (
     LOG_SCALE_MAX,
     ClipLoss,
     DistillLoss,
@@ -428,7 +428,7 @@ def test_low_precision_inputs(dtype):
 def test_multi_positive_clip_loss_reference():
     import torch.nn.functional as F
 
-    from distill.core.losses import ClipLoss, multi_positive_clip_loss
+    from clipcore.losses import ClipLoss, multi_positive_clip_loss
 
     torch.manual_seed(0)
     img, txt = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)

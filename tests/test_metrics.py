@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.core.linear_probe import linear_probe
-from distill.core.metrics import classification_metrics, retrieval_metrics
+from clipcore.linear_probe import linear_probe
+from clipcore.metrics import classification_metrics, retrieval_metrics
 
 
 def test_classification_metrics_known_answer():

@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from distill.core.data import DataSpec
-from distill.core.loading import load_teacher
-from distill.core.testing import make_tiny_clip
+from clipcore.data import DataSpec
+from clipcore.loading import load_teacher
+from clipcore.testing import make_tiny_clip
 from exports.parity import (
     DEFAULT_GATES,
     Gate,
@@ -239,7 +239,7 @@ def bert_dir(path: Path) -> Path:
     """A loadable Hugging Face model of an architecture that is not a dual encoder."""
     from transformers import BertConfig, BertModel
 
-    from distill.core.testing import write_byte_tokenizer, write_processor_config
+    from clipcore.testing import write_byte_tokenizer, write_processor_config
 
     BertModel(BertConfig(vocab_size=600, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=8)).save_pretrained(path)

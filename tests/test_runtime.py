@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.core.imaging import ImageTransform, decode_image
-from distill.core.zeroshot import build_classifier, zeroshot_logits
+from clipcore.imaging import ImageTransform, decode_image
+from clipcore.zeroshot import build_classifier, zeroshot_logits
 from exports.bundle import write_bundle
 from exports.predict import main as predict_main
 from exports.runtime import (

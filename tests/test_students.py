@@ -40,8 +40,8 @@ def _assert_unit_rows(emb: torch.Tensor, n: int, dim: int) -> None:
 @pytest.fixture(scope="module")
 def deep_teacher(tmp_path_factory):
     """A tiny CLIP teacher with 4 layers per tower (same widths as the test-tiny student)."""
-    from distill.core.loading import load_teacher
-    from distill.core.testing import make_tiny_clip
+    from clipcore.loading import load_teacher
+    from clipcore.testing import make_tiny_clip
 
     return load_teacher(str(make_tiny_clip(tmp_path_factory.mktemp("deep"), seed=1, layers=4)))
 
@@ -120,7 +120,7 @@ def test_native_size_configs(name, millions):
 def test_clip_student_round_trips_through_from_pretrained(tiny_clip, tmp_path):
     from transformers import CLIPModel
 
-    from distill.core.loading import load_image_transform
+    from clipcore.loading import load_image_transform
 
     student = build_student("test-tiny", teacher=tiny_clip).eval()
     save_student(student, tmp_path)
@@ -139,7 +139,7 @@ def test_clip_student_round_trips_through_from_pretrained(tiny_clip, tmp_path):
 
 
 def test_clip_student_own_tokenizer_and_image_size(tiny_clip, tmp_path):
-    from distill.core.testing import write_byte_tokenizer
+    from clipcore.testing import write_byte_tokenizer
 
     tokenizer = write_byte_tokenizer(tmp_path / "tok16", max_length=16)
     student = build_student("test-tiny", teacher=tiny_clip, tokenizer=tokenizer, image_size=16).eval()
@@ -268,7 +268,7 @@ def test_inherit_copies_every_kth_layer(deep_teacher):
 
 
 def test_inherit_at_another_image_size_and_tokenizer(deep_teacher, tmp_path):
-    from distill.core.testing import write_byte_tokenizer
+    from clipcore.testing import write_byte_tokenizer
 
     tokenizer = write_byte_tokenizer(tmp_path, max_length=16)
     tokenizer.add_tokens(["<extra>"])  # another vocabulary: token embeddings must not be copied

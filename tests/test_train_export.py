@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill.core.testing import make_tiny_clip
+from clipcore.testing import make_tiny_clip
 from distill.train import ParityGateError, main
 from tests.datagen import write_labelled
 

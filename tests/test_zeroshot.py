@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.core.templates import OPENAI_CIFAR, OPENAI_IMAGENET, get_templates
-from distill.core.zeroshot import ClassifierCache, build_classifier
+from clipcore.templates import OPENAI_CIFAR, OPENAI_IMAGENET, get_templates
+from clipcore.zeroshot import ClassifierCache, build_classifier
 
 
 def test_template_sets_have_published_sizes():

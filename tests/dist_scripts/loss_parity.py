@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distill.core.losses import (
+from clipcore.losses import (
     ClipLoss,
     DistillLoss,
     InteractiveContrastiveLoss,
@@ -133,7 +133,7 @@ def main(outdir: str) -> None:
     from accelerate.utils import DistributedDataParallelKwargs
     from safetensors.torch import save_file
 
-    from distill.core.dist import check_equal_batch, gather_with_grad, rank, world_size
+    from clipcore.dist import check_equal_batch, gather_with_grad, rank, world_size
 
     # Not every loss uses every parameter (lit_clip leaves the text tower out).
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

@@ -5,7 +5,7 @@ whole project speaks. :class:`HFDualEncoder` wraps any transformers model that e
 ``get_image_features`` / ``get_text_features`` and a ``logit_scale`` (``CLIPModel``,
 ``SiglipModel``, ...). :class:`TowerSplit` sees a dual encoder as tower -> head per modality, for
 locking towers and caching their features. Loading by hub id or directory is
-:mod:`distill.core.loading`.
+:mod:`clipcore.loading`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.core.imaging import ImageTransform
+from clipcore.imaging import ImageTransform
 
 
 class ModelNotFoundError(OSError):
@@ -52,6 +52,12 @@ class DualEncoder(nn.Module):
     @property
     def embed_dim(self) -> int:
         raise NotImplementedError
+
+    @property
+    def has_own_text_tower(self) -> bool:
+        """False for a student that borrows its teacher's frozen text tower: its text embeddings
+        are the teacher's, so there is nothing of its own to tokenise for, train or export."""
+        return True
 
     @property
     def logit_scale(self) -> torch.Tensor:

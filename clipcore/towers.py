@@ -12,7 +12,7 @@ logit scale between them; ``mode: contrastive`` in the trainer aligns the heads 
 locked). The image tower keeps its ImageNet classifier, so :meth:`imagenet_logits` can serve as a
 soft target over ImageNet class names. A trained model saves as a self-contained directory
 (``dual_encoder.json`` + ``model.safetensors`` + the text tower's config and tokenizer) that
-:func:`distill.core.loading.load_dual_encoder` loads like any other teacher.
+:func:`clipcore.loading.load_dual_encoder` loads like any other teacher.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.core.dual_encoder import DualEncoder, ModelNotFoundError, TowerSplit
-from distill.core.imaging import ImageTransform
+from clipcore.dual_encoder import DualEncoder, ModelNotFoundError, TowerSplit
+from clipcore.imaging import ImageTransform
 
 MANIFEST = "dual_encoder.json"
 FORMAT = "clip-distill-towers"

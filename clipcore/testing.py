@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from distill.core.imaging import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from clipcore.imaging import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def _byte_symbols() -> list[str]:

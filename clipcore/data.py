@@ -1,7 +1,7 @@
 """Datasets for evaluation and distillation: Hugging Face loading, column detection, decoding.
 
 Images are kept undecoded in the Hugging Face dataset (``datasets.Image(decode=False)``) and
-decoded here, once per item, with :func:`distill.core.imaging.decode_image`: a corrupt file then
+decoded here, once per item, with :func:`clipcore.imaging.decode_image`: a corrupt file then
 becomes an invalid sample that :func:`collate` drops and counts, instead of an exception
 inside ``datasets`` that would kill a whole evaluation.
 """
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from distill.core.imaging import ImageDecodeError, ImageTransform, decode_image
+from clipcore.imaging import ImageDecodeError, ImageTransform, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,14 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
             raise DataSpecError(f"limit must be a positive number of rows, got {self.limit}")
+
+    @classmethod
+    def from_config(cls, data, seed: int) -> "DataSpec":
+        """The training split of a ``data`` config section (``distill.config.DataConfig``): its
+        columns, and with ``train_limit`` a subset of that many rows drawn with ``seed``."""
+        return cls(path=data.train, split=data.train_split, image_column=data.image_column,
+                   label_column=data.label_column, caption_column=data.caption_column,
+                   limit=data.train_limit, shuffle_seed=seed if data.train_limit else None)
 
     @property
     def label(self) -> str:

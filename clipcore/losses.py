@@ -31,8 +31,8 @@ inputs all work (gradients flow back in the input dtype). Teacher inputs are det
 
 Across processes: losses that compare a row with the rest of the batch (clip, KL affinity,
 interactive) compare this rank's rows with the batch gathered from all ranks
-(:func:`distill.core.dist.gather_with_grad`) and average over the local rows. Under DDP the averaged
-gradient equals the gradient of the same loss on the concatenated global batch (see ``distill/dist.py``;
+(:func:`clipcore.dist.gather_with_grad`) and average over the local rows. Under DDP the averaged
+gradient equals the gradient of the same loss on the concatenated global batch (see ``clipcore/dist.py``;
 local batches must be equal-sized, so use ``drop_last=True``). With gradient accumulation the negatives
 are the current micro-batch from all processes, not the whole accumulated batch.
 """
@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.core.dist import check_equal_batch, gather_with_grad, rank
+from clipcore.dist import check_equal_batch, gather_with_grad, rank
 
 LOG_SCALE_MAX = math.log(100.0)
 

@@ -2,7 +2,7 @@
 
 Any model that exposes ``get_image_features`` / ``get_text_features`` and a ``logit_scale``
 (``CLIPModel``, ``SiglipModel``, ...) loads through :func:`load_dual_encoder`, and so does a
-directory saved by :class:`distill.core.towers.TowerDualEncoder`.
+directory saved by :class:`clipcore.towers.TowerDualEncoder`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from distill.core import towers
-from distill.core.dual_encoder import DualEncoder, HFDualEncoder, ModelNotFoundError, freeze
-from distill.core.imaging import ImageTransform
+from clipcore import towers
+from clipcore.dual_encoder import DualEncoder, HFDualEncoder, ModelNotFoundError, freeze
+from clipcore.imaging import ImageTransform
 
 
 def _hub_offline() -> bool:
@@ -70,7 +70,7 @@ def load_dual_encoder(
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    if towers.is_tower_directory(name_or_path):  # a dual encoder assembled from towers (distill.core.towers)
+    if towers.is_tower_directory(name_or_path):  # a dual encoder assembled from towers (clipcore.towers)
         return towers.load_tower_dual_encoder(name_or_path).to(dtype=dtype, device=device).eval()
     try:
         config = AutoConfig.from_pretrained(name_or_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.core.dual_encoder import DualEncoder
+from clipcore.dual_encoder import DualEncoder
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from distill.core.dual_encoder import DualEncoder
-from distill.core.templates import get_templates
+from clipcore.dual_encoder import DualEncoder
+from clipcore.templates import get_templates
 
 
 def validate_classnames(classnames: Sequence[str]) -> list[str]:
