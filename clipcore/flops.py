@@ -25,12 +25,15 @@ def image_gflops(model: DualEncoder) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def image_parameters(model: DualEncoder) -> int:
-    """Parameters used by ``encode_image`` (the image tower and its projection)."""
+def image_parameter_tensors(model: DualEncoder) -> list[torch.nn.Parameter]:
+    """The parameters ``encode_image`` uses: those of every module that runs in it.
+
+    Found with forward hooks, so it works for any dual encoder (a CLIP vision tower plus its
+    projection, a CNN plus its head) without knowing its attribute names.
+    """
     h, w = model.image_transform.output_size
-    used: set[int] = set()
-    hooks = [m.register_forward_hook(lambda mod, *_: used.update(id(p) for p in mod.parameters(recurse=False)))
-             for m in model.modules()]
+    ran: list[torch.nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, *_: ran.append(mod)) for m in model.modules()]
     was_training = model.training
     model.eval()  # batch 1 through BatchNorm in training mode would fail on 1x1 maps
     try:
@@ -40,4 +43,9 @@ def image_parameters(model: DualEncoder) -> int:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return sum(p.numel() for p in model.parameters() if id(p) in used)
+    return list({id(p): p for m in ran for p in m.parameters(recurse=False)}.values())
+
+
+def image_parameters(model: DualEncoder) -> int:
+    """Parameters used by ``encode_image`` (the image tower and its projection)."""
+    return sum(p.numel() for p in image_parameter_tensors(model))

@@ -70,7 +70,8 @@ class ZeroShotGraph(nn.Module):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients for the block; each submodule's own mode is restored."""
     # restore each submodule's own flag: a fresh wrapper is in training mode while the frozen
     # teacher inside it is not, and model.train(flag) would overwrite both
     modes = {m: m.training for m in model.modules()}
@@ -86,7 +87,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, path: str | Path, opset: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(module), warnings.catch_warnings():
+    with eval_mode(module), warnings.catch_warnings():
         # TorchScript tracing warns about every shape-dependent Python branch in transformers
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -173,6 +174,7 @@ class OutputDiff:
     max_abs_diff: float
     mean_abs_diff: float
     min_cosine: float  # worst row-wise cosine similarity
+    mean_cosine: float
     finite: bool
 
     def to_dict(self) -> dict:
@@ -202,6 +204,7 @@ def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str,
             max_abs_diff=float(np.nanmax(delta)) if delta.size else 0.0,
             mean_abs_diff=float(np.nanmean(delta)) if delta.size else 0.0,
             min_cosine=float(np.nanmin(cos)) if cos.size else 1.0,
+            mean_cosine=float(np.nanmean(cos)) if cos.size else 1.0,
             finite=bool(np.isfinite(got).all()),
         )
     return diffs
@@ -211,7 +214,7 @@ def torch_outputs(module: nn.Module, spec: GraphSpec, feeds: Mapping[str, np.nda
     """Run one of the graph wrappers above in torch on numpy ``feeds``; ``{output name: array}``."""
     device = next(module.parameters()).device
     args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name], dtype=t.dtype)).to(device) for t in spec.inputs]
-    with _eval_mode(module):
+    with eval_mode(module):
         out = module(*args)
     out = out if isinstance(out, (tuple, list)) else (out,)
     return {name: o.detach().float().cpu().numpy() for name, o in zip(spec.output_names, out)}
@@ -270,7 +273,7 @@ def export_optimum(
             f"export_optimum needs a transformers-backed HFDualEncoder, got {type(model).__name__}; "
             "use export_dual_encoder for other dual encoders"
         )
-    with _eval_mode(model), _quiet():
+    with eval_mode(model), _quiet():
         onnx_export_from_model(model.model, out_dir, task=task, opset=opset, do_validation=validate, device="cpu")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out_dir)

@@ -361,16 +361,40 @@ def load_bundle(
     )
 
 
+def image_io_mismatch(graph: OnnxGraph, image_shape: tuple[int, ...] | None,
+                      embed_dim: int | None) -> tuple[str, list, tuple] | None:
+    """Where an image encoder's fixed (integer) dimensions disagree with the pixels it will be fed,
+    ``(C, H, W)``, or with the embedding size it must produce; symbolic dimensions fit anything.
+
+    Returns:
+        None when everything fits, else ``(what, the graph's shape, the expected shape)`` with
+        ``what`` ``"input"`` (compare ``shape[1:]`` with ``image_shape``) or ``"output"``
+        (compare ``shape[-1:]`` with ``(embed_dim,)``).
+    """
+    inputs = {i.name: i.shape for i in graph.session.get_inputs()}
+    got_in = inputs[IMAGE_ENCODER.inputs[0].name]
+    if image_shape is not None and not _dims_fit(got_in[1:], image_shape):
+        return "input", got_in, tuple(image_shape)
+    outputs = {o.name: o.shape for o in graph.session.get_outputs()}
+    got_out = outputs.get(IMAGE_ENCODER.outputs[0].name, next(iter(outputs.values()), None))
+    if embed_dim is not None and got_out is not None and not _dims_fit(got_out[-1:], (embed_dim,)):
+        return "output", got_out, (embed_dim,)
+    return None
+
+
+def _dims_fit(got, want) -> bool:
+    return len(got) == len(want) and all(not isinstance(g, int) or g == w for g, w in zip(got, want))
+
+
 def _check_encoder_shapes(encoder: OnnxGraph, transform: ImageTransform, embed_dim: int) -> None:
-    shape = encoder.session.get_inputs()[0].shape  # [batch, 3, H, W]; ints where fixed
-    want = (3, *transform.output_size)
-    fixed = [(got, exp) for got, exp in zip(shape[1:], want) if isinstance(got, int)]
-    if any(got != exp for got, exp in fixed):
+    mismatch = image_io_mismatch(encoder, (3, *transform.output_size), embed_dim)
+    if mismatch is None:
+        return
+    what, got, want = mismatch
+    if what == "input":
         raise BundleError(
-            f"{encoder.path}: expects pixel input {shape[1:]} but the bundle's preprocessing produces {list(want)}"
+            f"{encoder.path}: expects pixel input {got[1:]} but the bundle's preprocessing produces {list(want)}"
         )
-    out = encoder.session.get_outputs()[0].shape
-    if len(out) == 2 and isinstance(out[1], int) and out[1] != embed_dim:
-        raise BundleError(
-            f"{encoder.path}: produces {out[1]}-d embeddings but {TEXT_EMBEDDINGS} holds {embed_dim}-d class embeddings"
-        )
+    raise BundleError(
+        f"{encoder.path}: produces {got[-1]}-d embeddings but {TEXT_EMBEDDINGS} holds {embed_dim}-d class embeddings"
+    )

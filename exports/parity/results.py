@@ -1,0 +1,176 @@
+"""The report model: settings, one result row per subject, the report and its files."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from clipcore.templates import get_templates
+from exports.parity.gates import Gate, GateCheck, ParityInputError
+from exports.report import render_html, render_markdown, subjects_table
+
+REPORT_FORMAT = "clip-distill-parity-report"
+
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class ParitySettings:
+    """How to run the report (everything but the models, the data and the gates).
+
+    Attributes:
+        templates: prompt template set name or strings.
+        classnames: ``--classnames`` source (JSON file, or comma-separated); default the ClassLabel names.
+        batch_size: images per evaluation batch.
+        warmup, iters: latency at batch 1: untimed runs, then timed runs (p50/p95 over these).
+        throughput_batch, throughput_iters: throughput: timed runs at this batch size (after one warm-up).
+        threads: torch and onnxruntime intra-op threads; None leaves their defaults (all cores).
+        calibration_split, calibration_limit: images for ``int8-static`` (a seeded random subset);
+            the evaluation split is used when the data has no such split.
+        keep_rejected: keep the ONNX files of rejected variants.
+    """
+
+    templates: str | Sequence[str] = "openai_cifar"
+    classnames: str | None = None
+    batch_size: int = 64
+    warmup: int = 3
+    iters: int = 20
+    throughput_batch: int = 32
+    throughput_iters: int = 5
+    threads: int | None = None
+    calibration_split: str = "train"
+    calibration_limit: int = 128
+    keep_rejected: bool = False
+
+    def __post_init__(self) -> None:
+        counts = {"batch_size": self.batch_size, "iters": self.iters, "throughput_batch": self.throughput_batch,
+                  "throughput_iters": self.throughput_iters, "calibration_limit": self.calibration_limit}
+        bad = {k: v for k, v in counts.items() if v < 1} | ({"warmup": self.warmup} if self.warmup < 0 else {})
+        if bad:
+            raise ParityInputError(f"settings must be positive counts: {bad}")
+        try:
+            get_templates(self.templates)
+        except (KeyError, ValueError) as exc:
+            raise ParityInputError(f"templates {self.templates!r}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["templates"] = d["templates"] if isinstance(d["templates"], str) else list(d["templates"])
+        return d
+
+
+@dataclass
+class SubjectResult:
+    """One row of the report."""
+
+    name: str
+    runtime: str  # torch | onnxruntime-cpu | onnxruntime-cuda | onnxruntime-tensorrt | tensorrt
+    precision: str
+    role: str  # teacher | student | variant
+    status: str  # reference | kept | rejected | skipped | error
+    reason: str | None = None
+    path: str | None = None
+    size_bytes: int | None = None
+    size_of: str | None = None
+    params: int | None = None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)
+    gate: str | None = None
+    checks: list[GateCheck] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("rejected", "error")
+
+    def failure_messages(self) -> list[str]:
+        if self.status == "error":
+            return [f"{self.name}: error: {self.reason}"]
+        return [f"{self.name}: {c.describe()}" for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size_mb"] = None if self.size_bytes is None else round(self.size_bytes / 2**20, 3)
+        if self.status == "skipped":
+            d["reason"] = f"skipped: {self.reason}"
+        return d
+
+
+@dataclass
+class ParityReport:
+    subjects: list[SubjectResult]
+    gates: dict[str, Gate]
+    teacher: dict[str, Any]
+    student: dict[str, Any]
+    data: dict[str, Any]
+    environment: dict[str, Any]
+    settings: dict[str, Any]
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def passed(self) -> bool:
+        """No variant was rejected or failed to run (skipped ones do not count)."""
+        return not any(s.failed for s in self.subjects)
+
+    def failures(self) -> list[str]:
+        return [m for s in self.subjects for m in s.failure_messages()]
+
+    def subject(self, name: str) -> SubjectResult:
+        found = next((s for s in self.subjects if s.name == name), None)
+        if found is None:
+            raise KeyError(f"no subject {name!r}; subjects: {[s.name for s in self.subjects]}")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "created": self.created,
+            "passed": self.passed,
+            "failures": self.failures(),
+            "teacher": self.teacher,
+            "student": self.student,
+            "data": self.data,
+            "environment": self.environment,
+            "settings": self.settings,
+            "gates": {k: g.to_dict() for k, g in self.gates.items()},
+            "subjects": [s.to_dict() for s in self.subjects],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(finite(self.to_dict()), indent=2, ensure_ascii=False) + "\n"
+
+    def to_markdown(self) -> str:
+        return render_markdown(finite(self.to_dict()))
+
+    def to_html(self) -> str:
+        return render_html(finite(self.to_dict()))
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``parity.json``, ``parity.md`` and ``parity.html`` into ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out_dir / "parity.json", "markdown": out_dir / "parity.md", "html": out_dir / "parity.html"}
+        paths["json"].write_text(self.to_json())
+        paths["markdown"].write_text(self.to_markdown())
+        paths["html"].write_text(self.to_html())
+        return paths
+
+
+def finite(obj: Any) -> Any:
+    """NaN/inf -> None, so the JSON is strict (browsers and jq reject NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def summary_table(report: ParityReport) -> str:
+    return subjects_table(finite(report.to_dict()))

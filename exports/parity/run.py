@@ -1,0 +1,153 @@
+"""Orchestration: export, build the variants, measure every subject, apply the gates, write nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from clipcore.data import DataSpec
+from clipcore.dual_encoder import DualEncoder
+from clipcore.templates import get_templates
+from exports import providers as prov
+from exports.onnx_export import eval_mode
+from exports.parity.eval_data import EvalData, build_heads, load_eval_data
+from exports.parity.gates import DEFAULT_GATES, Gate, gate_family, resolve_gate
+from exports.parity.measure import (
+    References,
+    embed_dataset,
+    environment,
+    measure_latency,
+    subject_metrics,
+    torch_threads,
+    zero_shot_logprobs,
+)
+from exports.parity.results import ParityReport, ParitySettings, SubjectResult
+from exports.parity.subjects import Subject, error_text, torch_subject
+from exports.parity.variants import DEFAULT_VARIANTS, build_variants, check_onnx_files, check_variant_names
+
+
+def run_parity(
+    teacher: DualEncoder,
+    student: DualEncoder,
+    data: DataSpec,
+    out_dir: str | Path,
+    *,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    gates: Mapping[str, Gate] | None = None,
+    settings: ParitySettings | None = None,
+    onnx_files: Mapping[str, str | Path] | None = None,
+    provider_info: prov.ProviderInfo | None = None,
+) -> ParityReport:
+    """Export ``student``, build its variants and measure them all against the torch models.
+
+    Args:
+        teacher, student: the dual encoders (used on their own devices, in eval mode during the run).
+        data: a labelled evaluation set (``limit`` keeps it small).
+        out_dir: ONNX files go to ``out_dir/onnx`` (rejected ones are deleted unless
+            ``settings.keep_rejected``); nothing else is written (see :meth:`ParityReport.write`).
+        variants: names from :data:`DEFAULT_VARIANTS`.
+        gates: default :data:`DEFAULT_GATES` (see :func:`load_gates`).
+        onnx_files: extra image encoders to measure, ``{name: path}``, gated by
+            :func:`precision_from_name`; they are never deleted.
+        provider_info: what can run here; default :func:`exports.providers.detect`.
+
+    Returns:
+        the :class:`ParityReport`; check ``.passed``.
+
+    Raises:
+        ParityInputError, DataSpecError, InvalidModelError, FileNotFoundError: bad input.
+    """
+    settings = settings or ParitySettings()
+    gates = dict(DEFAULT_GATES if gates is None else gates)
+    variants = check_variant_names(variants)
+    extra = check_onnx_files(onnx_files or {}, (3, *student.image_transform.output_size), student.embed_dim)
+    info = provider_info or prov.detect()
+    data_set = load_eval_data(data, {"teacher": teacher.image_transform, "student": student.image_transform},
+                              settings.classnames)
+    with torch_threads(settings.threads), eval_mode(teacher), eval_mode(student):
+        return _run(teacher, student, data_set, Path(out_dir), variants, gates, settings, extra, info)
+
+
+def _run(teacher, student, data: EvalData, out_dir: Path, variants, gates, settings, extra, info) -> ParityReport:
+    onnx_dir = out_dir / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    heads = build_heads(teacher, student, data.classnames, settings, onnx_dir)
+    subjects = [torch_subject(teacher, "teacher", "teacher", "teacher", heads.teacher),
+                torch_subject(student, "student", "student", "student", heads.student)]
+    subjects += build_variants(student, subjects[1], heads.exported, data, onnx_dir, variants, settings, extra, info)
+    labels, embs, failed = embed_dataset(data, subjects, settings.batch_size)
+    results = score(subjects, labels, embs, gates, settings,
+                    {"teacher": teacher.image_transform.output_size, "student": student.image_transform.output_size})
+    remove_rejected(subjects, results, settings.keep_rejected)
+    return ParityReport(
+        subjects=results, gates=gates,
+        teacher={"name": teacher.name, "fingerprint": teacher.fingerprint(), "embed_dim": teacher.embed_dim},
+        student={"name": student.name, "fingerprint": student.fingerprint(), "embed_dim": student.embed_dim,
+                 "own_text_tower": student.has_own_text_tower, "variant_class_embeddings": heads.source,
+                 "variant_head_max_abs_diff": heads.exported_vs_torch},
+        data={"path": data.spec.path, "split": data.spec.split, "limit": data.spec.limit,
+              "num_images": int(len(labels)), "num_failed": failed, "num_classes": len(data.classnames),
+              "classnames": data.classnames, "templates": list(get_templates(settings.templates)),
+              "calibration": data.calibration_source},
+        environment={**environment(student.device), "providers": info.to_dict()},
+        settings=settings.to_dict(),
+    )
+
+
+def score(subjects: Sequence[Subject], labels: np.ndarray, embs: Mapping[str, np.ndarray], gates: Mapping[str, Gate],
+          settings: ParitySettings, image_hw: Mapping[str, tuple[int, int]]) -> list[SubjectResult]:
+    """Metrics, latency and gate verdicts for every subject, in order.
+
+    Args:
+        image_hw: input (height, width) per transform key (``teacher``, ``student``).
+    """
+    logp = {s.name: zero_shot_logprobs(embs[s.name], s.head, s.logit_scale) for s in subjects if s.active}
+    ref = References(labels, logp["teacher"], logp["student"], embs["student"])
+    results = []
+    for s in subjects:
+        result = SubjectResult(s.name, s.runtime, s.precision, s.role, s.status, s.reason,
+                               str(s.path) if s.path else None, s.size_bytes, s.size_of, s.params)
+        if s.active:
+            result.metrics = subject_metrics(logp[s.name], embs[s.name], ref, compare_emb=s.role != "teacher")
+            result.status = "reference" if s.role != "variant" else "kept"
+            time_subject(s, result, (3, *image_hw[s.pixels]), settings)
+            apply_gate(result, gates)
+        results.append(result)
+    return results
+
+
+def time_subject(subject: Subject, result: SubjectResult, image_shape: tuple[int, ...], settings: ParitySettings) -> None:
+    if subject.role != "variant":
+        result.latency = measure_latency(subject.embed, image_shape, settings)
+        return
+    try:  # e.g. out of GPU memory at the throughput batch
+        result.latency = measure_latency(subject.embed, image_shape, settings)
+    except Exception as exc:
+        result.status, result.reason = "error", f"latency run failed: {error_text(exc)}"
+
+
+def apply_gate(result: SubjectResult, gates: Mapping[str, Gate]) -> None:
+    if result.role != "variant" or result.status != "kept":
+        return
+    found = resolve_gate(gates, result.name, result.precision)
+    if found is None:
+        result.reason = f"no gate for {result.name!r} or {gate_family(result.precision)!r}: kept unchecked"
+        return
+    result.gate, gate = found
+    result.checks = gate.check(result.metrics)
+    if not all(c.passed for c in result.checks):
+        result.status = "rejected"
+        result.reason = "rejected: " + "; ".join(c.describe() for c in result.checks if not c.passed)
+
+
+def remove_rejected(subjects: Sequence[Subject], results: Sequence[SubjectResult], keep: bool) -> None:
+    """Delete the files of rejected variants this run wrote (the others may still need the fp32 graph)."""
+    if keep:
+        return
+    needed = {s.path for s, r in zip(subjects, results) if r.status not in ("rejected", "error") and s.path}
+    for s, r in zip(subjects, results):
+        if r.status in ("rejected", "error") and s.owns_file and s.path and s.path not in needed and s.path.exists():
+            s.path.unlink()
+            r.path, r.reason = None, f"{r.reason} (file removed)"
