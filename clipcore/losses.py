@@ -472,22 +472,25 @@ class InteractiveContrastiveLoss(nn.Module):
 
 @dataclass
 class LossConfig:
-    """Weights of the distillation objective. A weight of 0 switches its term off.
+    """Weights of the distillation objective (the ``loss`` section of a training recipe).
+
+    The one definition, with the one set of defaults and the one validation: a weight of 0
+    switches its term off.
 
     kl_weight / kl_temperature: :class:`KLDistillLoss`; kl_on_classes / kl_on_affinity pick its logits.
-    clip_weight: the student's own contrastive loss (:class:`ClipLoss`).
+    clip_weight: the student's own contrastive loss (:class:`ClipLoss`); needs image-text pairs.
     feature_weight / feature_kind ("cosine" | "mse"): :class:`FeatureDistillLoss`.
-    interactive_weight: :class:`InteractiveContrastiveLoss`.
+    interactive_weight: :class:`InteractiveContrastiveLoss`; needs image-text pairs.
     """
 
     kl_weight: float = 1.0
-    kl_temperature: float = 1.0
-    clip_weight: float = 1.0
-    feature_weight: float = 0.0
-    feature_kind: str = "cosine"
-    interactive_weight: float = 0.0
+    kl_temperature: float = 2.0
     kl_on_classes: bool = True
     kl_on_affinity: bool = True
+    clip_weight: float = 0.0
+    feature_weight: float = 1.0
+    feature_kind: str = "cosine"
+    interactive_weight: float = 0.0
 
     def __post_init__(self):
         for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight"):
@@ -588,3 +591,39 @@ def multi_positive_clip_loss(
     loss_i = -(targets * F.log_softmax(scale * img @ all_txt.t(), dim=1)).sum(1).mean()
     loss_t = -(targets * F.log_softmax(scale * txt @ all_img.t(), dim=1)).sum(1).mean()
     return 0.5 * (loss_i + loss_t)
+
+
+class MultiPositiveClipLoss(nn.Module):
+    """:func:`multi_positive_clip_loss` as a loss module: ``{"clip_loss", "logit_scale"}``, or ``{}`` at weight 0."""
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = _check_weight("clip weight", weight)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor,
+                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            return {}
+        return {"clip_loss": self.weight * multi_positive_clip_loss(image, text, log_scale, groups),
+                "logit_scale": logit_scale(log_scale).detach()}
+
+
+class SoftTargetKLLoss(nn.Module):
+    """``KL(softmax(targets / T) || softmax(logits))``, batch mean, as ``{"<name>_loss"}``.
+
+    Contrastive mode's ImageNet term: the zero-shot prediction over the 1000 class prompts is
+    matched to the image tower's own ImageNet classifier, softened by ``temperature``.
+    """
+
+    def __init__(self, weight: float, temperature: float = 1.0, name: str = "soft_kl"):
+        super().__init__()
+        self.weight = _check_weight(f"{name} weight", weight)
+        self.temperature = _check_temperature(f"{name} temperature", temperature)
+        self.key = f"{name}_loss"
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            return {}
+        target = F.softmax(targets.float() / self.temperature, dim=-1)
+        kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), target, reduction="batchmean")
+        return {self.key: self.weight * kl}

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from clipcore.losses import LossConfig
+
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names it and lists the valid keys."""
@@ -53,18 +55,6 @@ class DataConfig:
     # distill mode: jitter the student's view only (teacher targets stay those of the plain image)
     student_flip: bool = False  # random horizontal flip
     student_shift: int = 0  # random shift by up to N pixels each way, zero-padded
-
-
-@dataclass
-class LossConfig:
-    kl_weight: float = 1.0
-    kl_temperature: float = 2.0
-    kl_on_classes: bool = True
-    kl_on_affinity: bool = True
-    clip_weight: float = 0.0
-    feature_weight: float = 1.0
-    feature_kind: str = "cosine"
-    interactive_weight: float = 0.0
 
 
 @dataclass
@@ -147,13 +137,6 @@ class TrainConfig:
             raise ConfigError(f"cpu_threads={self.cpu_threads}; expected a positive integer or null")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}; expected no, fp16 or bf16")
-        if self.loss.feature_kind not in ("cosine", "mse"):
-            raise ConfigError(f"loss.feature_kind={self.loss.feature_kind!r}; expected cosine or mse")
-        for name in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight"):
-            if getattr(self.loss, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
-        if self.loss.kl_temperature <= 0:
-            raise ConfigError(f"loss.kl_temperature must be > 0, got {self.loss.kl_temperature}")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.max_steps < 1:
             raise ConfigError("optim.batch_size, optim.grad_accum and optim.max_steps must be >= 1")
         if self.mode not in ("distill", "contrastive"):
@@ -243,7 +226,12 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             kwargs[key] = from_dict(hint, value or {}, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, prefix + key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a section that validates itself (LossConfig) names the field
+        raise ConfigError(f"{prefix}{exc}") from exc
 
 
 def apply_override(data: dict, dotted: str, value: str, cls: type = TrainConfig) -> None:

@@ -23,10 +23,10 @@ from clipcore.classnames import label_names_or_none, load_classname_source, syno
 from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder, HFDualEncoder, TowerSplit, freeze
 from clipcore.loading import load_dual_encoder
-from clipcore.losses import clamp_log_scale_, logit_scale, multi_positive_clip_loss
+from clipcore.losses import MultiPositiveClipLoss, SoftTargetKLLoss, clamp_log_scale_, logit_scale, total_loss
 from clipcore.templates import get_templates
 from clipcore.towers import TowerDualEncoder, build_reference_dual_encoder
-from distill.config import ConfigError, TrainConfig
+from distill.config import ConfigError, ContrastiveConfig, TrainConfig
 from distill.features import cached_image_tower_features, cached_text_tower_features
 from distill.train_data import TrainRows
 
@@ -138,13 +138,16 @@ def build_texts(cfg: TrainConfig, ds, cols) -> tuple[ContrastiveTexts, list[str]
 class ContrastiveTask(nn.Module):
     """CLIP loss (same-class positives) plus optional ImageNet soft targets, on cached or live towers."""
 
-    def __init__(self, model: DualEncoder, split: TowerSplit, texts: ContrastiveTexts, cfg,
-                 image_cache: torch.Tensor | None, text_cache: torch.Tensor | None, text_ids, text_mask):
+    def __init__(self, model: DualEncoder, split: TowerSplit, texts: ContrastiveTexts, cfg: ContrastiveConfig,
+                 image_cache: torch.Tensor | None, text_cache: torch.Tensor | None, text_ids, text_mask,
+                 image_feat_dim: int | None = None):
         super().__init__()
         self.model, self.split, self.texts, self.cfg = model, split, texts, cfg
         self.image_cache, self.text_cache = image_cache, text_cache
+        self.image_feat_dim = image_feat_dim  # cached image rows: tower features, then the ImageNet logits
         self.text_ids, self.text_mask = text_ids, text_mask
-        self.feat_dim = None
+        self.clip_loss = MultiPositiveClipLoss(1.0)
+        self.imagenet_loss = SoftTargetKLLoss(cfg.imagenet_kl_weight, cfg.imagenet_temperature, name="imagenet_kl")
 
     def train(self, mode: bool = True) -> "ContrastiveTask":
         super().train(mode)
@@ -196,23 +199,20 @@ class ContrastiveTask(nn.Module):
         img = self.split.image_head(feats)
         txt = self._encode_texts(self._text_rows(batch, gen), device)
         groups = batch["label"] if (self.cfg.label_positives and not self.texts.caption_rows) else None
-        out = {"clip_loss": multi_positive_clip_loss(img, txt, self.model.log_logit_scale, groups)}
-        if self.cfg.imagenet_kl_weight > 0:
-            out["imagenet_kl_loss"] = self.cfg.imagenet_kl_weight * self._imagenet_kl(img, extra, device, batch)
-        out["logit_scale"] = logit_scale(self.model.log_logit_scale).detach()
-        out["loss"] = sum(v for k, v in out.items() if k.endswith("_loss"))
+        out = self.clip_loss(img, txt, self.model.log_logit_scale, groups)
+        if self.imagenet_loss.weight > 0:
+            out.update(self.imagenet_loss(*self._imagenet_logits(img, extra, device, batch)))
+        out["loss"] = total_loss(out)
         return out
 
-    def _imagenet_kl(self, img: torch.Tensor, logits: torch.Tensor | None, device, batch) -> torch.Tensor:
-        """KL(image tower's ImageNet-1k prediction || zero-shot prediction over the 1000 class prompts)."""
+    def _imagenet_logits(self, img: torch.Tensor, logits: torch.Tensor | None, device, batch):
+        """(zero-shot logits over the 1000 ImageNet class prompts, the image tower's own ImageNet-1k logits)."""
         if logits is None or logits.shape[1] == 0:
             logits = self.model.imagenet_logits(batch["pixel_values_student"])
         rows = torch.tensor(self.texts.imagenet_rows, dtype=torch.long)
         classes = F.normalize(self._encode_texts(rows, device).float(), dim=-1)
-        t = self.cfg.imagenet_temperature
-        student = logit_scale(self.model.log_logit_scale) * F.normalize(img.float(), dim=-1) @ classes.t()
-        target = F.softmax(logits.float() / t, dim=-1)
-        return F.kl_div(F.log_softmax(student, dim=-1), target, reduction="batchmean")
+        zero_shot = logit_scale(self.model.log_logit_scale) * F.normalize(img.float(), dim=-1) @ classes.t()
+        return zero_shot, logits
 
 
 # -------------------------------------------------------------------------------------- build
@@ -241,7 +241,7 @@ def build_contrastive(cfg: TrainConfig, accelerator):
     views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
     if c.imagenet_kl_weight > 0 and not isinstance(model, TowerDualEncoder):
         raise ConfigError("contrastive.imagenet_kl_weight needs an image tower with ImageNet logits (reference:*)")
-    image_cache = text_cache = None
+    image_cache = text_cache = feat_dim = None
     if image_frozen:
         image_cache, feat_dim = cached_image_tower_features(model, split, ds, cols, views, cfg.cache.dir, cfg.seed,
                                                             cfg.optim.batch_size, accelerator)
@@ -249,9 +249,7 @@ def build_contrastive(cfg: TrainConfig, accelerator):
         text_cache = cached_text_tower_features(model, split, texts.texts, cfg.cache.dir, accelerator)
     tok = model.tokenize(texts.texts) if text_cache is None else {}
     task = ContrastiveTask(model, split, texts, c, image_cache, text_cache, tok.get("input_ids"),
-                           tok.get("attention_mask"))
-    if image_cache is not None:
-        task.image_feat_dim = feat_dim
+                           tok.get("attention_mask"), image_feat_dim=feat_dim)
     labels = list(ds[cols.label]) if cols.label else [-1] * len(ds)
     images = None if image_frozen else ImageDataset(ds, {"student": model.image_transform}, cols, name=spec.label)
     rows = TrainRows(len(ds), views, images, labels)

@@ -17,7 +17,7 @@ from torch import nn
 
 from clipcore.augment import StudentJitter
 from clipcore.dual_encoder import DualEncoder
-from clipcore.losses import build_losses, clamp_log_scale_, make_feature_projection, total_loss
+from clipcore.losses import DistillLoss, LossConfig, clamp_log_scale_, make_feature_projection, total_loss
 
 
 class TrainingTask(Protocol):
@@ -52,14 +52,14 @@ class TextBank:
 class DistillTask(nn.Module):
     """Computes the loss dict for one batch. Keys ending in ``_loss`` are summed into ``loss``."""
 
-    def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg, bank: TextBank,
+    def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
                  teacher_class_head: torch.Tensor | None, init_logit_scale: float = 2.6592,
                  jitter: StudentJitter = StudentJitter()):
         super().__init__()
         self.student = student
         self.jitter = jitter
         self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
-        self.losses = build_losses(dict(loss_cfg.__dict__))
+        self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
         self.bank = bank
         self.register_buffer("teacher_class_head", teacher_class_head, persistent=False)

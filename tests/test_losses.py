@@ -352,7 +352,7 @@ def test_zero_weights_skip_and_need_no_inputs():
         assert loss() == {}
     # clip only: no teacher inputs needed at all.
     x = make_inputs()
-    only_clip = DistillLoss(LossConfig(kl_weight=0, clip_weight=1.0))
+    only_clip = DistillLoss(LossConfig(kl_weight=0, clip_weight=1.0, feature_weight=0))
     out = only_clip(student_image=x["student_image"], student_text=x["student_text"],
                     student_log_scale=x["student_log_scale"])  # fmt: skip
     assert set(out) == {"clip_loss", "logit_scale"}
@@ -396,7 +396,7 @@ def test_invalid_config_combinations():
     with pytest.raises(ValueError, match="kl_on_classes"):
         LossConfig(kl_on_classes=False, kl_on_affinity=False)
     with pytest.raises(ValueError, match="all loss weights"):
-        LossConfig(kl_weight=0, clip_weight=0)
+        LossConfig(kl_weight=0, clip_weight=0, feature_weight=0)
     with pytest.raises(ValueError, match="unknown loss config field.*kl_temp"):
         build_losses({"kl_temp": 2.0})
     with pytest.raises(ValueError, match="kind"):
@@ -450,3 +450,32 @@ def test_multi_positive_clip_loss_reference():
     g2 = torch.autograd.grad(ref, (img, txt, log_scale))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+def test_one_loss_config_for_recipes_and_losses():
+    """The recipe's ``loss`` section is the loss module's LossConfig: one set of defaults, validated once."""
+    from distill.config import ConfigError, TrainConfig, load_config
+
+    assert type(TrainConfig().loss) is LossConfig and TrainConfig().loss == LossConfig()
+    base = ["teacher.name_or_path=t", "data.train=d"]
+    with pytest.raises(ConfigError, match=r"loss\.kl_weight must be a finite number >= 0"):
+        load_config(None, [*base, "loss.kl_weight=-1"])
+    with pytest.raises(ConfigError, match=r"loss\.feature_kind must be one of"):
+        load_config(None, [*base, "loss.feature_kind=l1"])
+
+
+def test_contrastive_mode_losses_are_loss_modules():
+    """Contrastive mode's CLIP and ImageNet soft-target terms, as modules returning weighted dicts."""
+    from clipcore.losses import MultiPositiveClipLoss, SoftTargetKLLoss, multi_positive_clip_loss
+
+    torch.manual_seed(0)
+    img, txt, log_scale = torch.randn(6, 8), torch.randn(6, 8), torch.tensor(2.0)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = MultiPositiveClipLoss(0.5)(img, txt, log_scale, groups)
+    torch.testing.assert_close(out["clip_loss"], 0.5 * multi_positive_clip_loss(img, txt, log_scale, groups))
+    assert MultiPositiveClipLoss(0)(img, txt, log_scale) == {}
+    logits, targets = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
+    got = SoftTargetKLLoss(2.0, temperature=3.0, name="imagenet_kl")(logits, targets)
+    p = torch.softmax(targets / 3.0, dim=-1)
+    ref = 2.0 * (p * (p.log() - torch.log_softmax(logits, dim=-1))).sum(-1).mean()
+    assert_same_forward_backward(got["imagenet_kl_loss"], ref, [logits])
