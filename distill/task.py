@@ -1,8 +1,7 @@
 """The distillation task: trainable student + frozen teacher + losses in one module.
 
-Everything trainable (student, feature projections, the logit scale of image-only students)
-lives in :class:`DistillTask`, the one module handed to ``accelerator.prepare``. The teacher is
-kept out of the module tree on purpose: it is never wrapped in DDP, never seen by the optimizer
+Everything trainable (the student with its own logit scale, feature projections) lives in
+:class:`DistillTask`, the one module handed to ``accelerator.prepare``. The teacher is kept out of the module tree on purpose: it is never wrapped in DDP, never seen by the optimizer
 and never saved in checkpoints; it is forced back to ``eval()`` whenever the task is trained.
 """
 
@@ -53,8 +52,7 @@ class DistillTask(nn.Module):
     """Computes the loss dict for one batch. Keys ending in ``_loss`` are summed into ``loss``."""
 
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
-                 teacher_class_head: torch.Tensor | None, init_logit_scale: float = 2.6592,
-                 jitter: StudentJitter = StudentJitter()):
+                 teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter()):
         super().__init__()
         self.student = student
         self.jitter = jitter
@@ -63,13 +61,10 @@ class DistillTask(nn.Module):
         self.loss_cfg = loss_cfg
         self.bank = bank
         self.register_buffer("teacher_class_head", teacher_class_head, persistent=False)
-        self.has_text_tower = bank.student_ids is not None
         s_dim, t_dim = student.embed_dim, teacher.embed_dim
         # learned maps into the teacher space, only where the widths differ (None otherwise)
         self.image_proj = make_feature_projection(s_dim, t_dim)
-        self.text_proj = make_feature_projection(s_dim, t_dim) if self.has_text_tower else None
-        # image-only students have no CLIP logit scale of their own; the task owns one for them
-        self.own_log_scale = None if self.has_text_tower else nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.text_proj = make_feature_projection(s_dim, t_dim) if self.student.has_own_text_tower else None
 
     @property
     def teacher(self) -> DualEncoder:
@@ -84,20 +79,15 @@ class DistillTask(nn.Module):
     def clamp_logit_scale_(self) -> None:
         """Keep the learnable log scale in [0, ln 100] after each step (open_clip does the same),
         so it never sits above the cap where its gradient is zero."""
-        clamp_log_scale_(self.student_log_scale())
+        clamp_log_scale_(self.student.log_logit_scale)
 
     def export_student(self) -> DualEncoder:
-        """The student to save; an image-only student takes the logit scale trained here."""
-        if self.own_log_scale is not None and hasattr(self.student, "log_scale"):
-            self.student.log_scale.data.copy_(self.own_log_scale.data)
+        """The student to save (its logit scale is its own: nothing to copy back)."""
         return self.student
 
     def parity_reference(self) -> DualEncoder:
         """What the exported student's variants are checked against: the teacher."""
         return self.teacher
-
-    def student_log_scale(self) -> torch.Tensor:
-        return self.own_log_scale if self.own_log_scale is not None else self.student.log_logit_scale
 
     def _sample_texts(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """One text row per image: a random caption of that image, or a random class prompt.
@@ -120,7 +110,7 @@ class DistillTask(nn.Module):
         of the template-averaged head); image-only students use the teacher's head."""
         if self.teacher_class_head is None:
             return None
-        if not self.has_text_tower:
+        if not self.student.has_own_text_tower:
             return self.teacher_class_head
         C, T = self.bank.prompt_rows.shape
         pick = torch.randint(T, (C,), generator=generator)
@@ -144,7 +134,7 @@ class DistillTask(nn.Module):
         text_rows = self._sample_texts(batch, gen)
         t_txt = self.bank.teacher_emb[text_rows].to(device)
         s_txt = None
-        if self.has_text_tower:
+        if self.student.has_own_text_tower:
             ids, mask = self.bank.student_ids[text_rows].to(device), self.bank.student_mask[text_rows].to(device)
             s_txt = self.student.encode_tokens(ids, mask)
         out = self.losses(
@@ -156,7 +146,7 @@ class DistillTask(nn.Module):
             teacher_text=t_txt.float(),
             student_class=self._student_class_head(gen, device),
             teacher_class=self.teacher_class_head,
-            student_log_scale=self.student_log_scale(),
+            student_log_scale=self.student.log_logit_scale,
             teacher_scale=self.teacher.logit_scale.detach(),
         )
         out["loss"] = total_loss(out)

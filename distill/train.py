@@ -219,12 +219,15 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
     student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
                             init=cfg.student.init, tokenizer=_load_tokenizer(cfg.student.tokenizer))
+    if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
+        with torch.no_grad():
+            student.log_logit_scale.fill_(cfg.optim.init_logit_scale)
     data = build_train_data(cfg, teacher, student, accelerator)
     head = None
     if data.classnames and cfg.loss.kl_on_classes:
         head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)
     jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift)
-    return DistillTask(student, teacher, cfg.loss, data.bank, head, cfg.optim.init_logit_scale, jitter), data
+    return DistillTask(student, teacher, cfg.loss, data.bank, head, jitter), data
 
 
 def build_task(cfg: TrainConfig, accelerator):

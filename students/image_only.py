@@ -62,9 +62,9 @@ class FrozenTextStudent(DualEncoder):
         self.image_tower = image_tower
         self.image_transform = image_transform
         self.name = name
-        # a buffer, not a Parameter: with a frozen text side the temperature belongs to the training
-        # task (distill.task owns a trainable one); an unused Parameter would also break DDP
-        self.register_buffer("log_scale", torch.tensor(float(log_logit_scale)))
+        # the student owns its temperature, as a CLIP student does: the distillation task trains it
+        # and save/load carry it (state-dict key "log_scale", as when it was a buffer)
+        self.log_scale = nn.Parameter(torch.tensor(float(log_logit_scale)))
         self._embed_dim = int(embed_dim)
         self.__dict__["_teacher"] = None  # bypasses nn.Module.__setattr__, which would register it
         if teacher is not None:

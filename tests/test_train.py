@@ -368,3 +368,24 @@ def test_training_with_student_jitter(setup, tmp_path):
         main(_args(setup, tmp_path, "data.student_shift=-2"))
     with pytest.raises(ConfigError, match="mode=contrastive"):
         main(_args(setup, tmp_path, "mode=contrastive", f"contrastive.model={setup[1]}", "data.student_flip=true"))
+
+
+def test_image_only_student_owns_its_logit_scale(setup):
+    """One owner: the task trains the student's own log scale (no copy kept in the task)."""
+    from clipcore.loading import load_teacher
+    from distill.config import LossConfig
+    from distill.task import DistillTask, TextBank
+    from students import build_student
+
+    teacher = load_teacher(str(setup[1]))
+    student = build_student("test-tiny-resnet", teacher=teacher)
+    assert not student.has_own_text_tower
+    bank = TextBank(["a cat.", "a dog."], None, None, teacher.encode_text(["a cat.", "a dog."]),
+                    torch.arange(2).view(2, 1), [])
+    task = DistillTask(student, teacher, LossConfig(), bank, teacher.encode_text(["a cat.", "a dog."]))
+    scales = [n for n, _ in task.named_parameters() if "scale" in n]
+    assert scales == ["student.log_scale"], scales
+    batch = {"pixel_values_student": torch.randn(4, 3, 32, 32), "pixel_values_teacher": torch.randn(4, 3, 32, 32),
+             "index": torch.arange(4) % 2}
+    task.train()(batch, step=0)["loss"].backward()
+    assert student.log_logit_scale.grad is not None and task.export_student() is student
