@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from clipcore.losses import LossConfig
+from exports.parity import ParityInputError, check_variant_names, load_gates
 
 
 class ConfigError(ValueError):
@@ -102,10 +103,13 @@ class ExportConfig:
     """After training: export the student to ONNX, build precision variants, check parity, bundle."""
 
     enabled: bool = False
-    variants: str = "fp32,fp16,int8-dynamic"  # comma list of exports.parity variant names (GPU ones skip here)
+    # exports.parity variant names (GPU ones skip here); on the command line also "fp32,fp16"
+    variants: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8-dynamic"])
     parity_limit: int | None = 1000  # evaluation images for the parity report (None: the whole split)
     bundle_precision: str | None = "int8-dynamic"  # edge bundle at this precision if it passed its gate
-    gates: str | None = None  # changes to the default gates, "KEY.FIELD=VALUE,...", e.g. int8.min_agreement=0.98
+    # changes to the default gates, {KEY: {FIELD: VALUE}}, e.g. {int8: {min_agreement: 0.98}}; on the
+    # command line also "KEY.FIELD=VALUE,...", e.g. export.gates=int8.min_agreement=0.98
+    gates: dict[str, dict[str, float | None]] = field(default_factory=dict)
     fail_on_gate: bool = True  # `python distill/train.py` exits 1 when a variant fails its gate
 
 
@@ -154,6 +158,11 @@ class TrainConfig:
             raise ConfigError(f"data.student_shift must be >= 0 pixels, got {self.data.student_shift}")
         if not self.data.train:
             raise ConfigError("data.train is empty: set it in the recipe or as data.train=...")
+        try:
+            check_variant_names(self.export.variants)
+            load_gates(self.export.gates)
+        except ParityInputError as exc:
+            raise ConfigError(f"export: {exc}") from exc
         return self
 
 
@@ -180,6 +189,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: cannot interpret {value!r} ({'; '.join(errors)})")
+    if origin is list:
+        seq = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(seq, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list (or a comma-separated string), got {value!r}")
+        return [_coerce(v, args[0], key) for v in seq]
+    if origin is dict:
+        table = {} if value is None else _dotted_map(value, key) if isinstance(value, str) else value
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{key}: expected a mapping (or KEY.FIELD=VALUE,...), got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in table.items()}
     if origin is tuple:
         seq = yaml.safe_load(value) if isinstance(value, str) else value
         if not isinstance(seq, (list, tuple)) or len(seq) != len(args):
@@ -206,6 +225,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _dotted_map(text: str, key: str) -> dict[str, dict[str, str]]:
+    """The command-line form of a two-level map: ``"int8.min_agreement=0.98,fp16.min_agreement=0.99"``."""
+    table: dict[str, dict[str, str]] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        path, sep, raw = item.partition("=")
+        outer, dot, inner = path.strip().rpartition(".")
+        if not sep or not dot or not outer:
+            raise ConfigError(f"{key}: {item!r} is not KEY.FIELD=VALUE")
+        table.setdefault(outer, {})[inner] = raw.strip()
+    return table
 
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:

@@ -39,7 +39,7 @@ from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
 from distill.task import DistillTask, TrainingTask
 from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
-from exports.pipeline import export_and_check, parse_variants
+from exports.pipeline import export_and_check
 from students import build_student, save_student
 
 log = logging.getLogger("distill.train")
@@ -141,7 +141,7 @@ def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder,
     """``export.enabled``: ONNX variants, parity report against the teacher, edge bundle. Returns passed."""
     names = cfg.data.eval_classnames if (_other_eval_data(cfg) or cfg.data.eval_classnames) else cfg.data.classnames
     result = export_and_check(teacher, student, eval_spec(cfg, cfg.export.parity_limit), out / "export",
-                              variants=parse_variants(cfg.export.variants),
+                              variants=cfg.export.variants,
                               templates=cfg.data.eval_templates or cfg.data.templates, classnames=names,
                               bundle_precision=cfg.export.bundle_precision, gates=cfg.export.gates)
     log.info("parity %s; report: %s%s\n%s", "PASSED" if result.passed else "FAILED", result.report_paths["html"],

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from clipcore.data import DataSpec
 from clipcore.dual_encoder import DualEncoder
 from exports.bundle import write_bundle
-from exports.parity import ParitySettings, check_variant_names, load_gates, run_parity, summary_table
+from exports.parity import ParitySettings, load_gates, run_parity, summary_table
 
 log = logging.getLogger("exports.pipeline")
 
@@ -32,19 +32,15 @@ class ExportResult:
     summary: str
 
 
-def parse_variants(spec: str) -> list[str]:
-    return check_variant_names([v.strip() for v in spec.split(",") if v.strip()])
-
-
 def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec, out_dir: str | Path, *,
                      variants: Sequence[str], templates: str, classnames: str | None = None,
-                     bundle_precision: str | None = None, gates: str | None = None) -> ExportResult:
+                     bundle_precision: str | None = None,
+                     gates: Mapping[str, Mapping[str, float | None]] | None = None) -> ExportResult:
     """Parity of every variant against the teacher and the torch student; bundle a kept precision."""
     out_dir = Path(out_dir)
     settings = ParitySettings(templates=templates, classnames=classnames)
-    overrides = [g.strip() for g in (gates or "").split(",") if g.strip()]
     report = run_parity(teacher, student, data, out_dir, variants=variants, settings=settings,
-                        gates=load_gates(None, overrides))
+                        gates=load_gates(gates))
     paths = report.write(out_dir)
     bundle = None
     if bundle_precision:

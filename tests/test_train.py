@@ -389,3 +389,24 @@ def test_image_only_student_owns_its_logit_scale(setup):
              "index": torch.arange(4) % 2}
     task.train()(batch, step=0)["loss"].backward()
     assert student.log_logit_scale.grad is not None and task.export_student() is student
+
+
+def test_export_variants_and_gates_are_typed(tmp_path):
+    """export.variants is a list and export.gates a map; the comma forms stay a command-line convenience."""
+    from distill.config import load_config
+
+    base = ["teacher.name_or_path=t", "data.train=d"]
+    cfg = load_config(None, [*base, "export.variants=fp32,int8-dynamic",
+                             "export.gates=int8.min_agreement=0.98,fp16.max_kl=none"])
+    assert cfg.export.variants == ["fp32", "int8-dynamic"]
+    assert cfg.export.gates == {"int8": {"min_agreement": 0.98}, "fp16": {"max_kl": None}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("export:\n  variants: [fp16]\n  gates:\n    int8: {max_top1_drop: 0.02}\n")
+    cfg = load_config(recipe, base)
+    assert cfg.export.variants == ["fp16"] and cfg.export.gates == {"int8": {"max_top1_drop": 0.02}}
+    with pytest.raises(ConfigError, match=r"export: unknown variants \['fp8'\]"):
+        load_config(None, [*base, "export.variants=fp32,fp8"])
+    with pytest.raises(ConfigError, match="unknown gate fields"):
+        load_config(None, [*base, "export.gates=int8.min_agreemnt=0.9"])
+    with pytest.raises(ConfigError, match="is not KEY.FIELD=VALUE"):
+        load_config(None, [*base, "export.gates=int8=0.9"])

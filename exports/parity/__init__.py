@@ -30,8 +30,16 @@ One module per job:
 """
 
 from exports.parity.cli import main
-from exports.parity.gates import DEFAULT_GATES, GATE_FIELDS, Gate, GateCheck, ParityInputError, load_gates
-from exports.parity.gates import precision_from_name, resolve_gate
+from exports.parity.gates import (
+    DEFAULT_GATES,
+    GATE_FIELDS,
+    Gate,
+    GateCheck,
+    ParityInputError,
+    load_gates,
+    precision_from_name,
+    resolve_gate,
+)
 from exports.parity.measure import mean_kl
 from exports.parity.results import ParityReport, ParitySettings, SubjectResult, summary_table
 from exports.parity.run import run_parity

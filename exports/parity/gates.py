@@ -115,28 +115,42 @@ def _merge_gate(gates: dict[str, Gate], key: str, fields: Mapping[str, Any], whe
     gates[key] = replace(gates.get(key, Gate()), **values)
 
 
-def load_gates(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Gate]:
-    """:data:`DEFAULT_GATES`, updated from a YAML/JSON file and ``KEY.FIELD=VALUE`` overrides.
+def load_gates(source: str | Path | Mapping[str, Mapping[str, Any]] | None = None,
+               overrides: Iterable[str] = ()) -> dict[str, Gate]:
+    """:data:`DEFAULT_GATES`, updated from a mapping or a YAML/JSON file, then ``KEY.FIELD=VALUE`` overrides.
 
     A key is a variant name (``int8-static``, ``ort-trt-fp16``, an ``--onnx`` name) or a precision
-    family (``fp32``, ``fp16``, ``int8``); the file maps keys to ``{field: value}``.
+    family (``fp32``, ``fp16``, ``int8``); the mapping (or file) maps keys to ``{field: value}``,
+    e.g. a recipe's ``export.gates: {int8: {min_agreement: 0.98}}``.
 
     Raises:
         ParityInputError: unreadable file, unknown field or a value that is not a number.
     """
     gates = dict(DEFAULT_GATES)
-    if path is not None:
-        for key, fields in _read_gate_file(Path(path)).items():
+    if source is not None:
+        where = "gates" if isinstance(source, Mapping) else str(source)
+        table = source if isinstance(source, Mapping) else _read_gate_file(Path(source))
+        for key, fields in table.items():
             if not isinstance(fields, Mapping):
-                raise ParityInputError(f"{path}: gate {key!r} must map fields to values, got {fields!r}")
-            _merge_gate(gates, str(key), fields, str(path))
+                raise ParityInputError(f"{where}: gate {key!r} must map fields to values, got {fields!r}")
+            _merge_gate(gates, str(key), fields, where)
     for item in overrides:
-        key_field, sep, raw = item.partition("=")
-        key, dot, name = key_field.rpartition(".")
-        if not sep or not dot or not key:
-            raise ParityInputError(f"--gate {item!r}: expected KEY.FIELD=VALUE, e.g. int8.min_agreement=0.98")
+        key, name, raw = split_gate_override(item)
         _merge_gate(gates, key, {name: raw}, "--gate")
     return gates
+
+
+def split_gate_override(item: str) -> tuple[str, str, str]:
+    """``"int8.min_agreement=0.98"`` -> ``("int8", "min_agreement", "0.98")``.
+
+    Raises:
+        ParityInputError: not of the form KEY.FIELD=VALUE.
+    """
+    key_field, sep, raw = item.partition("=")
+    key, dot, name = key_field.strip().rpartition(".")
+    if not sep or not dot or not key:
+        raise ParityInputError(f"--gate {item!r}: expected KEY.FIELD=VALUE, e.g. int8.min_agreement=0.98")
+    return key, name, raw.strip()
 
 
 def _read_gate_file(path: Path) -> dict:
