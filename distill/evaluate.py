@@ -26,7 +26,7 @@ from clipcore.dual_encoder import DualEncoder
 from clipcore.linear_probe import linear_probe
 from clipcore.metrics import classification_metrics, retrieval_metrics
 from clipcore.templates import get_templates
-from clipcore.zeroshot import ClassifierCache
+from clipcore.zeroshot import build_classifier
 from students import load_model
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,11 @@ def zeroshot_eval(
     images: EmbeddedImages,
     classnames: Sequence[str],
     templates: str | Sequence[str],
-    cache: ClassifierCache | None = None,
 ) -> dict:
     """Zero-shot top-1/top-5/mean-per-class recall of already-embedded images."""
     if images.labels is None:
         raise ValueError("zero-shot evaluation needs a label column")
-    cache = cache or ClassifierCache()
-    head = cache.get(model, classnames, templates)
+    head = build_classifier(model, classnames, templates)
     logits = model.logits(images.embeddings.to(model.device), head.to(model.device)).cpu()
     out = classification_metrics(logits, images.labels)
     out.update(num_classes=len(classnames), num_templates=len(get_templates(templates)))

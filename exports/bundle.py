@@ -49,7 +49,7 @@ def write_bundle(
         precision: one of ``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``.
         calibration_images: images for ``int8-static`` (paths, bytes, PIL images; any mode),
             preprocessed with the model's own transform.
-        class_embeddings: a precomputed (C, D) head (e.g. from ``ClassifierCache``); built with
+        class_embeddings: a precomputed (C, D) head (e.g. from ``build_classifier``); built with
             :func:`clipcore.zeroshot.build_classifier` when omitted.
         overwrite: replace an existing non-empty ``out_dir``.
 

@@ -79,5 +79,3 @@ ZERO_SHOT_CLASSIFIER = GraphSpec(
         TensorSpec("probs", "float32", ("batch", None)),
     ),
 )
-
-GRAPHS = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER, ZERO_SHOT_CLASSIFIER)}

@@ -133,11 +133,6 @@ class OnnxGraph:
     __call__ = run
 
 
-def run_onnx(path: str | Path, spec: GraphSpec, feeds: Mapping[str, np.ndarray], **session_kwargs: Any) -> dict[str, np.ndarray]:
-    """One-shot convenience: open ``path`` and run ``feeds`` through it."""
-    return OnnxGraph(path, spec, **session_kwargs).run(feeds)
-
-
 # ----------------------------------------------------------------------------- manifest
 
 

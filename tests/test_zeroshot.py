@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from clipcore.templates import OPENAI_CIFAR, OPENAI_IMAGENET, get_templates
-from clipcore.zeroshot import ClassifierCache, build_classifier
+from clipcore.zeroshot import build_classifier
 
 
 def test_template_sets_have_published_sizes():
@@ -42,17 +42,3 @@ def test_empty_or_blank_classnames_rejected(tiny_clip):
         build_classifier(tiny_clip, [], "simple")
     with pytest.raises(ValueError, match="empty strings"):
         build_classifier(tiny_clip, ["cat", " "], "simple")
-
-
-def test_classifier_cache_memory_and_disk(tiny_clip, tmp_path):
-    cache = ClassifierCache(tmp_path)
-    a = cache.get(tiny_clip, ["cat", "dog"], "openai_cifar")
-    b = cache.get(tiny_clip, ["cat", "dog"], "openai_cifar")
-    assert (cache.hits, cache.misses) == (1, 1) and a is b
-    other = cache.get(tiny_clip, ["cat", "dog"], "simple")  # other templates: a miss
-    assert cache.misses == 2 and not torch.equal(a, other)
-    fresh = ClassifierCache(tmp_path)  # a later run: read from disk
-    c = fresh.get(tiny_clip, ["cat", "dog"], "openai_cifar")
-    assert (fresh.hits, fresh.misses) == (1, 0)
-    torch.testing.assert_close(a, c)
-    assert len(list(tmp_path.glob("zeroshot-*.safetensors"))) == 2
