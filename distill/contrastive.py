@@ -26,7 +26,7 @@ from clipcore.loading import load_dual_encoder
 from clipcore.losses import MultiPositiveClipLoss, SoftTargetKLLoss, clamp_log_scale_, logit_scale, total_loss
 from clipcore.templates import get_templates
 from clipcore.towers import TowerDualEncoder, build_reference_dual_encoder
-from distill.config import ConfigError, ContrastiveConfig, TrainConfig
+from distill.config import ConfigError, ContrastiveConfig, DataConfig, TrainConfig
 from distill.features import cached_image_tower_features, cached_text_tower_features
 from distill.train_data import TrainRows
 
@@ -101,12 +101,12 @@ def _class_synonyms(ds, label_column: str | None, spec: str | None) -> list[list
     return [synonyms(n) for n in source]
 
 
-def build_texts(cfg: TrainConfig, ds, cols) -> tuple[ContrastiveTexts, list[str] | None]:
+def build_texts(data: DataConfig, c: ContrastiveConfig, ds, cols) -> tuple[ContrastiveTexts, list[str] | None]:
     """Captions, or prompts from templates x synonyms per class; returns the texts and class names."""
     texts: list[str] = []
     class_rows: list[list[int]] = []
     caption_rows: list[list[int]] = []
-    names_syn = _class_synonyms(ds, cols.label, cfg.data.classnames)
+    names_syn = _class_synonyms(ds, cols.label, data.classnames)
     if cols.captions:
         caps, owner = flatten_captions(ds, cols.captions)
         caption_rows = [[] for _ in range(len(ds))]
@@ -115,14 +115,14 @@ def build_texts(cfg: TrainConfig, ds, cols) -> tuple[ContrastiveTexts, list[str]
         texts += caps
     elif names_syn:
         for syns in names_syn:
-            rows = [len(texts) + i for i in range(len(syns) * len(get_templates(cfg.data.templates)))]
-            texts += [t.format(s) for s in syns for t in get_templates(cfg.data.templates)]
+            rows = [len(texts) + i for i in range(len(syns) * len(get_templates(data.templates)))]
+            texts += [t.format(s) for s in syns for t in get_templates(data.templates)]
             class_rows.append(rows)
     else:
         raise ConfigError("contrastive training needs a caption column or class labels (data.classnames)")
     imagenet_rows: list[int] = []
-    if cfg.contrastive.imagenet_kl_weight > 0:
-        path = Path(cfg.contrastive.imagenet_classnames)
+    if c.imagenet_kl_weight > 0:
+        path = Path(c.imagenet_classnames)
         if not path.is_file():
             raise FileNotFoundError(f"contrastive.imagenet_classnames={path} does not exist")
         names = [synonyms(v)[0] for v in json.loads(path.read_text()).values()]
@@ -218,26 +218,26 @@ class ContrastiveTask(nn.Module):
 # -------------------------------------------------------------------------------------- build
 
 
-def load_trainable(cfg: TrainConfig, device) -> DualEncoder:
+def load_trainable(c: ContrastiveConfig, init_logit_scale: float, device) -> DualEncoder:
     """The dual encoder to fine-tune: ``reference:lite0`` builds from the pretrained wheels."""
-    spec = cfg.contrastive.model
+    spec = c.model
     if spec.startswith("reference:"):
-        return build_reference_dual_encoder(image_variant=spec.split(":", 1)[1], head=cfg.contrastive.head,
-                                            embed_dim=cfg.contrastive.embed_dim, image_size=cfg.contrastive.image_size,
-                                            init_logit_scale=cfg.optim.init_logit_scale).to(device)
+        return build_reference_dual_encoder(image_variant=spec.split(":", 1)[1], head=c.head,
+                                            embed_dim=c.embed_dim, image_size=c.image_size,
+                                            init_logit_scale=init_logit_scale).to(device)
     return load_dual_encoder(spec, device=device).train()
 
 
 def build_contrastive(cfg: TrainConfig, accelerator):
     """Model, task and training rows for ``mode: contrastive``. Returns (task, rows, classnames)."""
     c = cfg.contrastive
-    model = load_trainable(cfg, accelerator.device)
+    model = load_trainable(c, cfg.optim.init_logit_scale, accelerator.device)
     split = split_towers(model)
     image_frozen, text_frozen = apply_freezing(split, c)
     spec = DataSpec.from_config(cfg.data, cfg.seed)
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
-    texts, classnames = build_texts(cfg, ds, cols)
+    texts, classnames = build_texts(cfg.data, c, ds, cols)
     views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
     if c.imagenet_kl_weight > 0 and not isinstance(model, TowerDualEncoder):
         raise ConfigError("contrastive.imagenet_kl_weight needs an image tower with ImageNet logits (reference:*)")

@@ -222,7 +222,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
         with torch.no_grad():
             student.log_logit_scale.fill_(cfg.optim.init_logit_scale)
-    data = build_train_data(cfg, teacher, student, accelerator)
+    data = build_train_data(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
+                            batch_size=cfg.optim.batch_size)
     head = None
     if data.classnames and cfg.loss.kl_on_classes:
         head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)

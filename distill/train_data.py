@@ -16,8 +16,9 @@ from clipcore.cache import TeacherTargetCache, cache_key
 from clipcore.classnames import classnames_for
 from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder
+from clipcore.losses import LossConfig
 from clipcore.templates import get_templates
-from distill.config import ConfigError, TrainConfig
+from distill.config import CacheConfig, ConfigError, DataConfig
 from distill.features import embed_texts, teacher_image_rows
 from distill.task import TextBank
 
@@ -102,14 +103,21 @@ def check_path(path: str, what: str) -> None:
         )
 
 
-def build_train_data(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder, accelerator) -> TrainData:
-    """Load the training split, the text bank and (when enabled) the cached teacher targets."""
-    check_path(cfg.data.train, "data.train")
-    spec = DataSpec.from_config(cfg.data, cfg.seed)
+def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, teacher: DualEncoder,
+                     student: DualEncoder, accelerator, *, seed: int, batch_size: int) -> TrainData:
+    """Load the training split, the text bank and (when enabled) the cached teacher targets.
+
+    Args:
+        data, cache, loss: the recipe's sections (the loss terms say whether captions are needed).
+        seed: the run's seed (training subset, augmented views).
+        batch_size: images per teacher forward pass when the targets are built.
+    """
+    check_path(data.train, "data.train")
+    spec = DataSpec.from_config(data, seed)
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
-    names = classnames_for(ds, cols.label, cfg.data.classnames)
-    templates = list(get_templates(cfg.data.templates))
+    names = classnames_for(ds, cols.label, data.classnames)
+    templates = list(get_templates(data.templates))
     prompts = [t.format(c) for c in names for t in templates] if names else []
     texts, caption_rows = list(prompts), []
     if cols.captions:
@@ -118,7 +126,7 @@ def build_train_data(cfg: TrainConfig, teacher: DualEncoder, student: DualEncode
         for j, row in enumerate(owner):
             caption_rows[row].append(len(prompts) + j)
         texts += caps
-    if (cfg.loss.clip_weight > 0 or cfg.loss.interactive_weight > 0) and not cols.captions:
+    if (loss.clip_weight > 0 or loss.interactive_weight > 0) and not cols.captions:
         raise ConfigError(
             f"loss.clip_weight / loss.interactive_weight need image-text pairs, but {spec.label} has no caption "
             f"column (columns: {ds.column_names}); set data.caption_column=... or set those weights to 0"
@@ -126,12 +134,12 @@ def build_train_data(cfg: TrainConfig, teacher: DualEncoder, student: DualEncode
     if not texts:
         raise ValueError(f"{spec.label}: no class names and no captions; set data.classnames=... or data.caption_column")
     cached, hit, teacher_text = None, None, None
-    views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
-    if cfg.cache.enabled:
-        key = cache_key(teacher.fingerprint(), ds._fingerprint, teacher.image_transform.to_json(), cfg.cache.views, cfg.seed)
-        store = TeacherTargetCache(cfg.cache.dir, key, accelerator.process_index, accelerator.num_processes,
+    views = ViewSpec(views=cache.views, seed=seed)
+    if cache.enabled:
+        key = cache_key(teacher.fingerprint(), ds._fingerprint, teacher.image_transform.to_json(), cache.views, seed)
+        store = TeacherTargetCache(cache.dir, key, accelerator.process_index, accelerator.num_processes,
                                    accelerator.wait_for_everyone)
-        rows = teacher_image_rows(teacher, ds, cols, views, cfg.cache.dir, cfg.seed, cfg.optim.batch_size, accelerator)
+        rows = teacher_image_rows(teacher, ds, cols, views, cache.dir, seed, batch_size, accelerator)
         targets = store.get_or_build(len(ds), rows, texts, lambda t: embed_texts(teacher, t).numpy())
         cached, hit = torch.from_numpy(targets.images), targets.hit
         teacher_text = torch.from_numpy(targets.texts)

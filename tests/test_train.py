@@ -170,7 +170,8 @@ def test_cache_hit_miss_and_invalidation(setup, tmp_path):
     def run(teacher, *extra):
         cfg = load_config(None, _args(setup, tmp_path, *extra)[2:])
         student = build_student("test-tiny", teacher=teacher)
-        return build_train_data(cfg, teacher, student, acc)
+        return build_train_data(cfg.data, cfg.cache, cfg.loss, teacher, student, acc, seed=cfg.seed,
+                                batch_size=cfg.optim.batch_size)
 
     teacher = load_teacher(str(teacher_dir))
     first = run(teacher)
@@ -273,7 +274,8 @@ def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
     _, teacher_dir, data = setup
     teacher = load_teacher(str(teacher_dir))
     cfg = load_config(None, _args(setup, tmp_path, "cache.views=3", "seed=5")[2:])
-    built = build_train_data(cfg, teacher, build_student("test-tiny", teacher=teacher), Accelerator(cpu=True))
+    built = build_train_data(cfg.data, cfg.cache, cfg.loss, teacher, build_student("test-tiny", teacher=teacher),
+                             Accelerator(cpu=True), seed=cfg.seed, batch_size=cfg.optim.batch_size)
     assert built.teacher_images.shape == (48, 3, teacher.embed_dim)
     # view 2 of row 5 in the cache == the teacher on that crop of the decoded image
     from clipcore.data import DataSpec, ImageDataset
