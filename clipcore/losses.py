@@ -39,9 +39,7 @@ are the current micro-batch from all processes, not the whole accumulated batch.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -52,32 +50,19 @@ from clipcore.dist import check_equal_batch, gather_with_grad, rank
 
 LOG_SCALE_MAX = math.log(100.0)
 
-EMBEDDING_KEYS = (
-    "student_image",
-    "student_text",
-    "teacher_image",
-    "teacher_text",
-    "student_image_proj",
-    "student_text_proj",
-    "student_class",
-    "teacher_class",
-    "student_log_scale",
-    "teacher_scale",
-)
-
 FEATURE_KINDS = ("cosine", "mse")
 
 
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _check_weight(name: str, value) -> float:
+def check_weight(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
-def _check_temperature(name: str, value) -> float:
+def check_temperature(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -134,8 +119,8 @@ def _same_dim(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, loss: 
 class EmbeddingCache:
     """Normalises (float32) and gathers each embedding tensor once per training step.
 
-    :class:`DistillLoss` shares one cache between its losses, so a tensor used by several of them is
-    gathered once; a loss called alone makes its own. Keyed by tensor identity: build a new cache
+    :class:`clipcore.distill_loss.DistillLoss` shares one cache between its losses, so a tensor
+    used by several of them is gathered once; a loss called alone makes its own. Keyed by tensor identity: build a new cache
     every step. The first gather also checks that all ranks have the same local batch size.
     """
 
@@ -206,7 +191,7 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: fl
     Returns:
         float32 scalar.
     """
-    T = _check_temperature("T", T)
+    T = check_temperature("T", T)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"kl_distill: logits shapes differ {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
@@ -231,7 +216,7 @@ class ClipLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
-        self.weight = _check_weight("ClipLoss weight", weight)
+        self.weight = check_weight("ClipLoss weight", weight)
 
     def forward(
         self,
@@ -282,8 +267,8 @@ class KLDistillLoss(nn.Module):
         self, weight: float = 1.0, temperature: float = 1.0, on_classes: bool = True, on_affinity: bool = True
     ):
         super().__init__()
-        self.weight = _check_weight("KLDistillLoss weight", weight)
-        self.temperature = _check_temperature("KLDistillLoss temperature", temperature)
+        self.weight = check_weight("KLDistillLoss weight", weight)
+        self.temperature = check_temperature("KLDistillLoss temperature", temperature)
         if not isinstance(on_classes, bool) or not isinstance(on_affinity, bool):
             raise ValueError(f"on_classes/on_affinity must be bools, got {on_classes!r}, {on_affinity!r}")
         if self.weight > 0 and not (on_classes or on_affinity):
@@ -378,7 +363,7 @@ class FeatureDistillLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0, kind: str = "cosine"):
         super().__init__()
-        self.weight = _check_weight("FeatureDistillLoss weight", weight)
+        self.weight = check_weight("FeatureDistillLoss weight", weight)
         if kind not in FEATURE_KINDS:
             raise ValueError(f"FeatureDistillLoss kind must be one of {FEATURE_KINDS}, got {kind!r}")
         self.kind = kind
@@ -428,7 +413,7 @@ class InteractiveContrastiveLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
-        self.weight = _check_weight("InteractiveContrastiveLoss weight", weight)
+        self.weight = check_weight("InteractiveContrastiveLoss weight", weight)
 
     def forward(
         self,
@@ -467,163 +452,9 @@ class InteractiveContrastiveLoss(nn.Module):
         return {"interactive_loss": self.weight * sum(losses) / len(losses)}
 
 
-# ------------------------------------------------------------------------------------ composition
-
-
-@dataclass
-class LossConfig:
-    """Weights of the distillation objective (the ``loss`` section of a training recipe).
-
-    The one definition, with the one set of defaults and the one validation: a weight of 0
-    switches its term off.
-
-    kl_weight / kl_temperature: :class:`KLDistillLoss`; kl_on_classes / kl_on_affinity pick its logits.
-    clip_weight: the student's own contrastive loss (:class:`ClipLoss`); needs image-text pairs.
-    feature_weight / feature_kind ("cosine" | "mse"): :class:`FeatureDistillLoss`.
-    interactive_weight: :class:`InteractiveContrastiveLoss`; needs image-text pairs.
-    """
-
-    kl_weight: float = 1.0
-    kl_temperature: float = 2.0
-    kl_on_classes: bool = True
-    kl_on_affinity: bool = True
-    clip_weight: float = 0.0
-    feature_weight: float = 1.0
-    feature_kind: str = "cosine"
-    interactive_weight: float = 0.0
-
-    def __post_init__(self):
-        for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight"):
-            _check_weight(f, getattr(self, f))
-        _check_temperature("kl_temperature", self.kl_temperature)
-        if self.feature_kind not in FEATURE_KINDS:
-            raise ValueError(f"feature_kind must be one of {FEATURE_KINDS}, got {self.feature_kind!r}")
-        for f in ("kl_on_classes", "kl_on_affinity"):
-            if not isinstance(getattr(self, f), bool):
-                raise ValueError(f"{f} must be true or false, got {getattr(self, f)!r}")
-        if self.kl_weight > 0 and not (self.kl_on_classes or self.kl_on_affinity):
-            raise ValueError("kl_on_classes and kl_on_affinity are both false while kl_weight > 0")
-        if not any(getattr(self, f) > 0 for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight")):
-            raise ValueError("all loss weights (kl_weight, clip_weight, feature_weight, interactive_weight) are 0")
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "LossConfig":
-        """Build from a mapping (a YAML section); unknown keys raise ``ValueError`` naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown loss config field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
-
-class DistillLoss(nn.Module):
-    """All loss terms of :class:`LossConfig`; ``forward(**embeddings)`` returns one merged dict.
-
-    Embedding keywords are those of this module's docstring (unknown keywords raise). One
-    :class:`EmbeddingCache` is shared by the terms, so each tensor is gathered once per call. Sum the
-    result with :func:`total_loss`. Holds no parameters: the logit scale and any projection belong to
-    the trainable module.
-    """
-
-    def __init__(self, cfg: LossConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.clip = ClipLoss(cfg.clip_weight)
-        self.kl = KLDistillLoss(cfg.kl_weight, cfg.kl_temperature, cfg.kl_on_classes, cfg.kl_on_affinity)
-        self.feature = FeatureDistillLoss(cfg.feature_weight, cfg.feature_kind)
-        self.interactive = InteractiveContrastiveLoss(cfg.interactive_weight)
-
-    def forward(self, **embeddings) -> dict[str, torch.Tensor]:
-        unknown = sorted(set(embeddings) - set(EMBEDDING_KEYS))
-        if unknown:
-            raise ValueError(f"DistillLoss got unknown embedding keyword(s) {unknown}; known: {list(EMBEDDING_KEYS)}")
-        cache = EmbeddingCache()
-        out: dict[str, torch.Tensor] = {}
-        for term in (self.clip, self.kl, self.feature, self.interactive):
-            out.update(term(**embeddings, cache=cache))
-        if "logit_scale" not in out and embeddings.get("student_log_scale") is not None:
-            out["logit_scale"] = logit_scale(embeddings["student_log_scale"]).detach()
-        return out
-
-
-def build_losses(cfg: LossConfig | Mapping) -> DistillLoss:
-    """:class:`DistillLoss` from a :class:`LossConfig` or a plain mapping of its fields."""
-    return DistillLoss(cfg if isinstance(cfg, LossConfig) else LossConfig.from_dict(cfg))
-
-
 def total_loss(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the entries whose key ends in ``_loss`` (open_clip's convention); others are metrics."""
     terms = [v for k, v in losses.items() if k.endswith("_loss")]
     if not terms:
         raise ValueError(f"no '*_loss' entries to sum in {sorted(losses)}")
     return torch.stack([t.float().reshape(()) for t in terms]).sum()
-
-
-# ------------------------------------------------------------------------ contrastive fine-tuning
-
-
-def multi_positive_clip_loss(
-    image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor, groups: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Symmetric InfoNCE whose positives are every pair in the same group.
-
-    With ``groups`` None this is the plain CLIP loss (row i's positive is text i). With groups
-    (e.g. class labels of captions made from labels), row i's target is uniform over all texts of
-    its group in the batch gathered from every process, so two images of one class never push each
-    other's captions away as negatives.
-
-    Args:
-        image, text: (B, D) local embeddings (normalised here, in float32).
-        log_scale: the learnable log logit scale (clamped to ln 100 on use).
-        groups: optional (B,) integer group ids.
-    """
-    img, txt = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-    all_img, all_txt = gather_with_grad(img), gather_with_grad(txt, check_sizes=False)
-    b = img.shape[0]
-    own = torch.arange(b, device=img.device) + rank() * b
-    if groups is None:
-        targets = F.one_hot(own, all_txt.shape[0]).float()
-    else:
-        all_groups = gather_with_grad(groups.to(img.device), check_sizes=False)
-        targets = (groups.to(img.device)[:, None] == all_groups[None]).float()
-        targets = targets / targets.sum(dim=1, keepdim=True)
-    scale = logit_scale(log_scale)
-    loss_i = -(targets * F.log_softmax(scale * img @ all_txt.t(), dim=1)).sum(1).mean()
-    loss_t = -(targets * F.log_softmax(scale * txt @ all_img.t(), dim=1)).sum(1).mean()
-    return 0.5 * (loss_i + loss_t)
-
-
-class MultiPositiveClipLoss(nn.Module):
-    """:func:`multi_positive_clip_loss` as a loss module: ``{"clip_loss", "logit_scale"}``, or ``{}`` at weight 0."""
-
-    def __init__(self, weight: float = 1.0):
-        super().__init__()
-        self.weight = _check_weight("clip weight", weight)
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor,
-                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if self.weight == 0:
-            return {}
-        return {"clip_loss": self.weight * multi_positive_clip_loss(image, text, log_scale, groups),
-                "logit_scale": logit_scale(log_scale).detach()}
-
-
-class SoftTargetKLLoss(nn.Module):
-    """``KL(softmax(targets / T) || softmax(logits))``, batch mean, as ``{"<name>_loss"}``.
-
-    Contrastive mode's ImageNet term: the zero-shot prediction over the 1000 class prompts is
-    matched to the image tower's own ImageNet classifier, softened by ``temperature``.
-    """
-
-    def __init__(self, weight: float, temperature: float = 1.0, name: str = "soft_kl"):
-        super().__init__()
-        self.weight = _check_weight(f"{name} weight", weight)
-        self.temperature = _check_temperature(f"{name} temperature", temperature)
-        self.key = f"{name}_loss"
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.weight == 0:
-            return {}
-        target = F.softmax(targets.float() / self.temperature, dim=-1)
-        kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), target, reduction="batchmean")
-        return {self.key: self.weight * kl}

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from clipcore.losses import LossConfig
+from clipcore.distill_loss import LossConfig
 from exports.parity import ParityInputError, check_variant_names, load_gates
 
 

@@ -20,10 +20,11 @@ from torch import nn
 
 from clipcore.augment import ViewSpec
 from clipcore.classnames import label_names_or_none, load_classname_source, synonyms
+from clipcore.contrastive_loss import MultiPositiveClipLoss, SoftTargetKLLoss
 from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder, HFDualEncoder, TowerSplit, freeze
 from clipcore.loading import load_dual_encoder
-from clipcore.losses import MultiPositiveClipLoss, SoftTargetKLLoss, clamp_log_scale_, logit_scale, total_loss
+from clipcore.losses import clamp_log_scale_, logit_scale, total_loss
 from clipcore.templates import get_templates
 from clipcore.towers import TowerDualEncoder, build_reference_dual_encoder
 from distill.config import ConfigError, ContrastiveConfig, DataConfig, TrainConfig

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcore.augment import StudentJitter
+from clipcore.distill_loss import DistillLoss, LossConfig
 from clipcore.dual_encoder import DualEncoder
-from clipcore.losses import DistillLoss, LossConfig, clamp_log_scale_, make_feature_projection, total_loss
+from clipcore.losses import clamp_log_scale_, make_feature_projection, total_loss
 
 
 class TrainingTask(Protocol):

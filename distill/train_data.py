@@ -15,8 +15,8 @@ from clipcore.augment import ViewSpec
 from clipcore.cache import TeacherTargetCache, cache_key
 from clipcore.classnames import classnames_for
 from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
+from clipcore.distill_loss import LossConfig
 from clipcore.dual_encoder import DualEncoder
-from clipcore.losses import LossConfig
 from clipcore.templates import get_templates
 from distill.config import CacheConfig, ConfigError, DataConfig
 from distill.features import embed_texts, teacher_image_rows

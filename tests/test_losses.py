@@ -7,15 +7,13 @@ import math
 import pytest
 import torch
 
+from clipcore.distill_loss import DistillLoss, LossConfig, build_losses
 from clipcore.losses import (
     LOG_SCALE_MAX,
     ClipLoss,
-    DistillLoss,
     FeatureDistillLoss,
     InteractiveContrastiveLoss,
     KLDistillLoss,
-    LossConfig,
-    build_losses,
     clamp_log_scale_,
     kl_distill,
     logit_scale,
@@ -428,7 +426,8 @@ def test_low_precision_inputs(dtype):
 def test_multi_positive_clip_loss_reference():
     import torch.nn.functional as F
 
-    from clipcore.losses import ClipLoss, multi_positive_clip_loss
+    from clipcore.contrastive_loss import multi_positive_clip_loss
+    from clipcore.losses import ClipLoss
 
     torch.manual_seed(0)
     img, txt = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
@@ -466,7 +465,7 @@ def test_one_loss_config_for_recipes_and_losses():
 
 def test_contrastive_mode_losses_are_loss_modules():
     """Contrastive mode's CLIP and ImageNet soft-target terms, as modules returning weighted dicts."""
-    from clipcore.losses import MultiPositiveClipLoss, SoftTargetKLLoss, multi_positive_clip_loss
+    from clipcore.contrastive_loss import MultiPositiveClipLoss, SoftTargetKLLoss, multi_positive_clip_loss
 
     torch.manual_seed(0)
     img, txt, log_scale = torch.randn(6, 8), torch.randn(6, 8), torch.tensor(2.0)

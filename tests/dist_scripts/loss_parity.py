@@ -21,15 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from clipcore.losses import (
-    ClipLoss,
-    DistillLoss,
-    InteractiveContrastiveLoss,
-    KLDistillLoss,
-    LossConfig,
-    make_feature_projection,
-    total_loss,
-)
+from clipcore.distill_loss import DistillLoss, LossConfig
+from clipcore.losses import ClipLoss, InteractiveContrastiveLoss, KLDistillLoss, make_feature_projection, total_loss
 
 WORLD = 2
 LOCAL_B = 3
