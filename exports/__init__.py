@@ -9,4 +9,6 @@ free of torch):
 * ``bundle``      write a self-verifying zero-shot bundle for edge devices
 * ``runtime``     onnxruntime + numpy + pillow only: sessions, ``load_bundle``, ``BundleClassifier``
 * ``predict``     ``python -m exports.predict BUNDLE IMAGE...``
+* ``parity``      the parity report of every variant against the teacher and the torch student (a package)
+* ``pipeline``    the step after training: export, parity, bundle
 """
