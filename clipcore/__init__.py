@@ -10,6 +10,7 @@
 * ``metrics``, ``linear_probe``, ``flops``  evaluation metrics, the linear probe, model cost
 * ``losses``, ``dist``  distillation and contrastive losses; gathers with autograd
 * ``cache``         the on-disk cache of teacher targets and tower features
+* ``compat``        the one place that knows the transformers major (4.x or 5.x)
 * ``testing``       tiny models and tokenizers built on the fly for tests and benchmarks
 
 The layers above: ``students/`` and ``exports/`` import the core; ``distill/`` (config, task,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipcore import compat
 from clipcore.imaging import ImageTransform
 
 
@@ -130,10 +131,10 @@ class HFDualEncoder(DualEncoder):
         return self.model.logit_scale
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _as_tensor(self.model.get_image_features(pixel_values=pixel_values))
+        return compat.image_features(self.model, pixel_values)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return _as_tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        return compat.text_features(self.model, input_ids, attention_mask)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return dict(
@@ -141,16 +142,6 @@ class HFDualEncoder(DualEncoder):
                 list(texts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
         )
-
-
-def _as_tensor(out) -> torch.Tensor:
-    # transformers >=4.58 may return a ModelOutput from get_*_features; older versions a tensor.
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("pooler_output", "image_embeds", "text_embeds"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    raise TypeError(f"unexpected feature output {type(out).__name__}")
 
 
 def module_fingerprint(module: nn.Module, extra: str = "") -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from clipcore import towers
+from clipcore import compat, towers
 from clipcore.dual_encoder import DualEncoder, HFDualEncoder, ModelNotFoundError, freeze
 from clipcore.imaging import ImageTransform
 
@@ -78,7 +78,8 @@ def load_dual_encoder(
         if random_init:
             model = AutoModel.from_config(config)
         else:
-            model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+            with compat.quiet_progress():
+                model = AutoModel.from_pretrained(name_or_path, **compat.dtype_kwargs(dtype))
     except (OSError, ValueError) as exc:
         raise _resolve_error(name_or_path, exc) from exc
     transform = load_image_transform(name_or_path)

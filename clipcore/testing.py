@@ -15,7 +15,7 @@ from clipcore.imaging import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def _byte_symbols() -> list[str]:
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from clipcore.compat import bytes_to_unicode
 
     return list(bytes_to_unicode().values())
 
@@ -32,7 +32,8 @@ def write_byte_tokenizer(directory: str | Path, max_length: int = 32):
     vocab["<|endoftext|>"] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
+    # from_pretrained reads vocab.json + merges.txt in both majors (5.x's constructor takes dicts, 4.x's paths).
+    tok = CLIPTokenizer.from_pretrained(str(directory), model_max_length=max_length)
     tok.save_pretrained(directory)
     return tok
 

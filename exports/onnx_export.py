@@ -10,7 +10,8 @@ Three graphs, named and shaped in :mod:`exports.interface`:
 The wrappers below call ``encode_image`` / ``encode_tokens``, the very methods training and
 evaluation use, so the exported graphs cannot drift from the torch definitions. For Hugging
 Face CLIP models :func:`export_optimum` additionally writes optimum's single-graph layout,
-which ``optimum.onnxruntime.ORTModelForZeroShotImageClassification`` loads.
+which ``optimum.onnxruntime.ORTModelForZeroShotImageClassification`` loads; it needs the optional
+``optimum`` extra (``optimum-onnx``, imported only when called) and nothing else here does.
 """
 
 from __future__ import annotations
@@ -255,8 +256,6 @@ def export_optimum(
         ModelNotFoundError: a path that is not a model directory.
         TypeError: a dual encoder that is not a transformers model optimum can export.
     """
-    from optimum.exporters.onnx import main_export, onnx_export_from_model
-
     out_dir = Path(out_dir)
     if isinstance(model, (str, Path)):
         path = Path(model)
@@ -266,19 +265,39 @@ def export_optimum(
                 "CLIP-family model (save_pretrained) or an in-memory HFDualEncoder"
             )
         with _quiet():
-            main_export(str(model), out_dir, task=task, opset=opset, do_validation=validate, device="cpu")
+            _optimum_exporters().main_export(str(model), out_dir, task=task, opset=opset, do_validation=validate,
+                                             device="cpu")
         return out_dir
     if not isinstance(model, HFDualEncoder):
         raise TypeError(
             f"export_optimum needs a transformers-backed HFDualEncoder, got {type(model).__name__}; "
             "use export_dual_encoder for other dual encoders"
         )
+    exporters = _optimum_exporters()
     with eval_mode(model), _quiet():
-        onnx_export_from_model(model.model, out_dir, task=task, opset=opset, do_validation=validate, device="cpu")
+        exporters.onnx_export_from_model(model.model, out_dir, task=task, opset=opset, do_validation=validate,
+                                         device="cpu")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out_dir)
     image_processor_from_transform(model.image_transform).save_pretrained(out_dir)
     return out_dir
+
+
+class OptimumMissingError(ImportError):
+    """``optimum-onnx`` is not installed; the message says how to get it."""
+
+
+def _optimum_exporters():
+    """``optimum.exporters.onnx``, imported only when asked for: it is an optional extra."""
+    try:
+        from optimum.exporters import onnx as exporters
+    except ImportError as exc:
+        raise OptimumMissingError(
+            f"export_optimum needs optimum-onnx, which is not installed ({exc}); install it with "
+            "`pip install -e '.[optimum]'` (optimum-onnx 0.1 supports transformers 4.x only, <4.58). "
+            "export_dual_encoder writes the project's own ONNX graphs without it."
+        ) from exc
+    return exporters
 
 
 @contextlib.contextmanager

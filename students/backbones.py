@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from clipcore import compat
 from clipcore.dual_encoder import ModelNotFoundError
 from students.image_only import ImageTower
 
@@ -96,7 +97,8 @@ def from_pretrained_strict(model_class, init: str | Path, config, *, what: str) 
         ValueError: the checkpoint does not fit the student's architecture.
     """
     try:
-        model, info = model_class.from_pretrained(str(init), config=config, output_loading_info=True)
+        with compat.quiet_progress():
+            model, info = model_class.from_pretrained(str(init), config=config, output_loading_info=True)
     except OSError as exc:
         raise ModelNotFoundError(f"{what}: cannot load init checkpoint {str(init)!r}: {exc}") from exc
     except RuntimeError as exc:  # size mismatch between checkpoint and config

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from clipcore import compat
 from clipcore.dual_encoder import DualEncoder, HFDualEncoder
 from clipcore.imaging import ImageTransform
 from clipcore.loading import load_dual_encoder, load_teacher
@@ -53,7 +54,8 @@ def _teacher_reference(teacher: DualEncoder | None) -> dict[str, Any] | None:
 def _save_clip(student: HFDualEncoder, directory: Path) -> dict[str, Any]:
     from transformers import CLIPImageProcessor
 
-    student.model.save_pretrained(directory, safe_serialization=True)
+    with compat.quiet_progress():
+        student.model.save_pretrained(directory)  # safetensors: the only format in 5.x, the default in 4.x
     student.tokenizer.save_pretrained(directory)
     CLIPImageProcessor(**processor_kwargs(student.image_transform)).save_pretrained(directory)
     return {"kind": "clip"}

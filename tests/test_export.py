@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +17,7 @@ from clipcore.zeroshot import build_classifier, zeroshot_logits
 from exports.interface import IMAGE_ENCODER, TEXT_ENCODER, ZERO_SHOT_CLASSIFIER
 from exports.onnx_export import (
     ImageEncoderGraph,
+    OptimumMissingError,
     TextEncoderGraph,
     compare_outputs,
     export_dual_encoder,
@@ -198,7 +201,10 @@ def test_fused_classifier_equals_torch_zeroshot(tiny_clip, tmp_path):
 
 @pytest.mark.parametrize("source", ["directory", "in-memory"])
 def test_optimum_export_loads_in_ort_model_class(tiny_clip_dir, tmp_path, source):
-    from optimum.onnxruntime import ORTModelForZeroShotImageClassification
+    ort_models = pytest.importorskip(
+        "optimum.onnxruntime", reason="optimum-onnx is the optional [optimum] extra (the compat environment has it)"
+    )
+    ORTModelForZeroShotImageClassification = ort_models.ORTModelForZeroShotImageClassification
 
     model = load_dual_encoder(str(tiny_clip_dir))  # a private copy: optimum patches the module it exports
     out = export_optimum(str(tiny_clip_dir) if source == "directory" else model, tmp_path / "optimum")
@@ -220,6 +226,17 @@ def test_optimum_export_rejects_a_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         export_optimum(tmp_path, tmp_path / "out")
+
+
+def test_export_optimum_without_the_extra_says_how_to_install_it(tiny_clip_dir, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "optimum", None)  # any import of optimum now raises ImportError
+    with pytest.raises(OptimumMissingError, match=r"pip install -e '\.\[optimum\]'"):
+        export_optimum(str(tiny_clip_dir), tmp_path / "out")
+    # the torch exporter does not need it (with optimum blocked, any import of it would raise)
+    paths = export_dual_encoder(load_dual_encoder(str(tiny_clip_dir)), tmp_path / "plain")
+    assert paths["image_encoder"].is_file() and paths["text_encoder"].is_file()
 
 
 def test_corrupt_or_missing_onnx_files_give_clear_errors(exported, tmp_path):

@@ -171,7 +171,8 @@ def test_perturbed_variant_fails_its_gate_and_cli_exits_1(setup, round_trip, tmp
     report = json.loads((tmp_path / "out" / "parity.json").read_text())
     subjects = by_name(report)
     assert subjects["broken-fp32"]["status"] == "rejected" and subjects["fp32"]["status"] == "kept"
-    assert not report["passed"] and report["failures"][0].startswith("broken-fp32: emb_max_abs_diff")
+    # agreement may fail too: whether noise flips a top-1 depends on the random tiny model's init
+    assert not report["passed"] and any(f.startswith("broken-fp32: emb_max_abs_diff") for f in report["failures"])
     assert broken.is_file()  # files passed in with --onnx are never deleted
     html = (tmp_path / "out" / "parity.html").read_text()
     ET.fromstring(html)
@@ -306,6 +307,7 @@ def test_bad_input_exits_2_with_a_clear_error(setup, tmp_path, capsys, case):
              "--out": str(tmp_path / "o")}
     flags.update(bad_input_flags(case, tmp_path))
     argv = [*FAST, *(x for item in flags.items() for x in item)]  # the case's flags win over FAST's
+    capsys.readouterr()  # what building the bad input printed is not the CLI's output
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1  # one line, no traceback
