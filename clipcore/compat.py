@@ -7,13 +7,17 @@ the next break is fixed in one file. What differs, and where it is handled:
 * ``bytes_to_unicode`` left ``models.clip.tokenization_clip`` with the slow tokenizers (5.0);
 * ``get_image_features`` / ``get_text_features`` return a ``ModelOutput`` whose ``pooler_output``
   is the projected embedding (5.0), a tensor before: :func:`feature_tensor`;
-* ``from_pretrained(dtype=...)`` was ``torch_dtype`` before 4.56; an unknown keyword is silently
-  stored in the config by older versions, so the wrong spelling loads fp32 without a word:
+* ``from_pretrained(dtype=...)`` was ``torch_dtype`` before 4.56 (4.45 hands ``dtype`` on to the
+  model's constructor, which raises ``TypeError``; 5.x still takes ``torch_dtype`` but warns):
   :func:`dtype_kwargs`;
 * weight loading and saving draw progress bars on stderr (5.0), which break one-line CLI
   errors and clutter logs: :func:`quiet_progress`;
 * ``save_pretrained(safe_serialization=...)`` is gone (5.0; safetensors is the only format and
   has been the default since 4.35), so callers pass nothing.
+
+Checked and alike in both majors, so with no shim: the byte-level CLIP tokenizer's ids and
+``BatchEncoding`` outputs (``tests/test_compat.py`` pins them), and the attention implementation
+(both build CLIP with ``sdpa`` by default, and the ONNX export traces it).
 """
 
 from __future__ import annotations

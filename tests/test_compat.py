@@ -18,6 +18,16 @@ def test_bytes_to_unicode_is_the_byte_level_alphabet_in_byte_order():
     assert table[ord("a")] == "a" and table[ord(" ")] == "Ġ"  # printable bytes map to themselves
 
 
+def test_byte_tokenizer_gives_the_same_ids_in_both_majors(tmp_path):
+    from distill.testing import write_byte_tokenizer
+
+    tok = write_byte_tokenizer(tmp_path, max_length=8)
+    out = tok(["a photo", "hi"], padding=True, truncation=True, max_length=8, return_tensors="pt")
+    # 512 = <|startoftext|>, 513 = <|endoftext|> (also padding); a word's last byte is its "</w>" twin (+256)
+    assert out["input_ids"].tolist() == [[512, 320, 79, 71, 78, 83, 334, 513], [512, 71, 328, 513, 513, 513, 513, 513]]
+    assert out["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]
+
+
 def test_features_are_tensors_equal_to_the_projected_pooled_output(tiny_clip):
     model = tiny_clip.model
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -38,7 +48,7 @@ def test_feature_tensor_names_the_type_it_cannot_read():
 
 
 def test_dtype_keyword_loads_the_requested_dtype(tiny_clip_dir):
-    # the wrong spelling is not an error in either major: 4.x stores it in the config, 5.x warns
+    # dtype= raises TypeError in 4.45 (it reaches the model's constructor); torch_dtype= is deprecated in 5.x
     from transformers import CLIPModel
 
     with compat.quiet_progress():
