@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SPEED_ROWS = {f"{name} 32px {precision} teacher {mode}" for name in ("resnet-cifar-m", "vit-tiny-16", "mobilenetv2-1.0")
+SPEED_ROWS = {f"{name} 32px {precision} teacher {mode}"
+              for name in ("resnet-cifar-m", "vit-tiny-16", "mobilenetv2-1.0")
               for precision in ("bf16", "fp32") for mode in ("cached", "online")}
 
 
