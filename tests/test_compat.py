@@ -19,7 +19,7 @@ def test_bytes_to_unicode_is_the_byte_level_alphabet_in_byte_order():
 
 
 def test_byte_tokenizer_gives_the_same_ids_in_both_majors(tmp_path):
-    from distill.testing import write_byte_tokenizer
+    from clipcore.testing import write_byte_tokenizer
 
     tok = write_byte_tokenizer(tmp_path, max_length=8)
     out = tok(["a photo", "hi"], padding=True, truncation=True, max_length=8, return_tensors="pt")
