@@ -41,6 +41,7 @@ from distill.cli import debug_requested, run_cli
 from distill.config import TrainConfig, dump_config, load_config, to_dict
 from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
+from distill.metrics import NonFiniteError
 from distill.rundir import LOG_FILE, RunLock, check_fresh_start, check_resumable, clear_outputs, truncate_log
 from distill.task import DistillTask, TrainingTask
 from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
@@ -393,6 +394,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("_loss") or k == "images_per_s"})
                 tick, seen = time.perf_counter(), 0
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.optim.max_steps:
+                check_weights_finite(task, state["step"], last_ckpt)
                 metrics = _evaluate(cfg, accelerator, task, data)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.optim.max_steps:
                 check_weights_finite(task, state["step"], last_ckpt)
@@ -521,7 +523,7 @@ def build_prerequisite(cfg: TrainConfig) -> None:
 def cli(argv: Sequence[str] | None = None) -> int:
     """``python distill/train.py``: exit 0 done, 1 a failed gate or a diverged run, 2 bad input (distill/cli.py)."""
     return run_cli(lambda: main(argv), debug_requested(argv),
-                   failed=(ParityGateError, NonFiniteLossError, NonFiniteWeightsError))
+                   failed=(ParityGateError, NonFiniteLossError, NonFiniteWeightsError, NonFiniteError))
 
 
 if __name__ == "__main__":
