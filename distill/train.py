@@ -34,6 +34,7 @@ from clipcore.classnames import classnames_for
 from clipcore.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder
 from clipcore.loading import load_teacher
+from clipcore.metrics import NonFiniteError
 from clipcore.towers import TowerDualEncoder
 from clipcore.zeroshot import build_classifier
 from distill.checkpoint import RunInfo, load_state, read_manifest, resolve_resume, save_checkpoint
@@ -41,7 +42,6 @@ from distill.cli import debug_requested, run_cli
 from distill.config import TrainConfig, dump_config, load_config, to_dict
 from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
-from distill.metrics import NonFiniteError
 from distill.rundir import LOG_FILE, RunLock, check_fresh_start, check_resumable, clear_outputs, truncate_log
 from distill.task import DistillTask, TrainingTask
 from distill.train_data import TrainData, build_train_data, check_path, epoch_batches

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.testing import make_tiny_clip
+from clipcore.testing import make_tiny_clip
 from distill.train import cli, main
 from tests.datagen import write_labelled
 
@@ -131,8 +131,8 @@ def test_divergence_in_the_last_update_is_caught_before_final(setup, tmp_path, c
 
 
 def test_metrics_refuse_non_finite_inputs():
-    from distill.linear_probe import linear_probe
-    from distill.metrics import NonFiniteError, classification_metrics, retrieval_metrics, topk_accuracy
+    from clipcore.linear_probe import linear_probe
+    from clipcore.metrics import NonFiniteError, classification_metrics, retrieval_metrics, topk_accuracy
 
     logits = torch.randn(6, 3)
     logits[2, 1] = float("nan")
