@@ -25,10 +25,6 @@ class ModelNotFoundError(OSError):
     """A model id or path could not be resolved; the message says what to do."""
 
 
-class NotADualEncoderError(TypeError, ValueError):
-    """The model has no image/text feature methods; a ValueError too, so CLIs report it as bad input."""
-
-
 class DualEncoder(nn.Module):
     """Image and text towers that map into one embedding space.
 
@@ -109,7 +105,7 @@ class HFDualEncoder(DualEncoder):
         super().__init__()
         for attr in ("get_image_features", "get_text_features", "logit_scale"):
             if not hasattr(model, attr):
-                raise NotADualEncoderError(
+                raise TypeError(
                     f"{name}: {type(model).__name__} is not a CLIP-family dual encoder (it has no `{attr}`); "
                     "supported are models with get_image_features, get_text_features and logit_scale, "
                     "e.g. CLIPModel or SiglipModel"

@@ -21,9 +21,11 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno
 
 
 def is_bad_input(exc: BaseException) -> bool:
+    """ValueError: a wrong value; TypeError: a model of the wrong kind (clipcore.loading raises it for a
+    model without image/text features); OSError: a missing model, file or dataset."""
     if isinstance(exc, OSError):
         return exc.errno not in ENVIRONMENT_ERRNOS
-    return isinstance(exc, ValueError)
+    return isinstance(exc, (ValueError, TypeError))
 
 
 def debug_requested(argv: Sequence[str] | None) -> bool:
