@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clipcore.metrics import require_finite
+
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-3, 3, 7))
 
 
@@ -52,6 +54,8 @@ def linear_probe(
     """Sweep C on a validation split of the training features, refit, and score on test."""
     if len(train_x) < 2 or len(test_x) < 1:
         raise ValueError(f"linear probe needs >=2 train and >=1 test features, got {len(train_x)}/{len(test_x)}")
+    require_finite("linear probe train features", train_x)
+    require_finite("linear probe test features", test_x)
     if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"feature sizes differ: train {train_x.shape[1]}, test {test_x.shape[1]}")
     rng = np.random.default_rng(seed)

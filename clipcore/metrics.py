@@ -7,8 +7,23 @@ from typing import Sequence
 import torch
 
 
+class NonFiniteError(ValueError):
+    """A metric's input holds NaN or inf: the model's outputs are not finite (diverged or damaged weights)."""
+
+
+def require_finite(name: str, values) -> None:
+    """Refuse NaN/inf inputs: a metric computed from them would be a plausible-looking number."""
+    values = torch.as_tensor(values)
+    if values.is_floating_point():
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise NonFiniteError(f"{name}: {bad} of {values.numel()} values are NaN or inf; the model's outputs are "
+                                 "not finite (diverged or damaged weights?), so no metric is computed")
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes)."""
+    require_finite("logits", logits)
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     return (top == labels.view(-1, 1)).any(dim=1).float().mean().item()
@@ -30,6 +45,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
         raise ValueError(f"{logits.shape[0]} logit rows but {labels.shape[0]} labels")
     if logits.shape[0] == 0:
         raise ValueError("no images to score (all failed to decode, or the split is empty)")
+    require_finite("logits", logits)
     labels = labels.to(logits.device).long()
     return {
         "top1": topk_accuracy(logits, labels, 1),
@@ -55,6 +71,8 @@ def retrieval_metrics(
         text_emb: (M, D) normalised caption embeddings.
         text_to_image: (M,) index of each caption's image.
     """
+    require_finite("image embeddings", image_emb)
+    require_finite("text embeddings", text_emb)
     t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
     if text_emb.shape[0] != t2i.shape[0]:
         raise ValueError(f"{text_emb.shape[0]} captions but {t2i.shape[0]} caption->image indices")

@@ -134,15 +134,20 @@ class TrainConfig:
     save_every: int = 0  # 0: checkpoint only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # None | "latest" | path to a checkpoint directory
+    overwrite: bool = False  # a fresh run deletes an earlier run's checkpoints/final/logs in output_dir
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
+        check_bounds(self)
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ConfigError(f"output_dir={self.output_dir!r} is a file; expected a directory (new or existing)")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"overwrite=true deletes the checkpoints resume={self.resume!r} would continue; "
+                              "pass one or the other")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads={self.cpu_threads}; expected a positive integer or null")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}; expected no, fp16 or bf16")
-        if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.max_steps < 1:
-            raise ConfigError("optim.batch_size, optim.grad_accum and optim.max_steps must be >= 1")
         if self.mode not in ("distill", "contrastive"):
             raise ConfigError(f"mode={self.mode!r}; expected distill or contrastive")
         if self.mode == "distill" and not self.teacher.name_or_path:
@@ -164,6 +169,38 @@ class TrainConfig:
         except ParityInputError as exc:
             raise ConfigError(f"export: {exc}") from exc
         return self
+
+
+# (key, test, the valid values): numeric bounds checked once, before anything is built
+_BOUNDS = (
+    ("optim.lr", lambda v: 0 < v < float("inf"), "a finite number > 0"),
+    ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("optim.eps", lambda v: v > 0, "a number > 0"),
+    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("optim.max_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("optim.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("optim.grad_accum", lambda v: v >= 1, "an integer >= 1"),
+    ("optim.grad_clip", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    ("log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("eval_every", lambda v: v >= 0, "an integer >= 0 (0: evaluate only at the end)"),
+    ("save_every", lambda v: v >= 0, "an integer >= 0 (0: checkpoint only at the end)"),
+    ("keep_checkpoints", lambda v: v >= 1, "an integer >= 1"),
+    ("data.train_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("data.eval_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
+    ("cache.views", lambda v: v >= 1, "an integer >= 1"),
+    ("export.parity_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+)
+
+
+def check_bounds(cfg: "TrainConfig") -> None:
+    for key, ok, valid in _BOUNDS:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}; expected {valid}")
 
 
 def field_names(cls: type) -> list[str]:
@@ -301,6 +338,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of config keys at the top level, got a {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

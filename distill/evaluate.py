@@ -27,6 +27,7 @@ from clipcore.linear_probe import linear_probe
 from clipcore.metrics import classification_metrics, retrieval_metrics
 from clipcore.templates import get_templates
 from clipcore.zeroshot import build_classifier
+from distill.cli import debug_requested, run_cli
 from students import load_model
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write the JSON report here (default: print only)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also: CLIP_DISTILL_DEBUG=1)")
     return p
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Numeric flags in range, before any model loads."""
+    for flag, minimum in (("batch_size", 1), ("limit", 1), ("train_limit", 1), ("num_workers", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: expected an integer >= {minimum}")
+    return args
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -218,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("clipcore", "distill", "exports", "students"):
         logging.getLogger(name).setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    args = check_args(build_parser().parse_args(argv))
     report = evaluate(args)
     text = json.dumps(report, indent=2)
     if args.output:
@@ -229,9 +240,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m distill.evaluate``: exit 0 done, 2 bad input (a non-finite model included), 1 otherwise."""
+    return run_cli(lambda: main(argv), debug_requested(argv))
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

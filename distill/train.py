@@ -15,8 +15,11 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
+import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -31,12 +34,15 @@ from clipcore.classnames import classnames_for
 from clipcore.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder
 from clipcore.loading import load_teacher
+from clipcore.metrics import NonFiniteError
 from clipcore.towers import TowerDualEncoder
 from clipcore.zeroshot import build_classifier
-from distill.checkpoint import STATE_FILE, resolve_resume, save_checkpoint
+from distill.checkpoint import RunInfo, load_state, read_manifest, resolve_resume, save_checkpoint
+from distill.cli import debug_requested, run_cli
 from distill.config import TrainConfig, dump_config, load_config, to_dict
 from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
+from distill.rundir import LOG_FILE, RunLock, check_fresh_start, check_resumable, clear_outputs, truncate_log
 from distill.task import DistillTask, TrainingTask
 from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
 from exports.pipeline import export_and_check
@@ -53,6 +59,10 @@ class ParityGateError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights (or the student's outputs) are NaN or inf after an update; nothing is saved from them."""
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -97,6 +107,35 @@ def check_finite(losses: dict, step: int, accelerator, last_checkpoint: Path | N
             f"step {step}: non-finite loss ({terms}); stopping without updating the weights. "
             f"Last good checkpoint: {last_checkpoint or 'none yet'}"
         )
+
+
+def check_weights_finite(task: torch.nn.Module, step: int, last_checkpoint: Path | None) -> None:
+    """Refuse to save a checkpoint or student from weights an update turned NaN/inf (the loss of that
+    update was finite, so :func:`check_finite` has not seen it). Every process holds the same weights
+    and so raises together."""
+    bad = [name for name, t in task.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"step {step}: training diverged: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); nothing "
+            f"is saved from them. Last good checkpoint: {last_checkpoint or 'none yet'} (a lower optim.lr may help)")
+
+
+@torch.no_grad()
+def check_student_finite(student: DualEncoder, step: int, last_checkpoint: Path | None) -> None:
+    """One image and one text forward pass of the student to be saved must give finite embeddings."""
+    height, width = student.image_transform.output_size
+    pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0)).to(student.device)
+    was_training = student.training
+    student.eval()
+    try:
+        outputs = {"image": student.encode_image(pixels), "text": student.encode_text(["a photo of a thing."])}
+    finally:
+        student.train(was_training)
+    bad = [name for name, emb in outputs.items() if not torch.isfinite(emb).all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"step {step}: training diverged: the student's {' and '.join(bad)} embeddings are NaN or inf; "
+            f"final/ is not written. Last good checkpoint: {last_checkpoint or 'none yet'}")
 
 
 def evaluate_student(cfg: TrainConfig, student: DualEncoder, classnames: list[str] | None) -> dict:
@@ -153,6 +192,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="distill/train.py", description="Distil a CLIP teacher into a student.")
     p.add_argument("--config", default=None, help=f"YAML recipe (default: {DEFAULT_RECIPE.relative_to(REPO_ROOT)})")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also: CLIP_DISTILL_DEBUG=1)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 loss.clip_weight=0.5")
     return p.parse_args(argv)
 
@@ -255,15 +295,42 @@ def _log_line(step: int, losses: dict, images_per_s: float, lr: float) -> dict:
     return logs
 
 
+def start_run(cfg: TrainConfig, accelerator) -> tuple[RunInfo, Path | None]:
+    """This run's id and recorded config, and the verified checkpoint it resumes (None: a fresh run).
+
+    Every process checks (read-only) so that all refuse together; only the main one deletes.
+    """
+    out, config = Path(cfg.output_dir), to_dict(cfg)
+    resume = resolve_resume(cfg.resume, out)
+    if resume is not None:
+        manifest = read_manifest(resume)
+        check_resumable(resume, manifest, config)
+        return RunInfo(manifest["run_id"], config), resume
+    check_fresh_start(out, config, cfg.overwrite)
+    if cfg.overwrite and accelerator.is_main_process:
+        clear_outputs(out)
+    accelerator.wait_for_everyone()
+    return RunInfo(uuid.uuid4().hex, config), None
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run one distillation; returns the final metrics. See the module docstring."""
+    """Run one distillation; returns the final metrics. See the module docstring.
+
+    The main process holds ``output_dir``'s lock for the whole run (distill/rundir.py).
+    """
+    accelerator = make_accelerator(cfg)
+    with RunLock(cfg.output_dir) if accelerator.is_main_process else nullcontext():
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: TrainConfig, accelerator) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    accelerator = make_accelerator(cfg)
     set_cpu_threads(cfg, accelerator)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    run, resume = start_run(cfg, accelerator)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
@@ -274,12 +341,13 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.init_trackers("distill", config=_scalar_config(cfg))
 
     state = {"step": 0, "epoch": 0, "batch": 0}
-    resume = resolve_resume(cfg.resume, cfg.output_dir)
     last_ckpt = resume
     if resume is not None:
         accelerator.load_state(str(resume))
-        state = json.loads((resume / STATE_FILE).read_text())
+        state = load_state(resume)
         log.info("resumed from %s at step %d", resume, state["step"])
+    if accelerator.is_main_process:  # the steps logged after the checkpoint run again: no repeated rows
+        truncate_log(out / LOG_FILE, state["step"])
 
     accum, bs = cfg.optim.grad_accum, cfg.optim.batch_size
     cached = data.teacher_images
@@ -321,26 +389,27 @@ def train(cfg: TrainConfig) -> dict:
                 logs = _log_line(state["step"], losses, rate, scheduler.get_last_lr()[0])
                 accelerator.log(logs, step=state["step"])
                 if accelerator.is_main_process:
-                    with open(out / "train_log.jsonl", "a") as f:
+                    with open(out / LOG_FILE, "a") as f:
                         f.write(json.dumps({"step": state["step"], **logs}) + "\n")
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("_loss") or k == "images_per_s"})
                 tick, seen = time.perf_counter(), 0
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.optim.max_steps:
+                check_weights_finite(task, state["step"], last_ckpt)
                 metrics = _evaluate(cfg, accelerator, task, data)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.optim.max_steps:
-                last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints)
+                check_weights_finite(task, state["step"], last_ckpt)
+                last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
             if state["step"] >= cfg.optim.max_steps:
                 break
         else:
             state = {"step": state["step"], "epoch": state["epoch"] + 1, "batch": 0}
     bar.close()
-    last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints)
+    check_weights_finite(task, state["step"], last_ckpt)
+    check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
+    last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:
-        final = out / "final"
-        save_model(accelerator.unwrap_model(task).export_student(), final)
-        dump_config(cfg, final / "training_config.yaml")
-        write_model_card(final, cfg, metrics, state["step"])
+        final = save_final(cfg, accelerator.unwrap_model(task).export_student(), out, metrics, state["step"])
         log.info("saved the student to %s", final)
         if cfg.export.enabled:
             unwrapped: TrainingTask = accelerator.unwrap_model(task)
@@ -353,6 +422,27 @@ def train(cfg: TrainConfig) -> dict:
         raise ParityGateError(f"an exported variant failed its parity gate: see {out / 'export' / 'parity.md'} "
                               "(the student itself is saved; export.fail_on_gate=false ignores the gates)")
     return metrics
+
+
+def save_final(cfg: TrainConfig, student: DualEncoder, out: Path, metrics: dict, steps: int) -> Path:
+    """Write ``final/`` into a temporary directory and rename it into place: a kill or a full disk
+    leaves the previous ``final/`` (or none), never a partial one."""
+    final, tmp = out / "final", out / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(student, tmp)
+        dump_config(cfg, tmp / "training_config.yaml")
+        write_model_card(tmp, cfg, metrics, steps)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out / ".old-final"  # the previous final/ is moved aside, not deleted, until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def _next_position(state: dict, usable: int) -> dict:
@@ -430,9 +520,11 @@ def build_prerequisite(cfg: TrainConfig) -> None:
                                 f"its output_dir must be the parent of {path}")
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python distill/train.py``: exit 0 done, 1 a failed gate or a diverged run, 2 bad input (distill/cli.py)."""
+    return run_cli(lambda: main(argv), debug_requested(argv),
+                   failed=(ParityGateError, NonFiniteLossError, NonFiniteWeightsError, NonFiniteError))
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except ParityGateError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    sys.exit(cli())
