@@ -67,7 +67,7 @@ def run_parity(
     extra = check_onnx_files(onnx_files or {}, (3, *student.image_transform.output_size), student.embed_dim)
     info = provider_info or prov.detect()
     data_set = load_eval_data(data, {"teacher": teacher.image_transform, "student": student.image_transform},
-                              settings.classnames)
+                              settings.classnames, settings.templates)
     with torch_threads(settings.threads), eval_mode(teacher), eval_mode(student):
         return _run(teacher, student, data_set, Path(out_dir), variants, gates, settings, extra, info)
 
