@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clipcore.imaging import ImageTransform, decode_image
+from exports import bundle_schema
 from exports.interface import IMAGE_ENCODER, GraphSpec
 
 BUNDLE_FORMAT = "clip-distill-zeroshot-bundle"
@@ -181,39 +182,60 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
             f"{directory}: not a zero-shot bundle (no {MANIFEST}); a bundle holds {', '.join(REQUIRED_FILES)}, "
             f"an image encoder .onnx and {MANIFEST}, and is written by exports.bundle.write_bundle"
         )
+    _refuse_link(directory, manifest_path)
     manifest = _read_json(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: not a {BUNDLE_FORMAT} manifest")
-    if int(manifest.get("version", 0)) > BUNDLE_VERSION:
+    version = manifest.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_VERSION:
         raise BundleError(
-            f"{manifest_path}: bundle version {manifest.get('version')} is newer than this runtime "
+            f"{manifest_path}: bundle version {version} is newer than this runtime "
             f"supports ({BUNDLE_VERSION}); upgrade clip-distill"
         )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{manifest_path}: lists no files")
+    _check_schema(manifest_path, manifest, bundle_schema.MANIFEST)
+    files = manifest["files"]
     for name, entry in sorted(files.items()):
         path = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{manifest_path}: file entry {name!r} points outside the bundle")
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             raise BundleError(f"{path}: listed in {MANIFEST} but missing")
+        _refuse_link(directory, path)
+        if path.stat().st_size != entry["bytes"]:
+            raise BundleError(f"{path}: size {path.stat().st_size} bytes, but {MANIFEST} says {entry['bytes']}; "
+                              "the file was truncated or replaced after the bundle was written")
         actual = sha256_file(path)
         if actual != entry.get("sha256"):
             raise BundleError(
                 f"{path}: sha256 mismatch (manifest {str(entry.get('sha256'))[:12]}..., file {actual[:12]}...); "
                 "the file was modified or corrupted after the bundle was written"
             )
-    config = _read_json(directory / CONFIG) if CONFIG in files else None
-    if config is None:
+    if CONFIG not in files:
         raise BundleError(f"{directory / CONFIG}: not listed in {MANIFEST}")
-    model_file = config.get("image_encoder", {}).get("file")
+    config = _read_json(directory / CONFIG)
+    _check_schema(directory / CONFIG, config, bundle_schema.CONFIG)
+    model_file = config["image_encoder"]["file"]
     for name in REQUIRED_FILES + ((model_file,) if model_file else ()):
         if name not in files:
             raise BundleError(f"{directory / name}: required file not listed in {MANIFEST}")
     if not model_file:
         raise BundleError(f"{directory / CONFIG}: names no image_encoder file")
     return config
+
+
+def _check_schema(path: Path, document: Any, schema: bundle_schema.Validator) -> None:
+    try:
+        bundle_schema.check(document, schema)
+    except bundle_schema.SchemaError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+
+
+def _refuse_link(directory: Path, path: Path) -> None:
+    """Bundle files must be plain files inside the bundle: a link could point anywhere, and the
+    hash check would then vouch for a file the bundle does not contain. (The bundle directory
+    itself may be a link, e.g. ``latest -> bundle-v3``.)"""
+    if path.is_symlink():
+        raise BundleError(f"{path}: is a symbolic link (to {os.readlink(path)}); a bundle holds plain files only")
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise BundleError(f"{path}: resolves outside the bundle directory (through a linked folder)")
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -329,6 +351,9 @@ def load_bundle(
     classnames = _read_json(directory / CLASSES)
     if not isinstance(classnames, list) or not classnames or not all(isinstance(c, str) for c in classnames):
         raise BundleError(f"{directory / CLASSES}: expected a non-empty JSON list of class names")
+    if config.get("num_classes", len(classnames)) != len(classnames):
+        raise BundleError(f"{directory / CONFIG}: num_classes is {config['num_classes']} but {CLASSES} holds "
+                          f"{len(classnames)}")
     try:
         emb = np.load(directory / TEXT_EMBEDDINGS, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -337,6 +362,9 @@ def load_bundle(
         raise BundleError(
             f"{directory / TEXT_EMBEDDINGS}: shape {emb.shape} does not match {len(classnames)} classes in {CLASSES}"
         )
+    if emb.dtype.kind != "f" or not np.isfinite(emb).all():
+        raise BundleError(f"{directory / TEXT_EMBEDDINGS}: expected finite floats, got {emb.dtype} with NaN/inf "
+                          "or non-float values")
     try:
         transform = ImageTransform.from_dict(config["preprocess"])
         logit_scale = float(config["logit_scale"])
@@ -345,6 +373,9 @@ def load_bundle(
     model_file = directory / config["image_encoder"]["file"]
     encoder = OnnxGraph(model_file, IMAGE_ENCODER, providers=providers, threads=threads, optimization=optimization)
     _check_encoder_shapes(encoder, transform, emb.shape[1])
+    if config.get("embed_dim", emb.shape[1]) != emb.shape[1]:
+        raise BundleError(f"{directory / CONFIG}: embed_dim is {config['embed_dim']} but {TEXT_EMBEDDINGS} holds "
+                          f"{emb.shape[1]}-d rows")
     return BundleClassifier(
         image_encoder=encoder,
         classnames=list(classnames),
