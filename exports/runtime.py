@@ -285,6 +285,7 @@ class BundleClassifier:
     def embed(self, images: Any, batch_size: int = 32) -> np.ndarray:
         """L2-normalised image embeddings (N, D), float32."""
         images = _as_list(images)
+        _check_count("batch_size", batch_size)
         if not images:
             return np.zeros((0, self.text_embeddings.shape[1]), np.float32)
         out = []
@@ -304,13 +305,33 @@ class BundleClassifier:
         return softmax(self.logits(images, batch_size))
 
     def predict(self, images: Any, top_k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
-        """Top-k classes per image, most probable first."""
-        probs = self.predict_proba(images, batch_size)
-        k = max(1, min(int(top_k), probs.shape[1]))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        """Top-k classes per image, most probable first; ``top_k`` above the class count gives every class.
+
+        Images are decoded one batch at a time: memory follows ``batch_size``, not ``len(images)``.
+        """
+        images = _as_list(images)
+        _check_count("top_k", top_k)
+        _check_count("batch_size", batch_size)
+        out: list[list[Prediction]] = []
+        for i in range(0, len(images), batch_size):
+            out += self.predict_pixels(self.preprocess(images[i : i + batch_size]), top_k)
+        return out
+
+    def predict_pixels(self, pixels: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
+        """:meth:`predict` for one batch of preprocessed pixels (N, 3, H, W)."""
+        _check_count("top_k", top_k)
+        name = self.image_encoder.spec.outputs[0].name
+        emb = self.image_encoder.run({IMAGE_ENCODER.inputs[0].name: pixels}, [name])[name]
+        probs = softmax(np.float32(self.logit_scale) * l2_normalize(emb.astype(np.float32)) @ self.text_embeddings.T)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : min(int(top_k), probs.shape[1])]
         return [
             [Prediction(self.classnames[j], int(j), float(row[j])) for j in idx] for row, idx in zip(probs, order)
         ]
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def _as_list(images: Any) -> list[Any]:
