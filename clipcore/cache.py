@@ -1,20 +1,26 @@
 """On-disk cache of teacher targets: image embeddings (K views per image) and text embeddings.
 
 Layout of one cache entry ``<root>/<key>/``:
-    meta.json                      written last, atomically: its presence means "complete"
-    images-r{rank}.npy             float16 (rows, K, D) for the rows ``meta["shards"]`` assigns to rank
-    texts.npy                      float16 (M, D) for the texts listed in meta["texts_sha"]
+    meta.json                      image targets complete (written last, atomically)
+    images-r{rank}.npy             float16 (rows, K, D) for the rows ``shard_rows`` assigns to rank
+    texts-{sha}.json               text targets for one list of texts complete (written last)
+    texts-{sha}.npy                float16 (M, D) for the texts whose hash is ``sha``
 
-The key hashes (teacher fingerprint, dataset fingerprint, teacher preprocessing, views, seed),
-so a change to any of them is a miss. Every process writes only its own shard file, through a
-temporary name and ``os.replace``; the main process writes ``meta.json`` only after a barrier,
-so a half-written cache is never read: without ``meta.json`` the entry is rebuilt.
+The entry key hashes (teacher fingerprint, dataset fingerprint, teacher preprocessing, views,
+seed); text targets live beside the image targets under their own key, the hash of the texts, so
+switching prompt templates back and forth embeds each text list once and never redoes the image
+pass. Every process writes only its own shard file, through a temporary name and ``os.replace``;
+the main process writes the completion markers only after a barrier, so a half-written entry is
+never read. Every load is verified: each shard's shape and dtype (and so its size: a truncated
+file fails to map), each text file's texts hash, shape and content hash. A damaged part is
+rebuilt, with a warning, instead of crashing the run or handing it wrong targets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +28,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 META = "meta.json"
+LEGACY_TEXTS = "texts.npy"  # the layout before texts had their own key: one file, its hash in meta.json
+
+
+class DamagedEntry(ValueError):
+    """A cache file is missing, truncated or does not hold what its marker says."""
 
 
 def cache_key(teacher_fp: str, dataset_fp: str, preprocess: str, views: int, seed: int) -> str:
@@ -58,14 +70,49 @@ def shard_rows(num_rows: int, world: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def _sha256_bytes(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _full_texts_sha(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedEntry(f"{path.name}: unreadable ({type(exc).__name__})") from exc
+    if not isinstance(meta, dict):
+        raise DamagedEntry(f"{path.name}: not a JSON object")
+    return meta
+
+
+def _load_array(path: Path, shape: tuple[int | None, ...], mmap: bool = False) -> np.ndarray:
+    """``path`` as float16 of ``shape`` (None: any size); a truncated file fails to load or map."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DamagedEntry(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if arr.dtype != np.float16 or arr.ndim != len(shape) or any(
+            want is not None and got != want for got, want in zip(arr.shape, shape)):
+        raise DamagedEntry(f"{path.name}: holds {arr.dtype} {tuple(arr.shape)}, expected float16 {shape}")
+    return arr
+
+
 @dataclass
 class TeacherTargets:
-    """Loaded cache entry: ``images[row, view]`` and ``texts[j]`` (float32 views of the float16 files)."""
+    """Loaded cache entry: ``images[row, view]`` and ``texts[j]`` (float32 copies of the float16 files).
+
+    ``hit`` is True when nothing had to be computed; ``images_hit`` / ``texts_hit`` say which part was.
+    """
 
     images: np.ndarray  # (N, K, D)
     texts: np.ndarray | None  # (M, D)
     path: Path
     hit: bool
+    images_hit: bool = True
+    texts_hit: bool = True
 
 
 class TeacherTargetCache:
@@ -76,17 +123,63 @@ class TeacherTargetCache:
         self.path = Path(root) / key
         self.rank, self.world, self.barrier = rank, world, barrier
 
-    def complete(self) -> bool:
-        return (self.path / META).is_file()
+    def load_images(self, num_rows: int) -> np.ndarray:
+        """The verified image targets (N, K, D).
 
-    def load(self) -> TeacherTargets:
-        meta = json.loads((self.path / META).read_text())
-        parts = [np.load(self.path / f"images-r{r}.npy", mmap_mode="r") for r in range(meta["world"])]
-        images = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 1, 1), np.float32)
-        texts = np.load(self.path / "texts.npy").astype(np.float32) if meta.get("num_texts") else None
-        if images.shape[0] != meta["num_rows"]:
-            raise RuntimeError(f"{self.path}: cache holds {images.shape[0]} rows, meta says {meta['num_rows']}")
-        return TeacherTargets(images=images, texts=texts, path=self.path, hit=True)
+        Raises:
+            FileNotFoundError: no complete entry.
+            DamagedEntry: a shard is missing, truncated, of another shape or dtype.
+        """
+        if not (self.path / META).is_file():
+            raise FileNotFoundError(self.path / META)
+        meta = _read_meta(self.path / META)
+        world = meta.get("world")
+        if meta.get("num_rows") != num_rows or not isinstance(world, int) or world < 1:
+            raise DamagedEntry(f"{META}: records {meta.get('num_rows')} rows over {world} shards; expected {num_rows} rows")
+        # entries written before views/dim were recorded: the first shard's own (K, D) binds the others
+        view_dim = (meta["views"], meta["dim"]) if "views" in meta and "dim" in meta else None
+        parts = []
+        for r in range(world):
+            start, end = shard_rows(num_rows, world, r)
+            part = _load_array(self.path / f"images-r{r}.npy", (end - start, *(view_dim or (None, None))), mmap=True)
+            view_dim = view_dim or part.shape[1:]
+            parts.append(part)
+        return np.concatenate(parts).astype(np.float32)
+
+    def load_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The verified text targets (M, D) of exactly ``texts``.
+
+        Raises:
+            FileNotFoundError: none cached for these texts.
+            DamagedEntry: the file holds other texts, another shape, or bytes other than those written.
+        """
+        key = texts_sha(texts)
+        marker, array = self.path / f"texts-{key}.json", self.path / f"texts-{key}.npy"
+        if not marker.is_file():
+            return self._load_legacy_texts(texts)
+        meta = _read_meta(marker)
+        if meta.get("texts_sha256") != _full_texts_sha(texts):
+            raise DamagedEntry(f"{marker.name}: cached for other texts")
+        if not array.is_file() or meta.get("sha256") != _sha256_bytes(array):
+            raise DamagedEntry(f"{array.name}: missing, or not the bytes written with {marker.name}")
+        return _load_array(array, (len(texts), None)).astype(np.float32)
+
+    def _load_legacy_texts(self, texts: Sequence[str]) -> np.ndarray:
+        meta = _read_meta(self.path / META) if (self.path / META).is_file() else {}
+        if meta.get("texts_sha") != texts_sha(texts) or not (self.path / LEGACY_TEXTS).is_file():
+            raise FileNotFoundError(self.path / f"texts-{texts_sha(texts)}.json")
+        return _load_array(self.path / LEGACY_TEXTS, (len(texts), None)).astype(np.float32)
+
+    def _try(self, load: Callable[[], np.ndarray]) -> np.ndarray | None:
+        """``load()``, or None when it must be (re)built: absent, or damaged (then warned about)."""
+        try:
+            return load()
+        except FileNotFoundError:
+            return None
+        except DamagedEntry as exc:
+            if self.rank == 0:
+                log.warning("teacher-target cache %s: %s; rebuilding it", self.path, exc)
+            return None
 
     def get_or_build(
         self,
@@ -95,7 +188,9 @@ class TeacherTargetCache:
         texts: Sequence[str] = (),
         embed_texts: Callable[[Sequence[str]], np.ndarray] | None = None,
     ) -> TeacherTargets:
-        """Load the entry, or build it: each rank embeds its own contiguous rows.
+        """Load the entry, or build what is missing or damaged: each rank embeds its own rows.
+
+        Every rank reads the same files before any rank writes, so they agree on what to build.
 
         Args:
             num_rows: dataset rows.
@@ -103,25 +198,44 @@ class TeacherTargetCache:
             texts: captions / class prompts whose teacher embeddings are cached too.
             embed_texts: ``texts -> (M, D)``; called on the main process only.
         """
-        if self.complete():
-            meta = json.loads((self.path / META).read_text())
-            if meta.get("texts_sha") == texts_sha(texts):
-                return self.load()
-        self.barrier()  # every rank must agree the entry is incomplete before anyone writes
+        if texts and embed_texts is None:
+            raise ValueError("texts given without embed_texts")
+        images = self._try(lambda: self.load_images(num_rows))
+        images_hit = images is not None
+        if images is None:
+            images = self._build_images(num_rows, embed_rows)
+        text_arr, texts_hit = None, True
+        if texts:
+            text_arr = self._try(lambda: self.load_texts(texts))
+            texts_hit = text_arr is not None
+            if text_arr is None:
+                text_arr = self._build_texts(texts, embed_texts)
+        return TeacherTargets(images, text_arr, self.path, images_hit and texts_hit, images_hit, texts_hit)
+
+    def _build_images(self, num_rows: int, embed_rows: Callable[[int, int], np.ndarray]) -> np.ndarray:
+        self.barrier()  # every rank must agree the images are missing before anyone writes
         self.path.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
-            (self.path / META).unlink(missing_ok=True)  # stale entry: mark incomplete before shards change
+            (self.path / META).unlink(missing_ok=True)  # mark incomplete before shards change
         start, end = shard_rows(num_rows, self.world, self.rank)
-        _atomic_save(self.path / f"images-r{self.rank}.npy", np.asarray(embed_rows(start, end), np.float16))
-        if self.rank == 0 and texts:
-            if embed_texts is None:
-                raise ValueError("texts given without embed_texts")
-            _atomic_save(self.path / "texts.npy", np.asarray(embed_texts(texts), np.float16))
+        shard = np.asarray(embed_rows(start, end), np.float16)
+        _atomic_save(self.path / f"images-r{self.rank}.npy", shard)
         self.barrier()
-        if self.rank == 0:
-            meta = {"num_rows": num_rows, "world": self.world, "num_texts": len(texts), "texts_sha": texts_sha(texts)}
+        if self.rank == 0:  # rank 0's (K, D) stands for every shard: load_images checks each against it
+            meta = {"num_rows": num_rows, "world": self.world, "views": shard.shape[1], "dim": shard.shape[2]}
             _atomic_write_text(self.path / META, json.dumps(meta))
         self.barrier()
-        targets = self.load()
-        targets.hit = False
-        return targets
+        return self.load_images(num_rows)
+
+    def _build_texts(self, texts: Sequence[str], embed_texts: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
+        self.barrier()
+        key = texts_sha(texts)
+        if self.rank == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            marker, array = self.path / f"texts-{key}.json", self.path / f"texts-{key}.npy"
+            marker.unlink(missing_ok=True)
+            _atomic_save(array, np.asarray(embed_texts(texts), np.float16))
+            meta = {"texts_sha256": _full_texts_sha(texts), "num_texts": len(texts), "sha256": _sha256_bytes(array)}
+            _atomic_write_text(marker, json.dumps(meta))
+        self.barrier()
+        return self.load_texts(texts)

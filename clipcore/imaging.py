@@ -72,11 +72,14 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
-def decode_image(value: Any, source: str = "<image>") -> Image.Image:
+def decode_image(value: Any, source: str = "<image>", max_pixels: int | None = None) -> Image.Image:
     """Decode a datasets ``Image`` value (dict with bytes/path), raw bytes, a path or a PIL image.
 
+    Args:
+        max_pixels: refuse an image with more pixels, from its header, before it is decoded.
+
     Raises:
-        ImageDecodeError: naming ``source`` when the data is not a readable image.
+        ImageDecodeError: naming ``source`` when the data is not a readable image or is too large.
     """
     try:
         if isinstance(value, Image.Image):
@@ -97,6 +100,9 @@ def decode_image(value: Any, source: str = "<image>") -> Image.Image:
             image = Image.open(source)
         else:
             raise ImageDecodeError(f"{source}: unsupported image value of type {type(value).__name__}")
+        w, h = image.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageDecodeError(f"{source}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (--max-pixels)")
         image.load()  # force the decode here so truncated files fail now, not in a worker later
         return to_rgb(image)
     except ImageDecodeError:

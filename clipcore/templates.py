@@ -6,6 +6,7 @@ The OpenAI sets are the ones published with CLIP (``openai/CLIP`` notebooks and
 
 from __future__ import annotations
 
+import string
 from typing import Sequence
 
 SIMPLE = ("a photo of a {}.",)
@@ -69,13 +70,31 @@ def get_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(spec, str):
         if spec in TEMPLATE_SETS:
             return TEMPLATE_SETS[spec]
-        if "{}" not in spec:
+        if "{" not in spec:
             raise ValueError(f"unknown template set {spec!r}; known: {sorted(TEMPLATE_SETS)} or a '{{}}' template")
+        check_template(spec)
         return (spec,)
     templates = tuple(spec)
     if not templates:
         raise ValueError("the template list is empty")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ValueError(f"templates without a '{{}}' placeholder: {bad}")
+    for template in templates:
+        check_template(template)
     return templates
+
+
+def check_template(template: str) -> None:
+    """Exactly one plain ``{}`` (or ``{0}``) for the class name; ``{{`` and ``}}`` are literal braces.
+
+    A named field or a second placeholder would otherwise fail in ``str.format`` only after the
+    whole image pass (KeyError / IndexError), and a format spec would pad or cut class names.
+    """
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(str(template))
+                  if name is not None]
+    except ValueError as exc:  # an unbalanced brace
+        raise ValueError(f"template {template!r}: {exc}; a template needs exactly one '{{}}' for the class name "
+                         "(write '{{' and '}}' for literal braces)") from None
+    if len(fields) != 1 or fields[0] not in (("", "", None), ("0", "", None)):
+        shown = ", ".join("{" + n + ("!" + c if c else "") + (":" + s if s else "") + "}" for n, s, c in fields)
+        raise ValueError(f"template {template!r}: needs exactly one '{{}}' placeholder for the class name and no "
+                         f"other field (found {len(fields)}: {shown or 'none'}); write '{{{{' and '}}}}' for literal braces")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -12,13 +13,62 @@ from clipcore.templates import get_templates
 
 
 def validate_classnames(classnames: Sequence[str]) -> list[str]:
+    """Non-empty, non-blank, distinct class names.
+
+    Names that differ only in case or spacing count as duplicates: the tokenizers lower-case, so
+    they give identical prompts, and two identical classes split every vote between them.
+    """
     names = [str(c) for c in classnames]
     if not names:
         raise ValueError("the class-name list is empty: zero-shot classification needs at least one class")
     blank = [i for i, c in enumerate(names) if not c.strip()]
     if blank:
         raise ValueError(f"class names at positions {blank} are empty strings")
+    positions: dict[str, list[int]] = {}
+    for i, c in enumerate(names):
+        positions.setdefault(" ".join(c.lower().split()), []).append(i)
+    dups = {k: v for k, v in positions.items() if len(v) > 1}
+    if dups:
+        shown = "; ".join(f"{k!r} at positions {v}" for k, v in list(dups.items())[:5])
+        raise ValueError(f"duplicate class names (case and spacing ignored): {shown}; every class needs its own name")
     return names
+
+
+def validate_labels(labels: Sequence[int] | np.ndarray, num_classes: int, source: str = "labels") -> None:
+    """Integer labels in ``[0, num_classes)``: a label past the class-name list would be scored
+    against the wrong classes (or none)."""
+    arr = np.asarray(labels)
+    if arr.size == 0:
+        return
+    if arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{source}: labels must be integer class indices, got dtype {arr.dtype}")
+    bad = arr[(arr < 0) | (arr >= num_classes)]
+    if bad.size:
+        worst = int(bad.min()) if bad.min() < 0 else int(bad.max())
+        raise ValueError(f"{source}: label {worst} is outside [0, {num_classes}) for {num_classes} class names "
+                         f"({bad.size} labels out of range); pass one class name per label value")
+
+
+def validate_zeroshot_inputs(
+    classnames: Sequence[str], templates: str | Sequence[str], labels: Sequence[int] | np.ndarray | None = None,
+    source: str = "labels",
+) -> tuple[list[str], tuple[str, ...]]:
+    """The one check of everything a zero-shot head and its scores depend on, run before any image
+    is embedded: distinct class names, templates with exactly one ``{}``, labels within the names.
+
+    Returns:
+        the class names and the resolved templates.
+
+    Raises:
+        ValueError: naming the duplicate names, the bad template or the first out-of-range label.
+    """
+    names = validate_classnames(classnames)
+    temps = get_templates(templates)
+    if labels is not None:
+        validate_labels(labels, len(names), source)
+    return names, temps
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from clipcore.dual_encoder import DualEncoder
 from clipcore.linear_probe import linear_probe
 from clipcore.metrics import classification_metrics, retrieval_metrics
 from clipcore.templates import get_templates
-from clipcore.zeroshot import build_classifier
+from clipcore.zeroshot import build_classifier, validate_zeroshot_inputs
 from distill.cli import debug_requested, run_cli
 from students import load_model
 
@@ -122,12 +122,28 @@ def _spec(args: argparse.Namespace, split: str, limit: int | None) -> DataSpec:
 def _embed_split(model: DualEncoder, spec: DataSpec, args: argparse.Namespace):
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
+    return ds, cols, _embed(model, ds, cols, spec, args)
+
+
+def _embed(model: DualEncoder, ds, cols, spec: DataSpec, args: argparse.Namespace) -> EmbeddedImages:
     dataset = ImageDataset(ds, {"model": model.image_transform}, columns=cols)
     loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     images = embed_images(model, loader, desc=f"{spec.split}", progress=not args.no_progress)
     if images.num_failed:
         log.warning("skipped %d images of %s[%s] that failed to decode", images.num_failed, spec.path, spec.split)
-    return ds, cols, images
+    return images
+
+
+def _zeroshot_names(args: argparse.Namespace, ds, cols) -> list[str]:
+    """Class names checked with the templates and every label, before any image is embedded."""
+    if not cols.label:
+        raise ValueError(f"{args.data}[{args.split}]: zero-shot needs a label column (columns: {ds.column_names})")
+    names = classnames_for(ds, cols.label, args.classnames)
+    if names is None:
+        raise ValueError(f"{args.data}: label column {cols.label!r} is not a ClassLabel; pass --classnames")
+    names, _ = validate_zeroshot_inputs(names, args.templates, ds[cols.label],
+                                        source=f"{args.data}[{args.split}] column {cols.label!r}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,10 +187,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = load_model(args.model, random_init=args.random_init, device=args.device)
     spec = _spec(args, args.split, args.limit)
-    ds, cols, images = _embed_split(model, spec, args)
+    ds = load_hf_dataset(spec)
+    cols = resolve_columns(ds, spec)
     tasks = args.task or [t for t, ok in (("zeroshot", cols.label), ("retrieval", cols.captions)) if ok]
     if not tasks:
         raise ValueError(f"{args.data}: no label or caption column found; pass --task and the column flags")
+    names = _zeroshot_names(args, ds, cols) if "zeroshot" in tasks else None
+    images = _embed(model, ds, cols, spec, args)
     report: dict = {
         "format_version": FORMAT_VERSION,
         "model": args.model,
@@ -185,12 +204,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "num_images": int(images.embeddings.shape[0]),
         "num_failed_images": images.num_failed,
     }
-    if "zeroshot" in tasks:
-        if not cols.label:
-            raise ValueError(f"{args.data}[{args.split}]: zero-shot needs a label column (columns: {ds.column_names})")
-        names = classnames_for(ds, cols.label, args.classnames)
-        if names is None:
-            raise ValueError(f"{args.data}: label column {cols.label!r} is not a ClassLabel; pass --classnames")
+    if names is not None:
         report["zeroshot"] = zeroshot_eval(model, images, names, args.templates)
         report["zeroshot"]["templates"] = args.templates
     if "retrieval" in tasks:

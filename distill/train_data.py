@@ -18,6 +18,7 @@ from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_data
 from clipcore.distill_loss import LossConfig
 from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
+from clipcore.zeroshot import validate_zeroshot_inputs
 from distill.config import CacheConfig, ConfigError, DataConfig
 from distill.features import embed_texts, teacher_image_rows
 from distill.task import TextBank
@@ -117,6 +118,8 @@ def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, tea
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
     names = classnames_for(ds, cols.label, data.classnames)
+    if names:  # duplicate names would fail the post-training export; refuse them before any teacher pass
+        names, _ = validate_zeroshot_inputs(names, data.templates)
     templates = list(get_templates(data.templates))
     prompts = [t.format(c) for c in names for t in templates] if names else []
     texts, caption_rows = list(prompts), []

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from clipcore.dual_encoder import DualEncoder
-from clipcore.templates import get_templates
-from clipcore.zeroshot import build_classifier, validate_classnames
+from clipcore.zeroshot import build_classifier, validate_zeroshot_inputs
 from exports.interface import DEFAULT_OPSET, IMAGE_ENCODER
 from exports.onnx_export import export_image_encoder
 from exports.precision import PRECISIONS, ImageCalibrationReader, make_variant
@@ -61,8 +60,8 @@ def write_bundle(
         raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
     if precision == "int8-static" and not calibration_images:
         raise ValueError("precision 'int8-static' needs calibration_images (a few hundred real images)")
-    names = validate_classnames(classnames)
-    temps = list(get_templates(templates))
+    names, temps = validate_zeroshot_inputs(classnames, templates)
+    temps = list(temps)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty; pass overwrite=True to replace it")

@@ -140,7 +140,7 @@ def setup_items(report: Report) -> list[tuple[str, str]]:
         ("teacher", f"{report['teacher']['name']} (fingerprint {report['teacher']['fingerprint']})"),
         ("student", f"{stu['name']} (fingerprint {stu['fingerprint']}, embed dim {stu['embed_dim']})"),
         ("variants' class embeddings", f"{stu['variant_class_embeddings']}; max |Δ| vs torch student head "
-                                       f"{stu['variant_head_max_abs_diff']:.2e}"),
+                                       f"{_num('.2e')(stu['variant_head_max_abs_diff'])}"),
         ("data", data_line(report)),
         ("int8-static calibration", report["data"].get("calibration") or "-"),
         ("device", f"{env['device']}: {env.get('gpu') or env['cpu']} ({env['cpu_count']} CPU cores visible)"),
@@ -193,8 +193,10 @@ def _figure(width: float = 7.0, height: float = 4.2):
     return fig, fig.subplots()
 
 
-def _measured(report: Report) -> list[Mapping[str, Any]]:
-    return [s for s in report["subjects"] if s.get("metrics") and s.get("latency")]
+def _measured(report: Report, metric: str = "top1") -> list[Mapping[str, Any]]:
+    """Subjects with latency and a value for ``metric`` (None where the outputs were not finite)."""
+    return [s for s in report["subjects"]
+            if s.get("latency") and s.get("metrics", {}).get(metric) is not None]
 
 
 def accuracy_latency_svg(report: Report) -> str:
@@ -241,7 +243,8 @@ def _status_legend(ax, statuses: set[str]) -> None:
 
 def agreement_svg(report: Report) -> str:
     """Per variant: top-1 agreement with the torch student and with the teacher, and the gate."""
-    variants = [s for s in report["subjects"] if s["role"] == "variant" and s.get("metrics")]
+    variants = [s for s in report["subjects"] if s["role"] == "variant"
+                and None not in (s.get("metrics", {}).get("agreement_student"), s.get("metrics", {}).get("agreement_teacher"))]
     fig, ax = _figure(max(5.0, 1.2 * len(variants) + 2), 4.2)
     if not variants:
         ax.text(0.5, 0.5, "no variant was measured", ha="center", va="center", transform=ax.transAxes)

@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clipcore.imaging import ImageTransform, decode_image
+from exports import bundle_schema
 from exports.interface import IMAGE_ENCODER, GraphSpec
 
 BUNDLE_FORMAT = "clip-distill-zeroshot-bundle"
@@ -181,39 +182,60 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
             f"{directory}: not a zero-shot bundle (no {MANIFEST}); a bundle holds {', '.join(REQUIRED_FILES)}, "
             f"an image encoder .onnx and {MANIFEST}, and is written by exports.bundle.write_bundle"
         )
+    _refuse_link(directory, manifest_path)
     manifest = _read_json(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: not a {BUNDLE_FORMAT} manifest")
-    if int(manifest.get("version", 0)) > BUNDLE_VERSION:
+    version = manifest.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_VERSION:
         raise BundleError(
-            f"{manifest_path}: bundle version {manifest.get('version')} is newer than this runtime "
+            f"{manifest_path}: bundle version {version} is newer than this runtime "
             f"supports ({BUNDLE_VERSION}); upgrade clip-distill"
         )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{manifest_path}: lists no files")
+    _check_schema(manifest_path, manifest, bundle_schema.MANIFEST)
+    files = manifest["files"]
     for name, entry in sorted(files.items()):
         path = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{manifest_path}: file entry {name!r} points outside the bundle")
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             raise BundleError(f"{path}: listed in {MANIFEST} but missing")
+        _refuse_link(directory, path)
+        if path.stat().st_size != entry["bytes"]:
+            raise BundleError(f"{path}: size {path.stat().st_size} bytes, but {MANIFEST} says {entry['bytes']}; "
+                              "the file was truncated or replaced after the bundle was written")
         actual = sha256_file(path)
         if actual != entry.get("sha256"):
             raise BundleError(
                 f"{path}: sha256 mismatch (manifest {str(entry.get('sha256'))[:12]}..., file {actual[:12]}...); "
                 "the file was modified or corrupted after the bundle was written"
             )
-    config = _read_json(directory / CONFIG) if CONFIG in files else None
-    if config is None:
+    if CONFIG not in files:
         raise BundleError(f"{directory / CONFIG}: not listed in {MANIFEST}")
-    model_file = config.get("image_encoder", {}).get("file")
+    config = _read_json(directory / CONFIG)
+    _check_schema(directory / CONFIG, config, bundle_schema.CONFIG)
+    model_file = config["image_encoder"]["file"]
     for name in REQUIRED_FILES + ((model_file,) if model_file else ()):
         if name not in files:
             raise BundleError(f"{directory / name}: required file not listed in {MANIFEST}")
     if not model_file:
         raise BundleError(f"{directory / CONFIG}: names no image_encoder file")
     return config
+
+
+def _check_schema(path: Path, document: Any, schema: bundle_schema.Validator) -> None:
+    try:
+        bundle_schema.check(document, schema)
+    except bundle_schema.SchemaError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+
+
+def _refuse_link(directory: Path, path: Path) -> None:
+    """Bundle files must be plain files inside the bundle: a link could point anywhere, and the
+    hash check would then vouch for a file the bundle does not contain. (The bundle directory
+    itself may be a link, e.g. ``latest -> bundle-v3``.)"""
+    if path.is_symlink():
+        raise BundleError(f"{path}: is a symbolic link (to {os.readlink(path)}); a bundle holds plain files only")
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise BundleError(f"{path}: resolves outside the bundle directory (through a linked folder)")
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -263,6 +285,7 @@ class BundleClassifier:
     def embed(self, images: Any, batch_size: int = 32) -> np.ndarray:
         """L2-normalised image embeddings (N, D), float32."""
         images = _as_list(images)
+        _check_count("batch_size", batch_size)
         if not images:
             return np.zeros((0, self.text_embeddings.shape[1]), np.float32)
         out = []
@@ -282,13 +305,33 @@ class BundleClassifier:
         return softmax(self.logits(images, batch_size))
 
     def predict(self, images: Any, top_k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
-        """Top-k classes per image, most probable first."""
-        probs = self.predict_proba(images, batch_size)
-        k = max(1, min(int(top_k), probs.shape[1]))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        """Top-k classes per image, most probable first; ``top_k`` above the class count gives every class.
+
+        Images are decoded one batch at a time: memory follows ``batch_size``, not ``len(images)``.
+        """
+        images = _as_list(images)
+        _check_count("top_k", top_k)
+        _check_count("batch_size", batch_size)
+        out: list[list[Prediction]] = []
+        for i in range(0, len(images), batch_size):
+            out += self.predict_pixels(self.preprocess(images[i : i + batch_size]), top_k)
+        return out
+
+    def predict_pixels(self, pixels: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
+        """:meth:`predict` for one batch of preprocessed pixels (N, 3, H, W)."""
+        _check_count("top_k", top_k)
+        name = self.image_encoder.spec.outputs[0].name
+        emb = self.image_encoder.run({IMAGE_ENCODER.inputs[0].name: pixels}, [name])[name]
+        probs = softmax(np.float32(self.logit_scale) * l2_normalize(emb.astype(np.float32)) @ self.text_embeddings.T)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : min(int(top_k), probs.shape[1])]
         return [
             [Prediction(self.classnames[j], int(j), float(row[j])) for j in idx] for row, idx in zip(probs, order)
         ]
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def _as_list(images: Any) -> list[Any]:
@@ -329,6 +372,9 @@ def load_bundle(
     classnames = _read_json(directory / CLASSES)
     if not isinstance(classnames, list) or not classnames or not all(isinstance(c, str) for c in classnames):
         raise BundleError(f"{directory / CLASSES}: expected a non-empty JSON list of class names")
+    if config.get("num_classes", len(classnames)) != len(classnames):
+        raise BundleError(f"{directory / CONFIG}: num_classes is {config['num_classes']} but {CLASSES} holds "
+                          f"{len(classnames)}")
     try:
         emb = np.load(directory / TEXT_EMBEDDINGS, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -337,6 +383,9 @@ def load_bundle(
         raise BundleError(
             f"{directory / TEXT_EMBEDDINGS}: shape {emb.shape} does not match {len(classnames)} classes in {CLASSES}"
         )
+    if emb.dtype.kind != "f" or not np.isfinite(emb).all():
+        raise BundleError(f"{directory / TEXT_EMBEDDINGS}: expected finite floats, got {emb.dtype} with NaN/inf "
+                          "or non-float values")
     try:
         transform = ImageTransform.from_dict(config["preprocess"])
         logit_scale = float(config["logit_scale"])
@@ -345,6 +394,9 @@ def load_bundle(
     model_file = directory / config["image_encoder"]["file"]
     encoder = OnnxGraph(model_file, IMAGE_ENCODER, providers=providers, threads=threads, optimization=optimization)
     _check_encoder_shapes(encoder, transform, emb.shape[1])
+    if config.get("embed_dim", emb.shape[1]) != emb.shape[1]:
+        raise BundleError(f"{directory / CONFIG}: embed_dim is {config['embed_dim']} but {TEXT_EMBEDDINGS} holds "
+                          f"{emb.shape[1]}-d rows")
     return BundleClassifier(
         image_encoder=encoder,
         classnames=list(classnames),

@@ -315,6 +315,48 @@ def test_bad_input_exits_2_with_a_clear_error(setup, tmp_path, capsys, case):
     assert not (tmp_path / "o" / "parity.json").exists()
 
 
+def nan_student(setup, path: Path) -> Path:
+    """The test-tiny student with every weight NaN: what a diverged run saves."""
+    import torch
+
+    student = build_student("test-tiny", teacher=load_teacher(setup["teacher"]))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(float("nan"))
+    save_student(student, path)
+    return path
+
+
+@pytest.mark.parametrize("variants", ["int8-dynamic", "fp32,int8-dynamic"])
+def test_nan_student_fails_with_a_reason_and_the_report_is_still_written(setup, tmp_path, capsys, variants):
+    student = nan_student(setup, tmp_path / "nan-student")
+    out = tmp_path / "out"
+    code = main(["--teacher", setup["teacher"], "--student", str(student), "--data", setup["data"], "--split", "test",
+                 "--out", str(out), "--variants", variants, *FAST])
+    assert code == 1
+    assert {p.name for p in out.glob("parity.*")} == {"parity.json", "parity.md", "parity.html"}
+    report = json.loads((out / "parity.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert report["passed"] is False
+    subjects = by_name(report)
+    assert subjects["student"]["status"] == "error" and "non-finite" in subjects["student"]["reason"]
+    assert subjects["teacher"]["status"] == "reference"  # the teacher is fine
+    assert set(subjects["student"]["metrics"].values()) == {None}  # no made-up accuracy from NaN logits
+    for name in variants.split(","):  # the int8 quantiser may refuse NaN weights: then an error
+        assert subjects[name]["status"] in ("rejected", "error"), name
+    if "fp32" in variants:
+        assert subjects["fp32"]["status"] == "rejected" and "non-finite outputs" in subjects["fp32"]["reason"]
+    assert any(f.startswith("student: error: non-finite outputs") for f in report["failures"])
+    assert all(any(f.startswith(f"{name}: ") for f in report["failures"]) for name in variants.split(","))
+    assert "FAILED" in (out / "parity.md").read_text()
+    ET.fromstring((out / "parity.html").read_text())
+    assert "gate failed: student: error: non-finite outputs" in capsys.readouterr().err
+
+
+def test_gate_on_a_non_finite_metric_fails():
+    check = Gate(max_kl=0.1).check({"kl_student": float("nan")})[0]
+    assert not check.passed and "not finite" in check.describe()
+
+
 def test_images_of_every_mode_run_through_every_subject(setup, tmp_path):
     """Grayscale, alpha, palette, 16-bit, CMYK and bilevel images all decode and agree across runtimes."""
     import datasets

@@ -12,7 +12,7 @@ from clipcore.classnames import classnames_for
 from clipcore.data import DataSpec, DataSpecError, ImageDataset, load_hf_dataset, make_loader, resolve_columns
 from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
-from clipcore.zeroshot import build_classifier, validate_classnames
+from clipcore.zeroshot import build_classifier, validate_zeroshot_inputs
 from exports.interface import IMAGE_ENCODER, TEXT_ENCODER
 from exports.onnx_export import compare_outputs, export_text_encoder
 from exports.parity.gates import ParityInputError
@@ -29,11 +29,16 @@ class EvalData:
     calibration_source: str | None = None  # set once int8-static has read its calibration images
 
 
-def load_eval_data(spec: DataSpec, transforms: Mapping[str, Any], classnames: str | None = None) -> EvalData:
+def load_eval_data(spec: DataSpec, transforms: Mapping[str, Any], classnames: str | None = None,
+                   templates: str | Sequence[str] = "simple") -> EvalData:
     """The labelled evaluation set, decoded and preprocessed once per transform.
+
+    Class names, ``templates`` and every label are checked together here, before any image is
+    embedded (:func:`clipcore.zeroshot.validate_zeroshot_inputs`).
 
     Raises:
         DataSpecError: missing data, no label column, or labels without class names.
+        ParityInputError: duplicate class names, a bad template, labels past the class names.
     """
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
@@ -45,7 +50,11 @@ def load_eval_data(spec: DataSpec, transforms: Mapping[str, Any], classnames: st
         raise ParityInputError(f"class names for {spec.label}: {exc}") from exc
     if names is None:
         raise DataSpecError(f"{spec.label}: label column {cols.label!r} is not a ClassLabel; pass classnames")
-    return EvalData(ImageDataset(ds, dict(transforms), columns=cols, name=spec.label), validate_classnames(names), spec)
+    try:
+        names, _ = validate_zeroshot_inputs(names, templates, ds[cols.label], source=f"{spec.label} column {cols.label!r}")
+    except ValueError as exc:
+        raise ParityInputError(str(exc)) from exc
+    return EvalData(ImageDataset(ds, dict(transforms), columns=cols, name=spec.label), names, spec)
 
 
 def prompts_for(classnames: Sequence[str], templates: str | Sequence[str]) -> tuple[list[str], int]:

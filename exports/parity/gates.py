@@ -40,6 +40,8 @@ class GateCheck:
         """``agreement_student = 98.26 % < 99.00 % (gate min_agreement)``."""
         if self.value is None:
             return f"{self.metric} was not measured (gate {self.field} needs it)"
+        if not math.isfinite(self.value):
+            return f"{self.metric} = {self.value} is not finite (gate {self.field})"
         bad = {">=": "<", "<=": ">"}[self.op] if not self.passed else self.op
         return (f"{self.metric} = {format_metric(self.metric, self.value)} {bad} "
                 f"{format_metric(self.metric, self.threshold)} (gate {self.field})")
@@ -66,7 +68,8 @@ class Gate:
             if threshold is None:
                 continue
             value = metrics.get(metric)
-            ok = value is not None and (value >= threshold - _EPS if op == ">=" else value <= threshold + _EPS)
+            ok = (value is not None and math.isfinite(value)
+                  and (value >= threshold - _EPS if op == ">=" else value <= threshold + _EPS))
             checks.append(GateCheck(name, metric, op, value, float(threshold), bool(ok)))
         return checks
 

@@ -75,6 +75,16 @@ def mean_kl(ref_logp: np.ndarray, logp: np.ndarray) -> float:
     return float((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=1).mean())
 
 
+def nonfinite_rows(emb: np.ndarray, logp: np.ndarray) -> int:
+    """Images whose embedding or class log-probabilities hold a NaN or an infinity."""
+    return int((~np.isfinite(emb).all(axis=1) | ~np.isfinite(logp).all(axis=1)).sum())
+
+
+# metrics measured against the torch student: meaningless when the student's outputs are not finite
+STUDENT_RELATIVE_METRICS = ("top1_drop", "agreement_student", "kl_student", "emb_cos_min", "emb_cos_mean",
+                            "emb_max_abs_diff")
+
+
 @dataclass
 class References:
     labels: np.ndarray

@@ -90,7 +90,10 @@ class SubjectResult:
     def failure_messages(self) -> list[str]:
         if self.status == "error":
             return [f"{self.name}: error: {self.reason}"]
-        return [f"{self.name}: {c.describe()}" for c in self.checks if not c.passed]
+        failed = [f"{self.name}: {c.describe()}" for c in self.checks if not c.passed]
+        if self.status == "rejected" and not failed:  # rejected before any threshold was checked
+            return [f"{self.name}: {self.reason}"]
+        return failed
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -155,9 +158,10 @@ class ParityReport:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"json": out_dir / "parity.json", "markdown": out_dir / "parity.md", "html": out_dir / "parity.html"}
-        paths["json"].write_text(self.to_json())
-        paths["markdown"].write_text(self.to_markdown())
-        paths["html"].write_text(self.to_html())
+        # rendered before anything is written: never a parity.json without its .md and .html
+        texts = {"json": self.to_json(), "markdown": self.to_markdown(), "html": self.to_html()}
+        for key, path in paths.items():
+            path.write_text(texts[key])
         return paths
 
 

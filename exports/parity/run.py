@@ -18,7 +18,9 @@ from exports.parity.measure import (
     References,
     embed_dataset,
     environment,
+    STUDENT_RELATIVE_METRICS,
     measure_latency,
+    nonfinite_rows,
     subject_metrics,
     torch_threads,
     zero_shot_logprobs,
@@ -65,7 +67,7 @@ def run_parity(
     extra = check_onnx_files(onnx_files or {}, (3, *student.image_transform.output_size), student.embed_dim)
     info = provider_info or prov.detect()
     data_set = load_eval_data(data, {"teacher": teacher.image_transform, "student": student.image_transform},
-                              settings.classnames)
+                              settings.classnames, settings.templates)
     with torch_threads(settings.threads), eval_mode(teacher), eval_mode(student):
         return _run(teacher, student, data_set, Path(out_dir), variants, gates, settings, extra, info)
 
@@ -104,6 +106,7 @@ def score(subjects: Sequence[Subject], labels: np.ndarray, embs: Mapping[str, np
         image_hw: input (height, width) per transform key (``teacher``, ``student``).
     """
     logp = {s.name: zero_shot_logprobs(embs[s.name], s.head, s.logit_scale) for s in subjects if s.active}
+    nonfinite = {name: nonfinite_rows(embs[name], lp) for name, lp in logp.items()}
     ref = References(labels, logp["teacher"], logp["student"], embs["student"])
     results = []
     for s in subjects:
@@ -113,9 +116,24 @@ def score(subjects: Sequence[Subject], labels: np.ndarray, embs: Mapping[str, np
             result.metrics = subject_metrics(logp[s.name], embs[s.name], ref, compare_emb=s.role != "teacher")
             result.status = "reference" if s.role != "variant" else "kept"
             time_subject(s, result, (3, *image_hw[s.pixels]), settings)
-            apply_gate(result, gates)
+            if not refuse_nonfinite(result, nonfinite[s.name], len(labels), nonfinite["student"]):
+                apply_gate(result, gates)
         results.append(result)
     return results
+
+
+def refuse_nonfinite(result: SubjectResult, bad: int, total: int, bad_student: int) -> bool:
+    """Fail a subject with non-finite outputs, and every variant when the student (the reference of
+    every gate) has them: NaN logits still have an argmax, so agreement alone would pass them."""
+    what = f"non-finite outputs: {bad} of {total} images give NaN/inf embeddings or class probabilities"
+    if bad:  # metrics of NaN logits are numbers that mean nothing (argmax of NaN is class 0)
+        result.metrics = dict.fromkeys(result.metrics)
+        result.status, result.reason = ("rejected", f"rejected: {what}") if result.role == "variant" else ("error", what)
+    elif bad_student and result.role == "variant":
+        result.metrics.update(dict.fromkeys(STUDENT_RELATIVE_METRICS))
+        result.status = "rejected"
+        result.reason = f"rejected: not gated: the torch student has non-finite outputs ({bad_student} of {total} images)"
+    return result.status in ("error", "rejected")
 
 
 def time_subject(subject: Subject, result: SubjectResult, image_shape: tuple[int, ...], settings: ParitySettings) -> None:
