@@ -93,21 +93,29 @@ class References:
     student_emb: np.ndarray
 
 
-def subject_metrics(logp: np.ndarray, emb: np.ndarray, ref: References, compare_emb: bool) -> dict[str, float | None]:
-    """Accuracy, agreement, KL and (for the student's own space) embedding differences."""
+METRIC_NAMES = ("top1", "top5", "top1_drop", "agreement_teacher", "agreement_student", "kl_teacher", "kl_student",
+                "emb_cos_min", "emb_cos_mean", "emb_max_abs_diff")
+
+
+def subject_metrics(logp: np.ndarray, emb: np.ndarray, ref: References, compare_emb: bool,
+                    student_finite: bool = True) -> dict[str, float | None]:
+    """Accuracy, agreement, KL and (for the student's own space) embedding differences.
+
+    ``None`` for the metrics measured against the torch student when its outputs are not finite:
+    the metrics refuse NaN inputs rather than return numbers that mean nothing.
+    """
     labels = torch.from_numpy(ref.labels)
     top1 = topk_accuracy(torch.from_numpy(logp), labels, 1)
     pred = logp.argmax(axis=1)
-    metrics: dict[str, float | None] = {
-        "top1": top1,
-        "top5": topk_accuracy(torch.from_numpy(logp), labels, 5),
-        "top1_drop": topk_accuracy(torch.from_numpy(ref.student_logp), labels, 1) - top1,
-        "agreement_teacher": float((pred == ref.teacher_logp.argmax(axis=1)).mean()),
-        "agreement_student": float((pred == ref.student_logp.argmax(axis=1)).mean()),
-        "kl_teacher": mean_kl(ref.teacher_logp, logp),
-        "kl_student": mean_kl(ref.student_logp, logp),
-        "emb_cos_min": None, "emb_cos_mean": None, "emb_max_abs_diff": None,
-    }
+    metrics: dict[str, float | None] = dict.fromkeys(METRIC_NAMES)
+    metrics.update(top1=top1, top5=topk_accuracy(torch.from_numpy(logp), labels, 5),
+                   agreement_teacher=float((pred == ref.teacher_logp.argmax(axis=1)).mean()),
+                   kl_teacher=mean_kl(ref.teacher_logp, logp))
+    if not student_finite:
+        return metrics
+    metrics.update(top1_drop=topk_accuracy(torch.from_numpy(ref.student_logp), labels, 1) - top1,
+                   agreement_student=float((pred == ref.student_logp.argmax(axis=1)).mean()),
+                   kl_student=mean_kl(ref.student_logp, logp))
     if compare_emb and emb.shape == ref.student_emb.shape:
         diff = compare_outputs({"emb": ref.student_emb}, {"emb": emb})["emb"]
         metrics.update(emb_cos_min=diff.min_cosine, emb_cos_mean=diff.mean_cosine, emb_max_abs_diff=diff.max_abs_diff)

@@ -15,6 +15,7 @@ from exports.onnx_export import eval_mode
 from exports.parity.eval_data import EvalData, build_heads, load_eval_data
 from exports.parity.gates import DEFAULT_GATES, Gate, gate_family, resolve_gate
 from exports.parity.measure import (
+    METRIC_NAMES,
     References,
     embed_dataset,
     environment,
@@ -113,7 +114,9 @@ def score(subjects: Sequence[Subject], labels: np.ndarray, embs: Mapping[str, np
         result = SubjectResult(s.name, s.runtime, s.precision, s.role, s.status, s.reason,
                                str(s.path) if s.path else None, s.size_bytes, s.size_of, s.params)
         if s.active:
-            result.metrics = subject_metrics(logp[s.name], embs[s.name], ref, compare_emb=s.role != "teacher")
+            result.metrics = (dict.fromkeys(METRIC_NAMES) if nonfinite[s.name] else
+                              subject_metrics(logp[s.name], embs[s.name], ref, compare_emb=s.role != "teacher",
+                                              student_finite=not nonfinite["student"]))
             result.status = "reference" if s.role != "variant" else "kept"
             time_subject(s, result, (3, *image_hw[s.pixels]), settings)
             if not refuse_nonfinite(result, nonfinite[s.name], len(labels), nonfinite["student"]):
