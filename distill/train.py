@@ -38,7 +38,8 @@ from distill.config import TrainConfig, dump_config, load_config, to_dict
 from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
 from distill.task import DistillTask, TrainingTask
-from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
+from distill.feed import make_feeder
+from distill.train_data import TrainData, build_train_data, check_path
 from exports.pipeline import export_and_check
 from students import build_student, save_student
 
@@ -78,13 +79,6 @@ def build_scheduler(optimizer, cfg, num_processes: int):
 
 
 # ------------------------------------------------------------------------------------ the loop
-
-
-def _to_device(batch: dict, device, cached: torch.Tensor | None) -> dict:
-    out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    if cached is not None:
-        out["teacher_image"] = cached[batch["index"], batch["view"].cpu()].to(device)
-    return out
 
 
 def check_finite(losses: dict, step: int, accelerator, last_checkpoint: Path | None) -> None:
@@ -282,23 +276,16 @@ def train(cfg: TrainConfig) -> dict:
         log.info("resumed from %s at step %d", resume, state["step"])
 
     accum, bs = cfg.optim.grad_accum, cfg.optim.batch_size
-    cached = data.teacher_images
+    feeder = make_feeder(cfg, data, accelerator)  # before the clock starts: it may decode the images once
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not (cfg.progress and accelerator.is_local_main_process),
                desc="distill", unit="step")
     metrics: dict = {}
     tick, seen = time.perf_counter(), 0
     task.train()
     while state["step"] < cfg.optim.max_steps:
-        batches = epoch_batches(len(data.rows), bs, accelerator.process_index, accelerator.num_processes,
-                                cfg.seed, state["epoch"])
-        usable = len(batches) - len(batches) % accum  # an epoch ends on an optimiser-step boundary
-        if usable == 0:
-            raise ValueError(f"an epoch has {len(batches)} batches < optim.grad_accum={accum}")
-        data.rows.epoch = state["epoch"]
-        loader = DataLoader(data.rows, batch_sampler=batches[state["batch"]:usable], collate_fn=collate,
-                            num_workers=cfg.data.num_workers)
+        loader, usable = feeder.epoch(state, accum)
         for batch in loader:
-            batch = _to_device(batch, accelerator.device, cached)
+            batch = feeder.to_device(batch)
             with accelerator.accumulate(task):
                 losses = task(batch, step=state["step"] * accum + state["batch"] % accum, seed=cfg.seed)
                 check_finite(losses, state["step"], accelerator, last_ckpt)
@@ -334,6 +321,7 @@ def train(cfg: TrainConfig) -> dict:
         else:
             state = {"step": state["step"], "epoch": state["epoch"] + 1, "batch": 0}
     bar.close()
+    feeder.close()
     last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints)
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:
