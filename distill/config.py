@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from clipcore.distill_loss import LossConfig
+from distill.shards import is_shard_spec
 from exports.parity import ParityInputError, check_variant_names, load_gates
 
 
@@ -160,6 +161,8 @@ class TrainConfig:
         if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift):
             raise ConfigError("data.student_flip / data.student_shift jitter a distilled student's input; "
                               "mode=contrastive trains on cached tower features and cannot apply them")
+        if self.mode == "contrastive" and (self.data.streaming or is_shard_spec(self.data.train)):
+            raise ConfigError("streamed data (WebDataset shards or data.streaming=true) is for mode=distill only")
         if self.data.num_workers < 0 or self.data.prefetch_factor < 1:
             raise ConfigError(f"data.num_workers={self.data.num_workers} must be >= 0 and "
                               f"data.prefetch_factor={self.data.prefetch_factor} >= 1")

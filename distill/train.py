@@ -39,6 +39,7 @@ from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
 from distill.task import DistillTask, TrainingTask
 from distill.feed import make_feeder
+from distill.stream_data import build_stream_data, is_stream
 from distill.train_data import TrainData, build_train_data, check_path
 from exports.pipeline import export_and_check
 from students import build_student, save_student
@@ -216,8 +217,9 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
         with torch.no_grad():
             student.log_logit_scale.fill_(cfg.optim.init_logit_scale)
-    data = build_train_data(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
-                            batch_size=cfg.optim.batch_size)
+    build = build_stream_data if is_stream(cfg.data) else build_train_data  # shards / `datasets` streaming
+    data = build(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
+                 batch_size=cfg.optim.batch_size)
     head = None
     if data.classnames and cfg.loss.kl_on_classes:
         head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)
