@@ -5,14 +5,22 @@
     python benchmarks/loop_throughput.py --device cuda
 
 ``raw``: the student alone, forward + backward + AdamW step, on one batch already in memory (no
-data, no loss beyond a mean): the upper bound the loop can reach. ``loop``: the real trainer,
+data, no loss beyond a mean): the upper bound the loop can reach. ``loop`` and the other
+variants (``--variants``): the real trainer,
 ``distill.train.main`` with ``configs/default.yaml`` (``resnet-cifar-m`` at 32 px, batch 128,
 student flips and shifts, KL + feature losses) on real CIFAR-10 JPEGs from ``../shared/data``,
 images/s read from its own ``train_log.jsonl`` (the first logging interval, which pays for
 DataLoader start-up, is left out). The teacher is a tiny random CLIP with the reference teacher's
 embedding width (512), so its targets cache in seconds; the loop reads cached targets, as the
-default job does. Rounds alternate raw and loop so that a neighbour's load on a shared CPU hits
-both; the ratio of the sums is the figure reported.
+default job does. Variants:
+
+    loop            the trainer as the default job runs it (pixel store chosen by size: on for CIFAR)
+    loop-decode     data.pixel_store=false: JPEGs decoded in the main process each step, the loop
+                    as it was before the store (the path large datasets take with num_workers=0)
+    loop-workers    data.pixel_store=false data.num_workers=2: decoding in 2 worker processes
+
+Rounds alternate raw and the variants so that a neighbour's load on a shared CPU hits all of them;
+each variant's ratio to raw is computed from the sums over rounds.
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+VARIANTS = {"loop": [], "loop-decode": ["data.pixel_store=false"],
+            "loop-workers": ["data.pixel_store=false", "data.num_workers=2"]}
+
+
 def loop_images_per_s(args, teacher: Path, out: Path, extra: Sequence[str]) -> float:
     """The trainer's own images/s over its logging intervals after the first."""
     from accelerate.state import AcceleratorState
@@ -108,6 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=10240, help="CIFAR-10 training rows the loop reads (seeded)")
     p.add_argument("--batch-size", type=int, default=128, help="the default job's batch; keep it")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["loop", "loop-decode"])
     p.add_argument("--work", type=Path, default=REPO_ROOT / "outputs" / "bench-loop")
     p.add_argument("overrides", nargs="*", help="extra trainer key=value overrides for the loop runs")
     return p.parse_args(argv)
@@ -123,19 +136,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # what the trainer's set_cpu_threads picks
     teacher_dir, student = build_models(args.work, args.device)
-    raws, loops = [], []
+    raws: list[float] = []
+    loops: dict[str, list[float]] = {v: [] for v in args.variants}
     for r in range(args.rounds):
         raws.append(raw_images_per_s(student, args.batch_size, args.steps, args.device))
-        print(f"[bench] round {r + 1}: raw  {raws[-1]:.1f} images/s", flush=True)
-        loops.append(loop_images_per_s(args, teacher_dir, args.work / f"loop-{r}", args.overrides))
-        print(f"[bench] round {r + 1}: loop {loops[-1]:.1f} images/s", flush=True)
+        print(f"[bench] round {r + 1}: raw {raws[-1]:.1f} images/s", flush=True)
+        for v in args.variants:
+            loops[v].append(loop_images_per_s(args, teacher_dir, args.work / f"{v}-{r}", VARIANTS[v] + args.overrides))
+            print(f"[bench] round {r + 1}: {v} {loops[v][-1]:.1f} images/s", flush=True)
     result = {"command": "python benchmarks/loop_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
-              "torch": torch.__version__, "loadavg": os.getloadavg(), "raw_images_per_s": raws,
-              "loop_images_per_s": loops, "ratio": sum(loops) / sum(raws)}
+              "torch": torch.__version__, "loadavg_at_end": os.getloadavg(), "raw_images_per_s": raws,
+              "loop_images_per_s": loops, "ratio_to_raw": {v: sum(x) / sum(raws) for v, x in loops.items()}}
     (args.work / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"[bench] loop / raw = {result['ratio']:.3f} (raw {sum(raws) / len(raws):.1f}, "
-          f"loop {sum(loops) / len(loops):.1f} images/s); {args.work / 'results.json'}")
+    print(f"[bench] raw {sum(raws) / len(raws):.1f} images/s; " + "; ".join(
+        f"{v} {sum(x) / len(x):.1f} images/s = {result['ratio_to_raw'][v]:.3f} of raw" for v, x in loops.items()))
     return result
 
 

@@ -149,10 +149,10 @@ def load(path: Path, transform: ImageTransform) -> PixelStore:
 
 def get_or_build(ds, image_column: str, transform: ImageTransform, root: str | Path, name: str, accelerator,
                  num_workers: int = 0) -> PixelStore:
-    """Load the store of (``ds``, ``transform``) or build it on the main process first."""
+    """Load the store of (``ds``, ``transform``) or build it on each machine's main process first."""
     path = Path(root) / store_key(ds._fingerprint, transform)
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (path / META).is_file():
+    with accelerator.local_main_process_first():  # per machine: the cache directory may be local
+        if accelerator.is_local_main_process and not (path / META).is_file():
             log.info("pixel store: decoding %d images once into %s", len(ds), path)
             build(ds, image_column, transform, path, name, num_workers)
     store = load(path, transform)
