@@ -257,3 +257,23 @@ def test_targets_from_another_teacher_are_refused(corpus, one_process_targets, t
     with pytest.raises(ConfigError, match="teacher"):
         main(_train_args(root, other, tmp_path / "x", f"data.train={spec}", f"data.targets={one_process_targets}",
                          "cache.views=2", f"data.eval={root}", "optim.max_steps=1"))
+
+
+def test_datasets_stream_splits_shards_over_processes_and_workers(tmp_path, tiny_clip):
+    from distill.data import Columns
+    from distill.stream_data import HFStream
+
+    feats = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    for s in range(4):  # 4 parquet files = 4 stream shards: 2 processes x 2 workers, one each
+        rows = {"image": [{"bytes": png(s * 5 + i, size=(8, 8)), "path": None} for i in range(5)],
+                "text": [f"row {s * 5 + i}" for i in range(5)]}
+        datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(tmp_path / f"train-{s:05d}-of-00004.parquet"))
+    ds = datasets.load_dataset("parquet", data_dir=str(tmp_path), split="train", streaming=True)
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    assert ds.n_shards == 4
+    texts = []
+    for rank in range(2):
+        stream = HFStream(ds, Columns("image", None, "text"), {"student": tiny_clip.image_transform}, 0, 0, rank, 2)
+        it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+        texts += [next(it)["text"] for _ in range(10)]
+    assert sorted(texts) == sorted(f"row {i}" for i in range(20))  # one pass, each row once
