@@ -110,6 +110,9 @@ def precompute(cfg: TrainConfig) -> dict:
     shards.write_or_check_meta(targets, sidecar_meta(cfg, teacher))  # every process checks it agrees
     views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
     mine = shards.assigned(urls, state.process_index, state.num_processes)
+    for url in mine:  # what a killed run was writing: never read, redone below
+        for stale in targets.glob(f".{shards.shard_name(url)}.*.tmp"):
+            stale.unlink(missing_ok=True)
     todo = [u for u in mine if not shards.sidecar_done(targets, shards.shard_name(u))]
     log.info("process %d/%d: %d shards, %d finished earlier (skipped), %d to write",
              state.process_index, state.num_processes, len(mine), len(mine) - len(todo), len(todo))

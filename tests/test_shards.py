@@ -161,6 +161,7 @@ def test_killed_precompute_resumes_without_redoing_finished_shards(corpus, one_p
     assert f"{len(done)} finished earlier (skipped), {6 - len(done)} to write" in proc.stderr
     assert {n: (targets / n).stat().st_mtime_ns for n in done} == done  # not rewritten
     assert _sidecars(targets) == _sidecars(one_process_targets)
+    assert not list(targets.glob(".*.tmp"))  # the killed run's half-written sidecar is gone
 
 
 def test_corrupt_sidecar_is_refused_and_rewritten(corpus, one_process_targets, tmp_path):
