@@ -246,6 +246,8 @@ def test_datasets_streaming(tmp_path):
                        "optim.max_steps=3", f"data.eval={parquet}", "data.shuffle_buffer=8")
     with pytest.raises(ConfigError, match="cache.enabled=false"):
         main(args)
+    with pytest.raises(ConfigError, match="data.train_limit=16"):
+        main(args + ["cache.enabled=false", "data.train_limit=16"])
     main(args + ["cache.enabled=false"])
     assert len(_log(tmp_path / "out")) == 3
 
