@@ -100,13 +100,14 @@ def loop_images_per_s(args, teacher: Path, out: Path, extra: Sequence[str]) -> f
 def decode_cpu_ms(student, batch_size: int, batches: int = 10) -> float:
     """CPU milliseconds to decode, preprocess and collate one batch of CIFAR-10 JPEGs in one
     process (what the main process paid per step before the pixel store)."""
-    from distill.augment import ViewSpec
-    from distill.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
-    from distill.train_data import TrainImages
+    from clipcore.augment import ViewSpec
+    from clipcore.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
+    from distill.train_data import TrainRows
 
     spec = DataSpec(str(CIFAR), split="train", limit=batch_size * batches, shuffle_seed=0)
     ds = load_hf_dataset(spec)
-    images = TrainImages(ImageDataset(ds, {"student": student.image_transform}, resolve_columns(ds, spec)), ViewSpec())
+    images = TrainRows(len(ds), ViewSpec(), ImageDataset(ds, {"student": student.image_transform},
+                                                         resolve_columns(ds, spec)))
     t0 = time.process_time()
     for b in range(batches):
         collate([images[b * batch_size + i] for i in range(batch_size)])

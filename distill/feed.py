@@ -96,13 +96,13 @@ class Feeder:
         self.sampler.set(todo, epoch)
         if self.loader is None:
             self.loader = DataLoader(rows, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
-                                     pin_memory=self.pin, **self._worker_kwargs(workers, persistent=True))
+                                     pin_memory=self.pin, **self._worker_kwargs(workers))
         return self.loader
 
-    def _worker_kwargs(self, workers: int, persistent: bool) -> dict:
+    def _worker_kwargs(self, workers: int) -> dict:
         if workers == 0:
             return {}
-        return {"persistent_workers": persistent, "prefetch_factor": self.cfg.data.prefetch_factor}
+        return {"persistent_workers": True, "prefetch_factor": self.cfg.data.prefetch_factor}
 
     def _stream(self, state: dict) -> Iterator[dict]:
         if self.stream is None:
@@ -111,7 +111,7 @@ class Feeder:
             workers = self.cfg.data.num_workers
             loader = DataLoader(self.data.rows, batch_size=self.cfg.optim.batch_size, collate_fn=collate,
                                 num_workers=workers, pin_memory=self.pin, drop_last=True,
-                                **self._worker_kwargs(workers, persistent=True))
+                                **self._worker_kwargs(workers))
             self.stream = iter(loader)
         return self.stream
 

@@ -263,7 +263,7 @@ def test_targets_from_another_teacher_are_refused(corpus, one_process_targets, t
 
 
 def test_datasets_stream_splits_shards_over_processes_and_workers(tmp_path, tiny_clip):
-    from distill.data import Columns
+    from clipcore.data import Columns
     from distill.stream_data import HFStream
 
     feats = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
