@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from clipcore.distill_loss import LossConfig
+from distill.shards import is_shard_spec
 from exports.parity import ParityInputError, check_variant_names, load_gates
 
 
@@ -52,7 +53,13 @@ class DataConfig:
     eval_templates: str | None = None  # None: data.templates
     train_limit: int | None = None
     eval_limit: int | None = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes that decode and augment (0: the main process)
+    prefetch_factor: int = 2  # with workers: batches each worker prepares ahead
+    pixel_store: bool | None = None  # pre-decoded uint8 images (distill/pixel_store.py); None: chosen by size
+    pixel_store_max_gb: float = 4.0  # the size up to which pixel_store=null picks the store
+    streaming: bool = False  # read data.train with `datasets` streaming (teacher online; distill/stream_data.py)
+    targets: str | None = None  # WebDataset shards: the sidecar directory of `python -m distill.precompute`
+    shuffle_buffer: int = 1000  # streamed data: samples in the shuffle buffer (0: the shards' order)
     # distill mode: jitter the student's view only (teacher targets stay those of the plain image)
     student_flip: bool = False  # random horizontal flip
     student_shift: int = 0  # random shift by up to N pixels each way, zero-padded
@@ -159,6 +166,11 @@ class TrainConfig:
         if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift):
             raise ConfigError("data.student_flip / data.student_shift jitter a distilled student's input; "
                               "mode=contrastive trains on cached tower features and cannot apply them")
+        if self.mode == "contrastive" and (self.data.streaming or is_shard_spec(self.data.train)):
+            raise ConfigError("streamed data (WebDataset shards or data.streaming=true) is for mode=distill only")
+        if self.data.num_workers < 0 or self.data.prefetch_factor < 1:
+            raise ConfigError(f"data.num_workers={self.data.num_workers} must be >= 0 and "
+                              f"data.prefetch_factor={self.data.prefetch_factor} >= 1")
         if self.data.student_shift < 0:
             raise ConfigError(f"data.student_shift must be >= 0 pixels, got {self.data.student_shift}")
         if not self.data.train:

@@ -97,6 +97,9 @@ class DistillTask(nn.Module):
         the text tower and the affinity KL paired targets.
         """
         rows = []
+        if not self.bank.caption_rows and self.bank.prompt_rows.numel() == 0:
+            raise ValueError("a training sample has no caption and there are no class prompts: "
+                             "set data.classnames=... or give every sample a caption")
         for idx in batch["index"].tolist():
             caps = self.bank.caption_rows[idx] if self.bank.caption_rows else []
             if caps:
@@ -105,6 +108,18 @@ class DistillTask(nn.Module):
                 c, t = (int(torch.randint(n, (1,), generator=generator)) for n in self.bank.prompt_rows.shape)
                 rows.append(int(self.bank.prompt_rows[c, t]))
         return torch.tensor(rows, dtype=torch.long)
+
+    def _streamed_texts(self, batch: dict, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher (precomputed in the sidecar, or online) and student embeddings of the batch's captions."""
+        t_txt = batch.get("teacher_text")
+        if t_txt is None:
+            with torch.no_grad():
+                t_txt = self.teacher.encode_text(texts)
+        if not self.student.has_own_text_tower:
+            return t_txt, None
+        tokens = self.student.tokenize(texts)
+        mask = tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))
+        return t_txt, self.student.encode_tokens(tokens["input_ids"].to(device), mask.to(device))
 
     def _student_class_head(self, generator: torch.Generator, device) -> torch.Tensor | None:
         """Student class embeddings from one random template per class (a cheap unbiased draw
@@ -132,12 +147,16 @@ class DistillTask(nn.Module):
             # its own generator, so that runs with and without jitter sample the same texts
             pixels = self.jitter(pixels, torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009))
         s_img = self.student.encode_image(pixels)
-        text_rows = self._sample_texts(batch, gen)
-        t_txt = self.bank.teacher_emb[text_rows].to(device)
-        s_txt = None
-        if self.student.has_own_text_tower:
-            ids, mask = self.bank.student_ids[text_rows].to(device), self.bank.student_mask[text_rows].to(device)
-            s_txt = self.student.encode_tokens(ids, mask)
+        texts = batch.get("text")
+        if texts is not None and all(t is not None for t in texts):  # streamed pairs: each its own caption
+            t_txt, s_txt = self._streamed_texts(batch, list(texts), device)
+        else:
+            text_rows = self._sample_texts(batch, gen)
+            t_txt = self.bank.teacher_emb[text_rows].to(device)
+            s_txt = None
+            if self.student.has_own_text_tower:
+                ids, mask = self.bank.student_ids[text_rows].to(device), self.bank.student_mask[text_rows].to(device)
+                s_txt = self.student.encode_tokens(ids, mask)
         out = self.losses(
             student_image=s_img,
             student_text=s_txt,

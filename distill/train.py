@@ -44,7 +44,9 @@ from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
 from distill.rundir import LOG_FILE, RunLock, check_fresh_start, check_resumable, clear_outputs, truncate_log
 from distill.task import DistillTask, TrainingTask
-from distill.train_data import TrainData, build_train_data, check_path, epoch_batches
+from distill.feed import make_feeder
+from distill.stream_data import build_stream_data, is_stream
+from distill.train_data import TrainData, build_train_data, check_path
 from exports.pipeline import export_and_check
 from students import build_student, save_student
 
@@ -88,13 +90,6 @@ def build_scheduler(optimizer, cfg, num_processes: int):
 
 
 # ------------------------------------------------------------------------------------ the loop
-
-
-def _to_device(batch: dict, device, cached: torch.Tensor | None) -> dict:
-    out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    if cached is not None:
-        out["teacher_image"] = cached[batch["index"], batch["view"].cpu()].to(device)
-    return out
 
 
 def check_finite(losses: dict, step: int, accelerator, last_checkpoint: Path | None) -> None:
@@ -262,8 +257,9 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
         with torch.no_grad():
             student.log_logit_scale.fill_(cfg.optim.init_logit_scale)
-    data = build_train_data(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
-                            batch_size=cfg.optim.batch_size)
+    build = build_stream_data if is_stream(cfg.data) else build_train_data  # shards / `datasets` streaming
+    data = build(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
+                 batch_size=cfg.optim.batch_size)
     head = None
     if data.classnames and cfg.loss.kl_on_classes:
         head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)
@@ -350,23 +346,16 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         truncate_log(out / LOG_FILE, state["step"])
 
     accum, bs = cfg.optim.grad_accum, cfg.optim.batch_size
-    cached = data.teacher_images
+    feeder = make_feeder(cfg, data, accelerator)  # before the clock starts: it may decode the images once
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not (cfg.progress and accelerator.is_local_main_process),
                desc="distill", unit="step")
     metrics: dict = {}
     tick, seen = time.perf_counter(), 0
     task.train()
     while state["step"] < cfg.optim.max_steps:
-        batches = epoch_batches(len(data.rows), bs, accelerator.process_index, accelerator.num_processes,
-                                cfg.seed, state["epoch"])
-        usable = len(batches) - len(batches) % accum  # an epoch ends on an optimiser-step boundary
-        if usable == 0:
-            raise ValueError(f"an epoch has {len(batches)} batches < optim.grad_accum={accum}")
-        data.rows.epoch = state["epoch"]
-        loader = DataLoader(data.rows, batch_sampler=batches[state["batch"]:usable], collate_fn=collate,
-                            num_workers=cfg.data.num_workers)
+        loader, usable = feeder.epoch(state, accum)
         for batch in loader:
-            batch = _to_device(batch, accelerator.device, cached)
+            batch = feeder.to_device(batch)
             with accelerator.accumulate(task):
                 losses = task(batch, step=state["step"] * accum + state["batch"] % accum, seed=cfg.seed)
                 check_finite(losses, state["step"], accelerator, last_ckpt)
@@ -404,6 +393,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         else:
             state = {"step": state["step"], "epoch": state["epoch"] + 1, "batch": 0}
     bar.close()
+    feeder.close()
     check_weights_finite(task, state["step"], last_ckpt)
     check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
     last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)

@@ -55,7 +55,9 @@ class TrainRows(Dataset):
     def __len__(self) -> int:
         return self.num_rows
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        if isinstance(index, tuple):  # (epoch, row) from a loader whose workers outlive epochs (distill/feed.py)
+            self.epoch, index = index
         item = {"index": int(index)} if self.images is None else self._decoded(int(index))
         if self.labels is not None:
             item["label"] = int(self.labels[item["index"]])

@@ -1,0 +1,233 @@
+"""WebDataset tar shards: naming, splitting over processes and workers, reading, teacher-target sidecars.
+
+A corpus is a list of tar shards, ``data.train=path/{00000..00123}.tar`` (brace-expanded; ``::``
+joins several lists), local files or ``pipe:`` commands (``pipe:curl -s https://host/{00000..00009}.tar``,
+``pipe:aws s3 cp s3://bucket/00003.tar -``). Samples are grouped by key, as WebDataset writes them
+(``KEY.jpg``, ``KEY.cls``, ``KEY.txt`` or ``KEY.json`` with ``{"captions": [...]}``).
+
+Sidecar shards (``data.targets=DIR``, written by ``python -m distill.precompute``) hold the
+teacher's targets keyed by the same sample keys, one sidecar per corpus shard with the same file
+name: ``DIR/00003.tar`` holds ``KEY.teacher.npy`` (K views x D, float16), ``KEY.views.json`` (each
+view's crop box and flip in the image's pixels) and ``KEY.captions.npy`` (C captions x D, float16),
+in the order of the corpus shard, and ``DIR/00003.json``, the manifest with its sha256, written
+last: a sidecar without a matching manifest is unfinished. ``DIR/meta.json`` records the teacher,
+its preprocessing, the views and the seed the sidecars were made with.
+
+Each shard is read by exactly one DataLoader worker of one process: shard ``i`` goes to global
+worker ``i mod (processes x workers)``, where process ``r``'s worker ``w`` is global worker
+``r x workers + w``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+META = "meta.json"
+SIDECAR_FORMAT = "clip-distill-targets-v1"
+
+
+class ShardError(ValueError):
+    """A shard spec, shard or sidecar is malformed or inconsistent; the message names it."""
+
+
+def is_shard_spec(path: str | None) -> bool:
+    """True for a WebDataset shard spec: ``pipe:...`` or a name ending in ``.tar`` (braces allowed)."""
+    return bool(path) and (path.startswith("pipe:") or bool(re.search(r"\.tar\}?$", path.split("::")[-1].strip())))
+
+
+def expand_urls(spec: str) -> list[str]:
+    """``a/{000..003}.tar::b/x.tar`` -> the shard URLs, in order."""
+    from braceexpand import braceexpand
+
+    urls = [u for part in spec.split("::") for u in braceexpand(part.strip()) if u]
+    if not urls:
+        raise ShardError(f"data.train={spec!r} names no shards")
+    for url in urls:
+        if not url.startswith("pipe:") and not Path(url).expanduser().is_file():
+            raise ShardError(f"shard {url} (from data.train={spec!r}) does not exist")
+    names = [shard_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ShardError(f"data.train={spec!r}: shard file names repeat; sidecars are named after them")
+    return urls
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name (``00003.tar``), which names its sidecar; also inside ``pipe:`` commands."""
+    found = re.findall(r"[^/\s'\"]+\.tar\b", url)
+    if not found:
+        raise ShardError(f"cannot tell the .tar file name of shard {url!r}")
+    return found[-1]
+
+
+def assigned(urls: Sequence[str], rank: int, world: int, worker: int = 0, workers: int = 1) -> list[str]:
+    """The shards global worker ``rank x workers + worker`` reads (round-robin)."""
+    me, total = rank * workers + worker, world * workers
+    return [u for i, u in enumerate(urls) if i % total == me]
+
+
+def read_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard: ``{"__key__": ..., "jpg": bytes, ...}`` (local file or ``pipe:``)."""
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples([{"url": url}])
+
+
+def image_bytes(sample: dict, url: str) -> bytes:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise ShardError(f"{url}: sample {sample['__key__']} has no image (one of {', '.join(IMAGE_EXTENSIONS)}); "
+                     f"it has {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def captions_of(sample: dict, url: str) -> list[str]:
+    """``KEY.txt`` (one caption) or ``KEY.json`` with ``captions`` (a list) or ``caption``; blanks dropped."""
+    if "txt" in sample:
+        caps = [sample["txt"].decode("utf-8")]
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as exc:
+            raise ShardError(f"{url}: {sample['__key__']}.json is not JSON ({exc})") from exc
+        value = meta.get("captions", meta.get("caption")) if isinstance(meta, dict) else None
+        caps = [] if value is None else [value] if isinstance(value, str) else list(value)
+    else:
+        caps = []
+    return [c for c in caps if isinstance(c, str) and c.strip()]
+
+
+def label_of(sample: dict) -> int | None:
+    return int(sample["cls"].decode().strip()) if "cls" in sample else None
+
+
+# ---------------------------------------------------------------------------------- sidecars
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_path(targets: Path, name: str) -> Path:
+    return targets / (name[: -len(".tar")] + ".json")
+
+
+def sidecar_done(targets: Path, name: str) -> bool:
+    """A sidecar counts as written when its manifest exists and its checksum matches."""
+    manifest, tar = manifest_path(targets, name), targets / name
+    if not manifest.is_file() or not tar.is_file():
+        return False
+    return json.loads(manifest.read_text()).get("sha256") == file_sha256(tar)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def write_sidecar(targets: Path, name: str, records: Iterable[dict]) -> dict:
+    """Write one sidecar atomically (temporary name, fsync, rename), then its manifest (last).
+
+    ``records``: ``{"key", "teacher": (K, D), "views": [...], "captions": (C, D) or None}``.
+    """
+    from webdataset import TarWriter
+
+    tmp = targets / f".{name}.{os.getpid()}.tmp"
+    count = 0
+    with open(tmp, "wb") as f:
+        writer = TarWriter(f, encoder=False, mtime=0)  # mtime 0: the same targets give the same bytes
+        for rec in records:
+            sample = {"__key__": rec["key"], "teacher.npy": encode_npy(np.asarray(rec["teacher"], np.float16)),
+                      "views.json": json.dumps(rec["views"]).encode()}
+            if rec.get("captions") is not None:
+                sample["captions.npy"] = encode_npy(np.asarray(rec["captions"], np.float16))
+            writer.write(sample)
+            count += 1
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    manifest = {"shard": name, "samples": count, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
+    os.replace(tmp, targets / name)
+    _atomic_text(manifest_path(targets, name), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_meta(targets: Path) -> dict:
+    path = Path(targets) / META
+    if not path.is_file():
+        raise ShardError(f"data.targets={targets}: no {META}; write the targets with `python -m distill.precompute`")
+    return json.loads(path.read_text())
+
+
+def write_or_check_meta(targets: Path, meta: dict) -> None:
+    """Create ``meta.json``, or check that an existing one (a resumed precompute) matches."""
+    path = targets / META
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if diff:
+            raise ShardError(f"{path} was written with other settings ({', '.join(diff)} differ); "
+                             "use a new targets directory or the original settings")
+        return
+    targets.mkdir(parents=True, exist_ok=True)
+    _atomic_text(path, json.dumps(meta, indent=1, sort_keys=True))
+
+
+def read_sidecar(targets: Path, name: str) -> Iterator[dict]:
+    """Records of one finished sidecar, checksum verified first."""
+    tar = Path(targets) / name
+    manifest = manifest_path(Path(targets), name)
+    if not manifest.is_file() or not tar.is_file():
+        raise ShardError(f"{tar}: no finished sidecar for shard {name}; run `python -m distill.precompute` "
+                         "(it resumes where it stopped)")
+    want = json.loads(manifest.read_text())["sha256"]
+    if file_sha256(tar) != want:
+        raise ShardError(f"{tar}: checksum does not match {manifest.name}; delete both and re-run precompute")
+    for sample in read_samples(str(tar)):
+        yield {"key": sample["__key__"], "teacher": decode_npy(sample["teacher.npy"]),
+               "views": json.loads(sample["views.json"]),
+               "captions": decode_npy(sample["captions.npy"]) if "captions.npy" in sample else None}
+
+
+def apply_view(image, view: dict):
+    """A stored view (``{"box": [l, t, r, b], "flip": bool}``) applied to a decoded PIL image."""
+    from PIL import Image
+
+    box = tuple(view["box"])
+    out = image.crop(box) if box != (0, 0, *image.size) else image
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view["flip"] else out
+
+
+def shuffled(items: Iterable, buffer: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer of ``buffer`` items (0 or 1: the input order)."""
+    if buffer <= 1:
+        yield from items
+        return
+    pool: list = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from pool

@@ -1,0 +1,79 @@
+"""Feeding the training loop: the pre-decoded pixel store and persistent DataLoader workers
+give exactly the batches (and so the loss curve) of the plain decoding path."""
+
+import json
+
+import pytest
+import torch
+
+from distill.config import ConfigError
+from clipcore.testing import make_tiny_clip
+from distill.train import main
+from tests.datagen import write_labelled
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feed")
+    teacher = make_tiny_clip(root / "teacher", seed=1)
+    data = root / "data"
+    data.mkdir()
+    write_labelled(data, n=40)  # grayscale rows and a corrupt row 3
+    return root, teacher, data
+
+
+def _args(setup, out, *extra):
+    root, teacher, data = setup
+    recipe = root / "empty.yaml"
+    recipe.write_text("{}\n")
+    return ["--config", str(recipe), f"teacher.name_or_path={teacher}", f"data.train={data}",
+            "student.arch=test-tiny-resnet", "optim.batch_size=8", "optim.warmup_steps=1", "log_every=1",
+            "progress=false", "data.eval_limit=8", f"output_dir={out}", f"cache.dir={setup[0] / 'cache'}",
+            "data.student_flip=true", "data.student_shift=2", *extra]
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_store_batches_equal_decoded_batches(setup, tmp_path):
+    from accelerate import Accelerator
+
+    from distill.config import load_config
+    from clipcore.data import collate
+    from distill.feed import make_feeder
+    from distill.train import build_task
+
+    cfg = load_config(None, _args(setup, tmp_path / "o")[2:] + ["data.pixel_store=true"])
+    accelerator = Accelerator(cpu=True)
+    _, data = build_task(cfg, accelerator)
+    feeder = make_feeder(cfg, data, accelerator)
+    assert feeder.store is not None and not feeder.store.substitute.equal(torch.arange(40))  # row 3 is replaced
+    rows = [1, 2, 3, 4, 5, 20, 39, 0]
+    got = feeder.to_device(feeder._store_batch(rows))
+    want = collate([data.rows[i] for i in rows])
+    assert torch.equal(got["index"], want["index"]) and 3 not in got["index"].tolist()
+    assert torch.equal(got["pixel_values_student"], want["pixel_values_student"])  # bit for bit
+    assert torch.equal(got["teacher_image"], data.teacher_images[want["index"], 0])
+
+
+def test_pixel_store_and_persistent_workers_train_exactly_like_decoding(setup, tmp_path):
+    # 40 rows / batch 8 = 5 steps an epoch: 12 steps cross two epoch boundaries
+    common = ("optim.max_steps=12",)
+    main(_args(setup, tmp_path / "decode", *common, "data.pixel_store=false"))
+    main(_args(setup, tmp_path / "store", *common, "data.pixel_store=true"))
+    assert (setup[0] / "pixel-store").is_dir()
+    assert _losses(tmp_path / "store") == _losses(tmp_path / "decode")
+
+
+def test_workers_carry_the_epoch_of_augmented_views(setup, tmp_path):
+    # cache.views=3: each epoch picks other views, so a worker with a stale epoch would differ
+    common = ("optim.max_steps=12", "cache.views=3", "data.student_flip=false", "data.student_shift=0")
+    main(_args(setup, tmp_path / "main", *common))
+    main(_args(setup, tmp_path / "workers", *common, "data.num_workers=2", "data.prefetch_factor=2"))
+    assert _losses(tmp_path / "workers") == _losses(tmp_path / "main")
+
+
+def test_forced_pixel_store_says_why_it_cannot_be_used(setup, tmp_path):
+    with pytest.raises(ConfigError, match="cache.enabled=false"):
+        main(_args(setup, tmp_path / "x", "optim.max_steps=1", "data.pixel_store=true", "cache.enabled=false"))
