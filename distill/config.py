@@ -110,14 +110,25 @@ class ExportConfig:
     """After training: export the student to ONNX, build precision variants, check parity, bundle."""
 
     enabled: bool = False
-    # exports.parity variant names (GPU ones skip here); on the command line also "fp32,fp16"
-    variants: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8-dynamic"])
+    # exports.parity variant names (GPU ones skip here); on the command line also "fp32,fp16"; "int8" picks the
+    # scheme that suits the student (static QDQ for CNNs, calibrated on the training split; dynamic for transformers)
+    variants: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
     parity_limit: int | None = 1000  # evaluation images for the parity report (None: the whole split)
-    bundle_precision: str | None = "int8-dynamic"  # edge bundle at this precision if it passed its gate
+    calibration_limit: int = 128  # static int8: seeded random training images (seed = the run's seed)
+    bundle_precision: str | None = "int8"  # edge bundle of this variant (one of `variants`) if it passed its gate
+    bundle_text: bool = False  # open vocabulary: gate and ship the text encoder + tokenizer (predict --classes)
     # changes to the default gates, {KEY: {FIELD: VALUE}}, e.g. {int8: {min_agreement: 0.98}}; on the
     # command line also "KEY.FIELD=VALUE,...", e.g. export.gates=int8.min_agreement=0.98
     gates: dict[str, dict[str, float | None]] = field(default_factory=dict)
     fail_on_gate: bool = True  # `python distill/train.py` exits 1 when a variant fails its gate
+
+    def validate(self) -> None:
+        if self.enabled and self.bundle_precision is not None and self.bundle_precision not in self.variants:
+            # the bundle ships a file the parity report gated: one it never built cannot ship
+            raise ConfigError(f"export.bundle_precision={self.bundle_precision!r} is not in "
+                              f"export.variants={self.variants!r}; add it there or set export.bundle_precision=null")
+        if self.calibration_limit < 1:
+            raise ConfigError(f"export.calibration_limit must be >= 1, got {self.calibration_limit}")
 
 
 @dataclass
@@ -180,6 +191,7 @@ class TrainConfig:
             load_gates(self.export.gates)
         except ParityInputError as exc:
             raise ConfigError(f"export: {exc}") from exc
+        self.export.validate()
         return self
 
 

@@ -177,7 +177,10 @@ def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder,
     result = export_and_check(teacher, student, eval_spec(cfg, cfg.export.parity_limit), out / "export",
                               variants=cfg.export.variants,
                               templates=cfg.data.eval_templates or cfg.data.templates, classnames=names,
-                              bundle_precision=cfg.export.bundle_precision, gates=cfg.export.gates)
+                              bundle_precision=cfg.export.bundle_precision, gates=cfg.export.gates,
+                              calibration=DataSpec(path=cfg.data.train, split=cfg.data.train_split,
+                                                   shuffle_seed=cfg.seed),
+                              calibration_limit=cfg.export.calibration_limit, bundle_text=cfg.export.bundle_text)
     log.info("parity %s; report: %s%s\n%s", "PASSED" if result.passed else "FAILED", result.report_paths["html"],
              f"; edge bundle: {result.bundle}" if result.bundle else "", result.summary)
     return result.passed

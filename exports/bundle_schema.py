@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 Validator = Callable[[Any, str], None]
 
 FORMAT = "clip-distill-zeroshot-bundle"
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "w8a16")  # concrete schemes (exports.precision)
 RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 MAX_SIDE = 4096  # pixels: far above any CLIP input, far below a resize that exhausts memory
 
@@ -171,6 +171,19 @@ CONFIG = obj({
         "opset": integer(1, 1000),
     }, required=("file",)),
     "created_with": map_of(string(), string(), min_len=0),
+    # bundles built from a parity run (exports.gated_bundle): the gated variant and its certificate
+    "variant": optional(string()),
+    "certificate": optional(bundle_file),
+    # open-vocabulary bundles (exports.text_runtime)
+    "text_encoder": optional(obj({
+        "file": bundle_file,
+        "tokenizer": bundle_file,
+        "precision": string(PRECISIONS),
+        "source": optional(string()),
+        "inputs": list_of(string(), min_len=1),
+        "outputs": list_of(string(), min_len=1),
+        "variant": optional(string()),
+    }, required=("file", "tokenizer", "precision"))),
 }, required=("format", "version", "precision", "logit_scale", "preprocess", "image_encoder"))
 
 MANIFEST = obj({

@@ -42,10 +42,15 @@ from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_floa
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from clipcore.imaging import ImageTransform, decode_image
+from exports.int8_scheme import AUTO_INT8, resolve_precision
 from exports.interface import IMAGE_ENCODER
 from exports.runtime import InvalidModelError
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+W8A16 = "w8a16"  # int8 weights, 16-bit activations (QDQ): for transformers where dynamic int8 loses agreement
+# what make_variant and write_bundle take: the concrete schemes, "w8a16", and "int8", which picks one per graph
+VARIANT_PRECISIONS = (*PRECISIONS, W8A16, AUTO_INT8)
+CALIBRATED = ("int8-static", W8A16)  # the precisions that need calibration data
 
 # Numerically sensitive ops stay fp32 (inputs cast up, outputs cast down): reductions, norms,
 # exponentials, and anything that consumes integer-like values.
@@ -173,7 +178,8 @@ def convert_fp16(
     return Path(dst)
 
 
-_QTYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
+_QTYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8, "qint16": QuantType.QInt16,
+           "quint16": QuantType.QUInt16}
 
 
 def _qtype(name: str) -> QuantType:
@@ -301,10 +307,28 @@ def quantize_int8_static(
     return Path(dst)
 
 
+def quantize_w8a16(src: str | Path, dst: str | Path, calibration: CalibrationDataReader, **kwargs: Any) -> Path:
+    """int8 weights (per channel) with 16-bit activations, QDQ; needs calibration like int8-static.
+
+    16-bit activation ranges keep the outliers of transformer activations (LayerNorm outputs,
+    attention scores) that 8-bit static ranges clip and dynamic int8 rounds coarsely. ONNX has
+    16-bit QuantizeLinear only from opset 21: onnxruntime's quantiser raises the graph's opset to
+    21 itself. onnxruntime's CPU provider has no 16-bit integer kernels and runs the graph as
+    dequantise -> float op -> quantise: the gain is the 4x smaller weights and the format NPUs
+    (QNN, ...) run natively, not CPU speed.
+    """
+    kwargs = {"activation_type": "quint16", "weight_type": "qint8", **kwargs}
+    return quantize_int8_static(src, dst, calibration, **kwargs)
+
+
 def make_variant(
     src: str | Path, dst: str | Path, precision: str, calibration: CalibrationDataReader | None = None, **kwargs: Any
 ) -> Path:
-    """Write ``src`` (an fp32 graph) at ``precision`` (one of :data:`PRECISIONS`) to ``dst``."""
+    """Write ``src`` (an fp32 graph) at ``precision`` (one of :data:`VARIANT_PRECISIONS`) to ``dst``.
+
+    ``int8`` resolves to a concrete scheme first (:func:`exports.int8_scheme.choose_int8_scheme`).
+    """
+    precision = resolve_precision(precision, src) if precision == AUTO_INT8 else precision
     if precision == "fp32":
         load_onnx_model(src)
         shutil.copyfile(src, dst)
@@ -313,8 +337,10 @@ def make_variant(
         return convert_fp16(src, dst, **kwargs)
     if precision == "int8-dynamic":
         return quantize_int8_dynamic(src, dst, **kwargs)
+    if precision in CALIBRATED and calibration is None:
+        raise ValueError(f"precision {precision!r} needs calibration data (e.g. an ImageCalibrationReader)")
     if precision == "int8-static":
-        if calibration is None:
-            raise ValueError("precision 'int8-static' needs calibration data (e.g. an ImageCalibrationReader)")
         return quantize_int8_static(src, dst, calibration, **kwargs)
-    raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == W8A16:
+        return quantize_w8a16(src, dst, calibration, **kwargs)
+    raise ValueError(f"precision {precision!r}; expected one of {VARIANT_PRECISIONS}")

@@ -1,9 +1,13 @@
 """Classify images with a zero-shot bundle: ``python -m exports.predict BUNDLE IMAGE... [--json]``.
 
-Needs only onnxruntime, numpy and pillow. Images are decoded one batch at a time, so memory does
-not grow with the number of files. An image that cannot be decoded, or has more than
-``--max-pixels`` pixels, is reported and the others are still classified; the exit status is then
-1 (2 when the bundle itself is unusable or a flag is out of range).
+``python -m exports.predict BUNDLE --info`` prints what the bundle is and the parity certificate
+it carries (bundles built from a parity run). ``--classes "cat,dog,red fox"`` (or
+``--classes-file``) classifies among new class names with the bundle's text encoder
+(open-vocabulary bundles), building the head on the device and caching it. Needs only
+onnxruntime, numpy, pillow and, for ``--classes``, tokenizers. Images are decoded one batch at a
+time, so memory does not grow with the number of files. An image that cannot be decoded, or has
+more than ``--max-pixels`` pixels, is reported and the others are still classified; the exit
+status is then 1 (2 when the bundle itself, the class list or a flag is unusable).
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from clipcore.imaging import ImageDecodeError, decode_image
+from clipcore.templates import get_templates
 from exports.runtime import BundleClassifier, BundleError, InvalidModelError, Prediction, load_bundle
+from exports.text_runtime import DEFAULT_CACHE, classifier_for_classes
 
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; past that, refuse the image
@@ -25,7 +32,14 @@ DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; past 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m exports.predict", description=__doc__.splitlines()[0])
     p.add_argument("bundle", help="bundle directory written by exports.bundle.write_bundle")
-    p.add_argument("images", nargs="+", help="image files (any PIL-readable format and mode)")
+    p.add_argument("images", nargs="*", help="image files (any PIL-readable format and mode)")
+    p.add_argument("--info", action="store_true", help="print the bundle's model, precision and parity certificate")
+    p.add_argument("--classes", default=None, help="comma-separated class names (needs a bundle with a text encoder)")
+    p.add_argument("--classes-file", default=None, help="class names: a JSON list, or one name per line")
+    p.add_argument("--templates", action="append", default=None, metavar="TEMPLATE",
+                   help="prompt template with '{}' (repeatable) or a set name (simple, openai_cifar, openai_imagenet); "
+                        "default: the bundle's own")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help=f"where built heads are kept (default {DEFAULT_CACHE})")
     p.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--batch-size", type=int, default=32, help="images decoded and run together (default 32)")
@@ -58,16 +72,27 @@ def predict_files(classifier: BundleClassifier, paths: Sequence[str], top_k: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.images and not args.info:
+        parser.error("give IMAGE files to classify, or --info")
     for flag, value in (("--batch-size", args.batch_size), ("--top-k", args.top_k), ("--max-pixels", args.max_pixels)):
         if value < 1:
             print(f"error: {flag} must be a positive integer, got {value}", file=sys.stderr)
             return 2
     try:
         classifier = load_bundle(args.bundle, threads=args.threads)
-    except (BundleError, InvalidModelError, FileNotFoundError) as exc:
+        names = requested_classes(args)
+        if names is not None:
+            classifier = classifier_for_classes(classifier, names, requested_templates(args.templates),
+                                                cache_dir=args.cache_dir, threads=args.threads)
+    except (BundleError, InvalidModelError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.info:
+        print_info(classifier, args.json)
+        if not args.images:
+            return 0
 
     predictions, errors = predict_files(classifier, args.images, args.top_k, args.batch_size, args.max_pixels)
     if args.json:
@@ -89,6 +114,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     for msg in errors.values():
         print(f"error: {msg}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def requested_classes(args: argparse.Namespace) -> list[str] | None:
+    """``--classes`` / ``--classes-file`` as a list, or None for the bundled classes.
+
+    Raises:
+        BundleError: both given, or an unreadable / empty file (the message names it).
+    """
+    if args.classes is not None and args.classes_file is not None:
+        raise BundleError("give --classes or --classes-file, not both")
+    if args.classes is not None:
+        return [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.classes_file is None:
+        return None
+    path = Path(args.classes_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"--classes-file {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"--classes-file {path}: invalid JSON ({exc})") from exc
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BundleError(f"--classes-file {path}: a JSON file must hold a list of strings")
+    else:
+        names = text.splitlines()
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise BundleError(f"--classes-file {path}: no class names")
+    return names
+
+
+def requested_templates(items: list[str] | None) -> list[str] | None:
+    if not items:
+        return None
+    return [t for item in items for t in get_templates(item)]
+
+
+def print_info(classifier: BundleClassifier, as_json: bool) -> None:
+    """The bundle's identity and, when it has one, its parity certificate."""
+    cfg, cert = classifier.config, classifier.certificate
+    if as_json:
+        json.dump({"bundle": str(classifier.path), "config": cfg, "certificate": cert}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    print(f"bundle {classifier.path}: {cfg.get('model')} ({cfg.get('precision')}), {len(classifier.classnames)} classes, "
+          f"{cfg.get('embed_dim')}-d embeddings, input {classifier.transform.output_size}")
+    if cert is None:
+        print("certificate: none (written by write_bundle, not from a parity run)")
+    else:
+        from exports.certificate import format_certificate
+
+        print(format_certificate(cert))
 
 
 if __name__ == "__main__":

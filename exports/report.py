@@ -16,6 +16,8 @@ import re
 from html import escape
 from typing import Any, Callable, Mapping, Sequence
 
+from exports.flips import FLIPS_CSS, flips_html, flips_markdown
+
 Report = Mapping[str, Any]
 STATUS_COLOURS = {"reference": "#4c72b0", "kept": "#2a9d4b", "rejected": "#d1342f", "error": "#8c564b",
                   "skipped": "#999999"}
@@ -167,6 +169,7 @@ def render_markdown(report: Report) -> str:
         out += ["## Failures", ""] + [f"- {f}" for f in report["failures"]] + [""]
     if notes(report):
         out += ["## Notes", ""] + [f"- {n}" for n in notes(report)] + [""]
+    out += flips_markdown(report)
     out += ["## Setup", ""] + [f"- **{k}**: {v}" for k, v in setup_items(report)] + [""]
     return "\n".join(out)
 
@@ -337,7 +340,7 @@ def render_html(report: Report) -> str:
     parts = [
         "<!DOCTYPE html>",
         '<html xmlns="http://www.w3.org/1999/xhtml" lang="en"><head><meta charset="utf-8" />',
-        f"<title>{escape(title(report))}</title><style>{_CSS}</style></head><body>",
+        f"<title>{escape(title(report))}</title><style>{_CSS}{FLIPS_CSS}</style></head><body>",
         f"<h1>{escape(title(report))}</h1>",
         f'<p><span class="verdict {"pass" if report.get("passed") else "fail"}">{escape(verdict(report))}</span> '
         f"{escape(data_line(report))}</p>",
@@ -358,6 +361,8 @@ def render_html(report: Report) -> str:
         parts += ["<h2>Failures</h2><ul>"] + [f"<li>{escape(f)}</li>" for f in report["failures"]] + ["</ul>"]
     if notes(report):
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in notes(report)] + ["</ul>"]
+    parts += [namespace_ids(p, "flips-") if p.startswith('<div class="plots">') else p
+              for p in flips_html(report, _table)]
     parts += ["<h2>Setup</h2><dl>"] + [f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in setup_items(report)]
     parts += ["</dl></body></html>"]
     return _strip_svg_comments("\n".join(parts)) + "\n"

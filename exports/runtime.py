@@ -9,6 +9,8 @@ Nothing here imports torch, transformers or onnx; image decoding and preprocessi
     classes.json           class names, in the row order of text_embeddings.npy
     config.json            logit scale, precision, preprocessing spec, graph I/O names, provenance
     manifest.json          sha256 and size of every file above
+    parity.json            (bundles from a parity run) the report the image encoder passed
+    certificate.json       (bundles from a parity run) its summary: data, gate checks, accuracies
 
 :func:`load_bundle` checks every hash before it reads anything, so a bundle that was edited,
 truncated or half-copied is refused with the name of the offending file.
@@ -36,6 +38,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 CLASSES = "classes.json"
 TEXT_EMBEDDINGS = "text_embeddings.npy"
+CERTIFICATE = "certificate.json"
+PARITY_REPORT = "parity.json"
 REQUIRED_FILES = (CONFIG, CLASSES, TEXT_EMBEDDINGS)  # plus the image encoder named in config.json
 
 _OPT_LEVELS = {
@@ -213,7 +217,10 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
     config = _read_json(directory / CONFIG)
     _check_schema(directory / CONFIG, config, bundle_schema.CONFIG)
     model_file = config["image_encoder"]["file"]
-    for name in REQUIRED_FILES + ((model_file,) if model_file else ()):
+    certificate = config.get("certificate")  # named in config.json: must be under the manifest too
+    text = config.get("text_encoder") or {}
+    named = (model_file, certificate, text.get("file"), text.get("tokenizer"))
+    for name in REQUIRED_FILES + tuple(n for n in named if n):
         if name not in files:
             raise BundleError(f"{directory / name}: required file not listed in {MANIFEST}")
     if not model_file:
@@ -276,6 +283,12 @@ class BundleClassifier:
     @property
     def precision(self) -> str:
         return str(self.config.get("precision", "fp32"))
+
+    @property
+    def certificate(self) -> dict[str, Any] | None:
+        """The parity certificate shipped with the bundle (verified by the manifest), if any."""
+        name = self.config.get("certificate")
+        return _read_json(self.path / name) if name and self.path is not None else None
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """Decode (any PIL mode, path, bytes, datasets dict) and transform to (N, 3, H, W) float32."""

@@ -134,14 +134,15 @@ def test_html_is_well_formed_self_contained_and_has_plots(round_trip):
     html = (out / "parity.html").read_text()
     root = ET.fromstring(html)  # well-formed XML, inline SVG included
     svgs = [e for e in root.iter() if e.tag.endswith("}svg")]
-    assert len(svgs) == 2  # accuracy vs latency, agreement per variant
+    assert len(svgs) == 3  # accuracy vs latency, agreement per variant, per-image KL / cosine histograms
     parser = _Collect()
     parser.feed(html)
     assert {"table", "svg", "figure"} <= set(parser.tags)
     assert "src=\"http" not in html and "href=\"http" not in html  # nothing fetched
     assert "skipped: " in html
     texts = {"".join(e.itertext()) for svg in svgs for e in svg.iter() if e.tag.endswith("}text")}
-    assert {"Accuracy vs latency", "Agreement per variant (dashed: gate minimum)", "int8-static"} <= texts
+    assert {"Accuracy vs latency", "Agreement per variant (dashed: gate minimum)", "int8-static",
+            "Per-image KL from the student", "Per-image embedding cosine"} <= texts
     ids = [e.get("id") for e in root.iter() if e.get("id")]
     assert len(ids) == len(set(ids))  # two inline SVGs share one id namespace
     md = (out / "parity.md").read_text()

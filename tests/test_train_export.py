@@ -24,7 +24,7 @@ def _args(setup, tmp_path, *extra):
             "student.arch=test-tiny-vision", "optim.batch_size=8", "optim.warmup_steps=1", "optim.max_steps=2",
             "progress=false", "data.templates=simple", f"output_dir={tmp_path / 'out'}",
             f"cache.dir={tmp_path / 'cache'}", "export.enabled=true", "export.parity_limit=16",
-            "export.variants=fp32,fp16,int8-dynamic", *extra]
+            "export.variants=fp32,fp16,int8-dynamic", "export.bundle_precision=fp32", *extra]
 
 
 def test_export_after_training_writes_parity_reports_and_a_bundle(setup, tmp_path):
@@ -39,8 +39,27 @@ def test_export_after_training_writes_parity_reports_and_a_bundle(setup, tmp_pat
     assert report["data"]["num_images"] == 16
     assert (export / "parity.html").read_text().count("<svg") >= 2
     bundle = export / "bundle-fp32"
-    assert (bundle / "manifest.json").is_file()
+    manifest = json.loads((bundle / "manifest.json").read_text())["files"]
+    fp32 = next(s for s in report["subjects"] if s["name"] == "fp32")
+    assert manifest["image_encoder.onnx"]["sha256"] == fp32["sha256"]  # the gated file itself ships
+    assert "certificate.json" in manifest and "parity.json" in manifest
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["export/parity_passed"] is True
+
+
+def test_int8_static_bundle_is_calibrated_on_the_training_split(setup, tmp_path):
+    root, _ = setup
+    main(_args(setup, tmp_path, "export.variants=fp32,int8-static", "export.bundle_precision=int8-static",
+               "export.calibration_limit=6", "export.gates=int8.min_agreement=0,int8.max_top1_drop=1",
+               "export.bundle_text=true"))
+    export = tmp_path / "out" / "export"
+    report = json.loads((export / "parity.json").read_text())
+    assert report["data"]["calibration"] == f"{root / 'data'}[train]"
+    assert report["settings"]["calibration_limit"] == 6 and report["settings"]["calibration_seed"] == 0
+    config = json.loads((export / "bundle-int8-static" / "config.json").read_text())
+    assert config["precision"] == "int8-static" and config["certificate"] == "certificate.json"
+    # export.bundle_text: the gated text encoder (int8 passed its relaxed gate) and tokenizer ship too
+    assert config["text_encoder"]["variant"] == "text-int8"
+    assert (export / "bundle-int8-static" / "tokenizer.json").is_file()
 
 
 def test_a_failed_gate_stops_with_an_error_naming_the_report(setup, tmp_path):

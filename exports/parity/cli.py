@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"override one threshold, e.g. int8.min_agreement=0.98; fields: {', '.join(GATE_FIELDS)}")
     p.add_argument("--calibration-split", default="train", help="int8-static calibration images (default: train)")
     p.add_argument("--calibration-limit", type=int, default=128)
+    p.add_argument("--calibration-data", default=None, help="calibration dataset (default: --data)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before the batch-1 latency runs")
     p.add_argument("--iters", type=int, default=20, help="timed batch-1 runs (p50/p95 over these)")
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch models' device")
     p.add_argument("--out", default="outputs/parity", help="writes parity.{json,md,html} and onnx/ here")
     p.add_argument("--keep-rejected", action="store_true", help="keep the ONNX files of rejected variants")
+    p.add_argument("--max-flips", type=int, default=12,
+                   help="per variant, at most N images whose top-1 changed, with thumbnails (default 12)")
+    p.add_argument("--text-encoder", action="store_true",
+                   help="also gate the text encoder (fp32, int8) and device tokenizer of open-vocabulary bundles")
     return p
 
 
@@ -109,7 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> ParitySettings:
         templates=args.templates, classnames=args.classnames, batch_size=args.batch_size, warmup=args.warmup,
         iters=args.iters, throughput_batch=args.throughput_batch, throughput_iters=args.throughput_iters,
         threads=args.threads, calibration_split=args.calibration_split, calibration_limit=args.calibration_limit,
-        keep_rejected=args.keep_rejected,
+        calibration_data=args.calibration_data, calibration_seed=args.seed, text_encoder=args.text_encoder,
+        max_flips=args.max_flips, keep_rejected=args.keep_rejected,
     )
 
 

@@ -27,6 +27,7 @@ class EvalData:
     classnames: list[str]
     spec: DataSpec
     calibration_source: str | None = None  # set once int8-static has read its calibration images
+    rows: np.ndarray | None = None  # dataset row of each evaluated image, set by embed_dataset
 
 
 def load_eval_data(spec: DataSpec, transforms: Mapping[str, Any], classnames: str | None = None,
@@ -107,12 +108,16 @@ def build_heads(teacher: DualEncoder, student: DualEncoder, names: Sequence[str]
 
 def calibration_reader(data: EvalData, transform: Any, settings: ParitySettings) -> tuple[ArrayCalibrationReader, str]:
     """Preprocessed calibration batches for ``int8-static`` (undecodable images dropped)."""
-    spec = replace(data.spec, split=settings.calibration_split, limit=settings.calibration_limit, shuffle_seed=0)
+    base = data.spec if settings.calibration_data is None else DataSpec(path=settings.calibration_data)
+    spec = replace(base, split=settings.calibration_split, limit=settings.calibration_limit,
+                   shuffle_seed=settings.calibration_seed)
     try:
         dataset = ImageDataset.from_spec(spec, {"student": transform})
         source = spec.label
     except DataSpecError:
-        spec = replace(data.spec, limit=settings.calibration_limit, shuffle_seed=0)
+        if settings.calibration_data is not None:  # asked for explicitly: no silent fallback
+            raise
+        spec = replace(data.spec, limit=settings.calibration_limit, shuffle_seed=settings.calibration_seed)
         dataset = ImageDataset.from_spec(spec, {"student": transform})
         source = f"{spec.label} (the evaluation split: no {settings.calibration_split!r} split)"
     batches = [{IMAGE_ENCODER.inputs[0].name: b["pixel_values_student"].numpy()}

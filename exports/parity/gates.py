@@ -85,14 +85,14 @@ DEFAULT_GATES: dict[str, Gate] = {
 
 
 def gate_family(precision: str) -> str:
-    """``fp32``, ``fp16`` or ``int8`` (both int8 schemes share a gate by default)."""
-    return "int8" if precision.startswith("int8") else precision
+    """``fp32``, ``fp16`` or ``int8`` (every int8-weight scheme, w8a16 included, shares a gate by default)."""
+    return "int8" if precision.startswith("int8") or precision == "w8a16" else precision
 
 
 def precision_from_name(name: str) -> str:
     """The precision an ``--onnx NAME=PATH`` file is reported and gated as: the one its name
     mentions (a bare ``int8`` counts as ``int8-dynamic``), else ``fp32``."""
-    for precision in ("int8-static", "int8-dynamic", "fp16"):
+    for precision in ("int8-static", "int8-dynamic", "w8a16", "fp16"):
         if precision in name:
             return precision
     return "int8-dynamic" if "int8" in name else "fp32"

@@ -29,17 +29,19 @@ def embed_dataset(data: EvalData, subjects: Sequence[Subject], batch_size: int) 
         labels (N,), ``{subject name: L2-normalised embeddings (N, D)}`` and the number of
         images that failed to decode (dropped for every subject alike).
     """
-    labels, embs, failed = [], {s.name: [] for s in subjects}, 0
+    labels, rows, embs, failed = [], [], {s.name: [] for s in subjects}, 0
     for batch in make_loader(data.dataset, batch_size=batch_size):
         failed += int(batch["num_failed"])
         if not len(batch["index"]):
             continue
         labels.append(batch["label"].numpy())
+        rows.append(np.asarray(batch["index"]))
         for s in subjects:
             if s.active:
                 _embed_batch(s, batch[f"pixel_values_{s.pixels}"].numpy(), embs[s.name])
     if not labels:
         raise DataSpecError(f"{data.spec.label}: no image could be decoded ({failed} failed)")
+    data.rows = np.concatenate(rows)
     return np.concatenate(labels), {k: l2_normalize(np.concatenate(v).astype(np.float32))
                                     for k, v in embs.items() if v}, failed
 

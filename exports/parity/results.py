@@ -32,6 +32,12 @@ class ParitySettings:
         threads: torch and onnxruntime intra-op threads; None leaves their defaults (all cores).
         calibration_split, calibration_limit: images for ``int8-static`` (a seeded random subset);
             the evaluation split is used when the data has no such split.
+        calibration_data: where the calibration images come from (default: the evaluation data's
+            path); the trainer passes its training set.
+        calibration_seed: seed of the calibration subset.
+        max_flips: per variant, at most this many flipped images (with thumbnails) in the report.
+        text_encoder: also export, gate and time the text encoder an open-vocabulary bundle ships
+            (subjects ``text-fp32``, ``text-int8``; see :mod:`exports.text_parity`).
         keep_rejected: keep the ONNX files of rejected variants.
     """
 
@@ -45,12 +51,17 @@ class ParitySettings:
     threads: int | None = None
     calibration_split: str = "train"
     calibration_limit: int = 128
+    calibration_data: str | None = None
+    calibration_seed: int = 0
+    text_encoder: bool = False
+    max_flips: int = 12
     keep_rejected: bool = False
 
     def __post_init__(self) -> None:
         counts = {"batch_size": self.batch_size, "iters": self.iters, "throughput_batch": self.throughput_batch,
                   "throughput_iters": self.throughput_iters, "calibration_limit": self.calibration_limit}
-        bad = {k: v for k, v in counts.items() if v < 1} | ({"warmup": self.warmup} if self.warmup < 0 else {})
+        bad = {k: v for k, v in counts.items() if v < 1} | {k: v for k, v in (("warmup", self.warmup),
+                                                                            ("max_flips", self.max_flips)) if v < 0}
         if bad:
             raise ParityInputError(f"settings must be positive counts: {bad}")
         try:
@@ -82,6 +93,8 @@ class SubjectResult:
     latency: dict[str, float] = field(default_factory=dict)
     gate: str | None = None
     checks: list[GateCheck] = field(default_factory=list)
+    sha256: str | None = None  # of the kept file: what a bundle built from this run must ship
+    fp16_numerics: dict[str, Any] | None = None  # fp16 ONNX files: sensitive ops kept in fp32 (exports.fp16_check)
 
     @property
     def failed(self) -> bool:
@@ -112,6 +125,7 @@ class ParityReport:
     data: dict[str, Any]
     environment: dict[str, Any]
     settings: dict[str, Any]
+    flips: dict[str, Any] = field(default_factory=dict)  # exports.flips.analyse, per image variant
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -142,6 +156,7 @@ class ParityReport:
             "settings": self.settings,
             "gates": {k: g.to_dict() for k, g in self.gates.items()},
             "subjects": [s.to_dict() for s in self.subjects],
+            "flips": self.flips,
         }
 
     def to_json(self) -> str:

@@ -29,6 +29,7 @@ from exports.parity.measure import (
 from exports.parity.results import ParityReport, ParitySettings, SubjectResult
 from exports.parity.subjects import Subject, error_text, torch_subject
 from exports.parity.variants import DEFAULT_VARIANTS, build_variants, check_onnx_files, check_variant_names
+from exports.runtime import sha256_file
 
 
 def run_parity(
@@ -84,18 +85,30 @@ def _run(teacher, student, data: EvalData, out_dir: Path, variants, gates, setti
     results = score(subjects, labels, embs, gates, settings,
                     {"teacher": teacher.image_transform.output_size, "student": student.image_transform.output_size})
     remove_rejected(subjects, results, settings.keep_rejected)
+    record_hashes(subjects, results)
+    check_fp16_numerics(subjects, results)
+    flips = what_flips(subjects, results, labels, embs, data, settings.max_flips)
+    tokenizer = None
+    if settings.text_encoder:
+        from exports.text_parity import text_results
+
+        text, tokenizer = text_results(student, data.classnames, subjects, labels, embs, gates, settings, onnx_dir)
+        results += text
     return ParityReport(
         subjects=results, gates=gates,
         teacher={"name": teacher.name, "fingerprint": teacher.fingerprint(), "embed_dim": teacher.embed_dim},
         student={"name": student.name, "fingerprint": student.fingerprint(), "embed_dim": student.embed_dim,
                  "own_text_tower": student.has_own_text_tower, "variant_class_embeddings": heads.source,
-                 "variant_head_max_abs_diff": heads.exported_vs_torch},
+                 "variant_head_max_abs_diff": heads.exported_vs_torch,
+                 "variant_class_head": save_class_head(heads.exported, onnx_dir),
+                 "logit_scale": subjects[1].logit_scale, "preprocess": student.image_transform.to_dict(),
+                 "text_tokenizer": tokenizer},
         data={"path": data.spec.path, "split": data.spec.split, "limit": data.spec.limit,
               "num_images": int(len(labels)), "num_failed": failed, "num_classes": len(data.classnames),
               "classnames": data.classnames, "templates": list(get_templates(settings.templates)),
               "calibration": data.calibration_source},
         environment={**environment(student.device), "providers": info.to_dict()},
-        settings=settings.to_dict(),
+        settings=settings.to_dict(), flips=flips,
     )
 
 
@@ -172,3 +185,43 @@ def remove_rejected(subjects: Sequence[Subject], results: Sequence[SubjectResult
         if r.status in ("rejected", "error") and s.owns_file and s.path and s.path not in needed and s.path.exists():
             s.path.unlink()
             r.path, r.reason = None, f"{r.reason} (file removed)"
+
+
+CLASS_HEAD_FILE = "text_embeddings.npy"  # the variants' class head, kept beside their ONNX files
+
+
+def record_hashes(subjects: Sequence[Subject], results: Sequence[SubjectResult]) -> None:
+    """sha256 of every variant file still on disk, so a bundle can prove it ships the gated bytes."""
+    for s, r in zip(subjects, results):
+        if r.role == "variant" and r.path and s.path and s.path.is_file():
+            r.sha256 = sha256_file(s.path)
+
+
+def save_class_head(head: np.ndarray, onnx_dir: Path) -> dict[str, str]:
+    """Keep the head the variants were scored with (the file a bundle ships) and its sha256."""
+    path = onnx_dir / CLASS_HEAD_FILE
+    np.save(path, np.ascontiguousarray(head, dtype=np.float32), allow_pickle=False)
+    return {"file": f"{onnx_dir.name}/{CLASS_HEAD_FILE}", "sha256": sha256_file(path)}
+
+
+def check_fp16_numerics(subjects: Sequence[Subject], results: Sequence[SubjectResult]) -> None:
+    """For every fp16 ONNX file: are LayerNorm, softmax and reductions still fp32? (a note per variant)"""
+    from exports.fp16_check import describe, fp32_islands
+
+    for s, r in zip(subjects, results):
+        if r.precision == "fp16" and r.runtime == "onnxruntime-cpu" and s.path and s.path.is_file():
+            r.fp16_numerics = fp32_islands(s.path)
+            r.reason = "; ".join(x for x in (r.reason, describe(r.fp16_numerics)) if x)
+
+
+def what_flips(subjects: Sequence[Subject], results: Sequence[SubjectResult], labels: np.ndarray,
+               embs: Mapping[str, np.ndarray], data: EvalData, max_flips: int) -> dict:
+    """:func:`exports.flips.analyse` over every measured image variant."""
+    from exports.flips import analyse
+
+    student = subjects[1]
+    variants = {s.name: (zero_shot_logprobs(embs[s.name], s.head, s.logit_scale), embs[s.name])
+                for s, r in zip(subjects, results) if s.role == "variant" and s.name in embs and r.metrics}
+    ds = data.dataset
+    return analyse(variants, (zero_shot_logprobs(embs["student"], student.head, student.logit_scale), embs["student"]),
+                   labels, data.rows, data.classnames, lambda row: ds.ds[int(row)][ds.columns.image], max_flips)

@@ -15,22 +15,40 @@ from exports.parity.eval_data import EvalData, calibration_reader
 from exports.parity.gates import ParityInputError, precision_from_name
 from exports.parity.results import ParitySettings
 from exports.parity.subjects import Subject, error_text, failed_subject, onnx_subject, ort_embed
-from exports.precision import PRECISIONS, ArrayCalibrationReader, load_onnx_model, make_variant
+from exports.int8_scheme import AUTO_INT8, choose_int8_scheme
+from exports.precision import (
+    CALIBRATED,
+    PRECISIONS,
+    VARIANT_PRECISIONS,
+    W8A16,
+    ArrayCalibrationReader,
+    load_onnx_model,
+    make_variant,
+)
 from exports.runtime import OnnxGraph, image_io_mismatch
 
 DEFAULT_VARIANTS = (*PRECISIONS, *prov.ACCELERATED_VARIANTS)
+# also accepted: "int8", the int8 scheme that suits the student's graph (exports.int8_scheme), and
+# "w8a16" (int8 weights, 16-bit activations: for transformers where dynamic int8 loses agreement)
+KNOWN_VARIANTS = (*DEFAULT_VARIANTS, W8A16, AUTO_INT8)
 
 
 def cpu_variant(name: str, fp32: Path, student: Subject, head: np.ndarray, onnx_dir: Path,
                 calibration: Callable[[], ArrayCalibrationReader], threads: int | None) -> Subject:
-    """Write and open one onnxruntime CPU variant; a failure becomes an ``error`` subject."""
+    """Write and open one onnxruntime CPU variant; a failure becomes an ``error`` subject.
+
+    ``int8`` is reported under its name with the precision of the scheme it chose, and why.
+    """
     path = fp32 if name == "fp32" else onnx_dir / f"image_encoder.{name}.onnx"
+    scheme, why = choose_int8_scheme(fp32) if name == AUTO_INT8 else (name, None)
     try:
         if name != "fp32":
-            make_variant(fp32, path, name, calibration() if name == "int8-static" else None)
-        return onnx_subject(name, name, path, student, head, owns_file=True, threads=threads)
+            make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None)
+        subject = onnx_subject(name, scheme, path, student, head, owns_file=True, threads=threads)
+        subject.reason = why
+        return subject
     except Exception as exc:  # quantiser and converter errors are reported, not fatal
-        return failed_subject(name, name, "error", error_text(exc), "onnxruntime-cpu")
+        return failed_subject(name, scheme, "error", error_text(exc), "onnxruntime-cpu")
 
 
 ACCELERATED_RUNTIME = {"ort-cuda-fp32": "onnxruntime-cuda", "ort-trt-fp16": "onnxruntime-tensorrt",
@@ -60,9 +78,9 @@ def accelerated_variant(name: str, fp32: Path, student: Subject, head: np.ndarra
 
 
 def check_variant_names(variants: Sequence[str]) -> list[str]:
-    unknown = [v for v in variants if v not in DEFAULT_VARIANTS]
+    unknown = [v for v in variants if v not in KNOWN_VARIANTS]
     if unknown:
-        raise ParityInputError(f"unknown variants {unknown}; expected some of {list(DEFAULT_VARIANTS)}")
+        raise ParityInputError(f"unknown variants {unknown}; expected some of {list(KNOWN_VARIANTS)}")
     if len(set(variants)) != len(variants):
         raise ParityInputError(f"variants listed twice: {list(variants)}")
     return list(variants)
@@ -80,7 +98,7 @@ def check_onnx_files(files: Mapping[str, str | Path], image_shape: tuple[int, in
         FileNotFoundError, InvalidModelError: a file is missing, corrupt or not an image encoder.
         ParityInputError: a name clashes with a built-in subject, or the graph's shapes do not fit.
     """
-    clash = [n for n in files if n in DEFAULT_VARIANTS or n in ("teacher", "student")]
+    clash = [n for n in files if n in KNOWN_VARIANTS or n in ("teacher", "student")]
     if clash:
         raise ParityInputError(f"--onnx names {clash} clash with built-in subjects; choose other names")
     checked = {}
@@ -108,7 +126,7 @@ def build_variants(student: DualEncoder, reference: Subject, head: np.ndarray, d
 
     out = []
     for name in variants:
-        if name in PRECISIONS:
+        if name in VARIANT_PRECISIONS:
             out.append(cpu_variant(name, fp32, reference, head, onnx_dir, calibration, settings.threads))
         else:
             out.append(accelerated_variant(name, fp32, reference, head, info, input_shape=shape, max_batch=max_batch,

@@ -1,0 +1,111 @@
+"""New class names on the device: tokenizer + ONNX text encoder -> a zero-shot head, cached.
+
+Open-vocabulary bundles (``write_bundle(..., text_encoder=True)``, ``export.bundle_text``) also
+hold::
+
+    text_encoder.onnx      input_ids, attention_mask -> L2-normalised text embeddings
+    tokenizer.json         a ``tokenizers`` tokenizer with the model's truncation and padding set
+
+This module needs onnxruntime, numpy and ``tokenizers`` only (no torch, no transformers):
+:func:`classifier_for_classes` turns a loaded bundle into one over any class names, building the
+head with OpenAI's recipe (every prompt embedded and normalised, averaged per class,
+renormalised) and caching it on disk under a key of the names, the templates and the text
+encoder's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from exports.interface import TEXT_ENCODER
+from exports.runtime import MANIFEST, BundleClassifier, BundleError, OnnxGraph, l2_normalize
+
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-distill" / "heads"
+
+
+class DeviceTokenizer:
+    """``tokenizer.json`` run with the ``tokenizers`` library; truncation and padding come from the file."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path))
+        except Exception as exc:  # tokenizers raises its own Exception subclass for bad JSON
+            raise BundleError(f"{self.path}: not a tokenizers file ({type(exc).__name__}: {exc})") from exc
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
+
+
+def prompts_for(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    return [t.format(c) for c in classnames for t in templates]
+
+
+def text_embeddings(encoder: OnnxGraph, tokenizer: DeviceTokenizer, texts: Sequence[str],
+                    batch_size: int = 256) -> np.ndarray:
+    """L2-normalised embeddings (N, D) of ``texts``, float32."""
+    out = []
+    name = TEXT_ENCODER.outputs[0].name
+    for i in range(0, len(texts), batch_size):
+        out.append(encoder.run(tokenizer(texts[i : i + batch_size]), [name])[name])
+    return l2_normalize(np.concatenate(out).astype(np.float32))
+
+
+def build_head(encoder: OnnxGraph, tokenizer: DeviceTokenizer, classnames: Sequence[str],
+               templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """The (C, D) zero-shot head, unit rows, the same recipe as :func:`clipcore.zeroshot.build_classifier`."""
+    emb = text_embeddings(encoder, tokenizer, prompts_for(classnames, templates), batch_size)
+    emb = emb.astype(np.float64).reshape(len(classnames), len(templates), -1)
+    return l2_normalize(emb.mean(axis=1)).astype(np.float32)
+
+
+def head_key(classnames: Sequence[str], templates: Sequence[str], encoder_sha256: str) -> str:
+    payload = json.dumps([list(classnames), list(templates), encoder_sha256], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def classifier_for_classes(clf: BundleClassifier, classnames: Sequence[str], templates: Sequence[str] | None = None,
+                           *, cache_dir: str | Path | None = DEFAULT_CACHE, threads: int | None = None) -> BundleClassifier:
+    """``clf`` with its head replaced by one for ``classnames`` built by the bundle's text encoder.
+
+    Args:
+        templates: prompt templates with ``{}``; default the ones the bundled head was built with.
+        cache_dir: where heads are kept between calls (None: no cache).
+
+    Raises:
+        BundleError: the bundle has no text encoder, or the class names are empty or repeated.
+    """
+    text = clf.config.get("text_encoder")
+    if not text or clf.path is None:
+        raise BundleError(f"{clf.path}: this bundle has no text encoder (write it with text_encoder=True / "
+                          "export.bundle_text=true); only its own classes can be used")
+    names = [str(c).strip() for c in classnames]
+    if not names or any(not n for n in names) or len(set(names)) != len(names):
+        raise BundleError(f"class names must be non-empty and distinct, got {list(classnames)}")
+    temps = list(templates or clf.config.get("templates") or ["{}"])
+    manifest = json.loads((clf.path / MANIFEST).read_text())["files"]
+    key = head_key(names, temps, manifest[text["file"]]["sha256"])
+    cached = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        head = np.load(cached, allow_pickle=False)
+    else:
+        encoder = OnnxGraph(clf.path / text["file"], TEXT_ENCODER, threads=threads)
+        head = build_head(encoder, DeviceTokenizer(clf.path / text["tokenizer"]), names, temps)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp-{os.getpid()}.npy")
+            np.save(tmp, head, allow_pickle=False)
+            tmp.replace(cached)  # atomic: a concurrent reader sees the whole file or none
+    return replace(clf, classnames=names, text_embeddings=head)
