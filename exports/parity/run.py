@@ -216,12 +216,17 @@ def check_fp16_numerics(subjects: Sequence[Subject], results: Sequence[SubjectRe
 
 def what_flips(subjects: Sequence[Subject], results: Sequence[SubjectResult], labels: np.ndarray,
                embs: Mapping[str, np.ndarray], data: EvalData, max_flips: int) -> dict:
-    """:func:`exports.flips.analyse` over every measured image variant."""
+    """:func:`exports.flips.analyse` over every measured image variant with finite outputs (none
+    when the torch student, the reference of every flip, has non-finite outputs)."""
     from exports.flips import analyse
 
     student = subjects[1]
+    finite = {name: bool(np.isfinite(e).all()) for name, e in embs.items()}
+    if not finite.get("student", False):
+        return {}
     variants = {s.name: (zero_shot_logprobs(embs[s.name], s.head, s.logit_scale), embs[s.name])
-                for s, r in zip(subjects, results) if s.role == "variant" and s.name in embs and r.metrics}
+                for s, r in zip(subjects, results)
+                if s.role == "variant" and s.name in embs and r.metrics and finite[s.name]}
     ds = data.dataset
     return analyse(variants, (zero_shot_logprobs(embs["student"], student.head, student.logit_scale), embs["student"]),
                    labels, data.rows, data.classnames, lambda row: ds.ds[int(row)][ds.columns.image], max_flips)
