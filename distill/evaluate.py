@@ -25,6 +25,7 @@ from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_data
 from clipcore.dual_encoder import DualEncoder
 from clipcore.linear_probe import linear_probe
 from clipcore.metrics import classification_metrics, retrieval_metrics
+from clipcore.prompts import load_templates
 from clipcore.templates import get_templates
 from clipcore.zeroshot import build_classifier
 from students import load_model
@@ -137,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--task", nargs="+", choices=TASKS, default=None,
                    help="default: zeroshot when labels exist, retrieval when captions exist")
-    p.add_argument("--templates", default="openai_cifar", help="simple | openai_cifar | openai_imagenet | a '{}' template")
+    p.add_argument("--templates", default="openai_cifar",
+                   help="simple | openai_cifar | openai_imagenet | a '{}' template | a JSON file: a list, or "
+                        "CLIP_benchmark's map dataset -> templates (FILE.json#NAME, default NAME: the --data name)")
     p.add_argument("--classnames", default=None, help="JSON list, JSON map label->synonyms, or comma-separated names")
     p.add_argument("--image-column", default=None)
     p.add_argument("--label-column", default=None)
@@ -158,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the requested tasks and return the JSON-serialisable report."""
     torch.manual_seed(args.seed)
+    templates = load_templates(args.templates, dataset=args.data)  # a bad file fails before any image is embedded
     model = load_model(args.model, random_init=args.random_init, device=args.device)
     spec = _spec(args, args.split, args.limit)
     ds, cols, images = _embed_split(model, spec, args)
@@ -180,7 +184,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         names = classnames_for(ds, cols.label, args.classnames)
         if names is None:
             raise ValueError(f"{args.data}: label column {cols.label!r} is not a ClassLabel; pass --classnames")
-        report["zeroshot"] = zeroshot_eval(model, images, names, args.templates)
+        report["zeroshot"] = zeroshot_eval(model, images, names, templates)
         report["zeroshot"]["templates"] = args.templates
     if "retrieval" in tasks:
         if not cols.captions:
