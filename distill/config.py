@@ -39,8 +39,17 @@ class StudentConfig:
 
 
 @dataclass
+class TrainSource:
+    """One dataset of a training mixture (``data.train`` as a list)."""
+
+    path: str = ""
+    split: str = "train"
+    limit: int | None = None  # a seeded random subset of this many rows
+
+
+@dataclass
 class DataConfig:
-    train: str = ""
+    train: str | list[TrainSource] = ""  # one dataset, or a list of sources trained on as one (images only)
     train_split: str = "train"
     eval: str | None = None  # None: same source as train
     eval_split: str = "test"
@@ -63,6 +72,16 @@ class DataConfig:
     # distill mode: jitter the student's view only (teacher targets stay those of the plain image)
     student_flip: bool = False  # random horizontal flip
     student_shift: int = 0  # random shift by up to N pixels each way, zero-padded
+    # distill mode: class names whose teacher prompts are the KL classes and affinity texts, instead of
+    # the training labels' (JSON list or map files, comma lists; their union, duplicates dropped)
+    vocabulary: list[str] | None = None
+    vocabulary_templates: str | None = None  # None: data.templates
+
+    def sources(self) -> list[TrainSource]:
+        """``data.train`` as a list of sources (one string: its split and limit are data.train_*)."""
+        if isinstance(self.train, str):
+            return [TrainSource(self.train, self.train_split, self.train_limit)]
+        return list(self.train)
 
 
 @dataclass
@@ -192,7 +211,24 @@ class TrainConfig:
         except ParityInputError as exc:
             raise ConfigError(f"export: {exc}") from exc
         self.export.validate()
+        self._validate_sources()
         return self
+
+    def _validate_sources(self) -> None:
+        if isinstance(self.data.train, str):
+            return
+        if self.mode != "distill":
+            raise ConfigError("data.train as a list of sources is for mode=distill; contrastive mode takes one dataset")
+        if not self.data.eval:
+            raise ConfigError("data.train is a list of sources: name the evaluation dataset with data.eval=...")
+        if self.cache.views > 1:
+            raise ConfigError("cache.views > 1 needs a single data.train source (views are seeded by row); "
+                              "jitter a mixture's student input with data.student_flip / data.student_shift")
+        for i, src in enumerate(self.data.train):
+            if not src.path:
+                raise ConfigError(f"data.train[{i}].path is empty")
+            if src.limit is not None and src.limit < 1:
+                raise ConfigError(f"data.train[{i}].limit must be >= 1, got {src.limit}")
 
 
 # (key, test, the valid values): numeric bounds checked once, before anything is built
@@ -254,6 +290,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         seq = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(seq, (list, tuple)):
             raise ConfigError(f"{key}: expected a list (or a comma-separated string), got {value!r}")
+        if dataclasses.is_dataclass(args[0]):  # e.g. data.train's sources
+            return [from_dict(args[0], v, prefix=f"{key}[{i}].") for i, v in enumerate(seq)]
         return [_coerce(v, args[0], key) for v in seq]
     if origin is dict:
         table = {} if value is None else _dotted_map(value, key) if isinstance(value, str) else value

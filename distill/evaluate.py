@@ -25,6 +25,7 @@ from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_data
 from clipcore.dual_encoder import DualEncoder
 from clipcore.linear_probe import linear_probe
 from clipcore.metrics import classification_metrics, retrieval_metrics
+from clipcore.prompts import load_templates
 from clipcore.templates import get_templates
 from clipcore.zeroshot import build_classifier, validate_zeroshot_inputs
 from distill.cli import debug_requested, run_cli
@@ -134,14 +135,14 @@ def _embed(model: DualEncoder, ds, cols, spec: DataSpec, args: argparse.Namespac
     return images
 
 
-def _zeroshot_names(args: argparse.Namespace, ds, cols) -> list[str]:
+def _zeroshot_names(args: argparse.Namespace, ds, cols, templates: Sequence[str]) -> list[str]:
     """Class names checked with the templates and every label, before any image is embedded."""
     if not cols.label:
         raise ValueError(f"{args.data}[{args.split}]: zero-shot needs a label column (columns: {ds.column_names})")
     names = classnames_for(ds, cols.label, args.classnames)
     if names is None:
         raise ValueError(f"{args.data}: label column {cols.label!r} is not a ClassLabel; pass --classnames")
-    names, _ = validate_zeroshot_inputs(names, args.templates, ds[cols.label],
+    names, _ = validate_zeroshot_inputs(names, templates, ds[cols.label],
                                         source=f"{args.data}[{args.split}] column {cols.label!r}")
     return names
 
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--task", nargs="+", choices=TASKS, default=None,
                    help="default: zeroshot when labels exist, retrieval when captions exist")
-    p.add_argument("--templates", default="openai_cifar", help="simple | openai_cifar | openai_imagenet | a '{}' template")
+    p.add_argument("--templates", default="openai_cifar",
+                   help="simple | openai_cifar | openai_imagenet | a '{}' template | a JSON file: a list, or "
+                        "CLIP_benchmark's map dataset -> templates (FILE.json#NAME, default NAME: the --data name)")
     p.add_argument("--classnames", default=None, help="JSON list, JSON map label->synonyms, or comma-separated names")
     p.add_argument("--image-column", default=None)
     p.add_argument("--label-column", default=None)
@@ -185,6 +188,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the requested tasks and return the JSON-serialisable report."""
     torch.manual_seed(args.seed)
+    templates = load_templates(args.templates, dataset=args.data)  # a bad file fails before any image is embedded
     model = load_model(args.model, random_init=args.random_init, device=args.device)
     spec = _spec(args, args.split, args.limit)
     ds = load_hf_dataset(spec)
@@ -192,7 +196,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     tasks = args.task or [t for t, ok in (("zeroshot", cols.label), ("retrieval", cols.captions)) if ok]
     if not tasks:
         raise ValueError(f"{args.data}: no label or caption column found; pass --task and the column flags")
-    names = _zeroshot_names(args, ds, cols) if "zeroshot" in tasks else None
+    names = _zeroshot_names(args, ds, cols, templates) if "zeroshot" in tasks else None
     images = _embed(model, ds, cols, spec, args)
     report: dict = {
         "format_version": FORMAT_VERSION,
@@ -205,7 +209,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "num_failed_images": images.num_failed,
     }
     if names is not None:
-        report["zeroshot"] = zeroshot_eval(model, images, names, args.templates)
+        report["zeroshot"] = zeroshot_eval(model, images, names, templates)
         report["zeroshot"]["templates"] = args.templates
     if "retrieval" in tasks:
         if not cols.captions:

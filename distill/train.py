@@ -265,7 +265,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
                  batch_size=cfg.optim.batch_size)
     head = None
     if data.classnames and cfg.loss.kl_on_classes:
-        head = build_classifier(teacher, data.classnames, cfg.data.templates).to(accelerator.device)
+        head = (data.class_head if data.class_head is not None
+                else build_classifier(teacher, data.classnames, cfg.data.templates)).to(accelerator.device)
     jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift)
     return DistillTask(student, teacher, cfg.loss, data.bank, head, jitter), data
 

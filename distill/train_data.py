@@ -95,6 +95,7 @@ class TrainData:
     classnames: list[str] | None
     teacher_images: torch.Tensor | None = None  # cached (N, K, D) teacher targets, or None to run the teacher online
     cache_hit: bool | None = None
+    class_head: torch.Tensor | None = None  # the teacher's zero-shot head, when built with the data
 
 
 def check_path(path: str, what: str) -> None:
@@ -115,6 +116,10 @@ def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, tea
         seed: the run's seed (training subset, augmented views).
         batch_size: images per teacher forward pass when the targets are built.
     """
+    if data.vocabulary or not isinstance(data.train, str):
+        from distill.mixture import build_mixture_data  # image-only: several sources, a vocabulary
+
+        return build_mixture_data(data, cache, teacher, student, accelerator, seed=seed, batch_size=batch_size)
     check_path(data.train, "data.train")
     spec = DataSpec.from_config(data, seed)
     ds = load_hf_dataset(spec)

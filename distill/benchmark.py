@@ -1,0 +1,258 @@
+"""Zero-shot benchmark: several models on every dataset of a suite, with retention against a reference.
+
+Usage:
+    python -m distill.benchmark --model outputs/general/final --reference outputs/reference-zeroshot/final \\
+        --suite suites/shared.yaml --out outputs/benchmark
+    python -m distill.benchmark --model ../shared/data/clip-vit-base-patch32 --random-init \\
+        --suite suites/shared.yaml --out outputs/benchmark-random --limit 256
+
+Every dataset's class names, templates and captions are checked (:mod:`distill.suite`) before any
+image is embedded. Each model (the reference first) embeds every dataset once, with its own
+preprocessing, and is scored with :mod:`distill.evaluate`'s zero-shot and retrieval code. With
+``--reference``, a model's retention on a dataset is its score divided by the reference's, measured
+in the same run, and ``mean_retention`` averages those over the suite. Writes ``benchmark.json``,
+``benchmark.md`` and a self-contained ``benchmark.html`` (the table and one bar chart per dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from clipcore.data import ImageDataset, make_loader
+from distill.evaluate import embed_images, retrieval_eval, zeroshot_eval
+from distill.suite import PreparedEntry, describe, load_suite, prepare_suite
+from students import load_model
+
+log = logging.getLogger("distill.benchmark")
+FORMAT_VERSION = 1
+
+
+def score_of(metrics: dict, metric: str) -> float:
+    """The suite metric out of a zero-shot or retrieval result (``image_to_text_R@5`` -> nested)."""
+    if "_R@" in metric:
+        direction, k = metric.split("_R@")
+        return float(metrics[direction][f"R@{k}"])
+    return float(metrics[metric])
+
+
+def evaluate_entry(model, prepared: PreparedEntry, *, batch_size: int, num_workers: int, progress: bool) -> dict:
+    """Embed one dataset with ``model`` and score it on the entry's task."""
+    e = prepared.entry
+    dataset = ImageDataset(prepared.ds, {"model": model.image_transform}, prepared.columns, name=e.name)
+    images = embed_images(model, make_loader(dataset, batch_size, num_workers=num_workers), desc=e.name,
+                          progress=progress)
+    if e.task == "zeroshot":
+        metrics = zeroshot_eval(model, images, prepared.classnames, prepared.templates)
+    else:
+        metrics = retrieval_eval(model, images, prepared.texts, prepared.text_to_image)
+    return {"score": score_of(metrics, e.metric), "metrics": metrics, "num_images": int(images.embeddings.shape[0]),
+            "num_failed_images": images.num_failed, "embed_seconds": round(images.seconds, 2)}
+
+
+def _cost(model) -> dict:
+    from clipcore.flops import image_gflops, image_parameters
+
+    try:
+        return {"image_gflops": round(image_gflops(model), 4), "image_parameters": image_parameters(model)}
+    except Exception as exc:  # a cost that cannot be counted must not lose the accuracies
+        log.warning("could not count FLOPs/parameters: %s", exc)
+        return {}
+
+
+def run_model(path: str, role: str, prepared: list[PreparedEntry], args: argparse.Namespace) -> dict:
+    random_init = bool(args.random_init) and role == "model"
+    model = load_model(path, random_init=random_init, device=args.device)
+    model.eval()
+    row = {"model": path, "role": role, "random_init": random_init, "fingerprint": model.fingerprint(),
+           **_cost(model), "results": {}}
+    for p in prepared:
+        log.info("%s on %s", path, p.entry.name)
+        row["results"][p.entry.name] = evaluate_entry(model, p, batch_size=args.batch_size,
+                                                      num_workers=args.num_workers, progress=not args.no_progress)
+    return row
+
+
+def add_retention(rows: list[dict], names: list[str]) -> None:
+    """``retention[d] = score / reference score`` and its mean, for every row, when a reference ran."""
+    ref = next((r for r in rows if r["role"] == "reference"), None)
+    if ref is None:
+        return
+    for row in rows:
+        ret = {}
+        for name in names:
+            base = ref["results"][name]["score"]
+            ret[name] = row["results"][name]["score"] / base if base > 0 else None
+        row["retention"] = ret
+        kept = [v for v in ret.values() if v is not None]
+        row["mean_retention"] = sum(kept) / len(kept) if kept else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    suite = load_suite(args.suite)
+    prepared = prepare_suite(suite, args.limit)  # every dataset is checked before any model runs
+    targets = ([(args.reference, "reference")] if args.reference else []) + [(m, "model") for m in args.model]
+    start = time.perf_counter()
+    rows = [run_model(path, role, prepared, args) for path, role in targets]
+    names = [p.entry.name for p in prepared]
+    add_retention(rows, names)
+    return {
+        "format_version": FORMAT_VERSION,
+        "suite": str(args.suite),
+        "reference": args.reference,
+        "limit": args.limit,
+        "datasets": [describe(p) for p in prepared],
+        "models": rows,
+        "runtime": {"device": str(args.device), "seconds": round(time.perf_counter() - start, 1),
+                    "python": platform.python_version(), "torch": torch.__version__},
+    }
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _label(row: dict) -> str:
+    return row["model"] + (" (reference)" if row["role"] == "reference" else "") + (
+        " (random init)" if row["random_init"] else "")
+
+
+def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the results table, shared by Markdown and HTML."""
+    names = [d["name"] for d in report["datasets"]]
+    has_ref = report["reference"] is not None
+    header = ["model", "GFLOPs (image)"]
+    for d in report["datasets"]:
+        header.append(f"{d['name']} {d['metric']}")
+        if has_ref:
+            header.append("% of ref.")
+    if has_ref:
+        header.append("mean % of ref.")
+    rows = []
+    for row in report["models"]:
+        cells = [_label(row), f"{row['image_gflops']:.3f}" if "image_gflops" in row else "—"]
+        for name in names:
+            cells.append(_pct(row["results"][name]["score"]))
+            if has_ref:
+                cells.append(_pct(row["retention"][name]))
+        if has_ref:
+            cells.append(_pct(row["mean_retention"]))
+        rows.append(cells)
+    return header, rows
+
+
+def to_markdown(report: dict) -> str:
+    header, rows = table_rows(report)
+    lines = [f"# Zero-shot benchmark: `{report['suite']}`", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    lines += ["", "| dataset | data | split | task | metric | images | classes × templates / texts |",
+              "|---|---|---|---|---|---|---|"]
+    for d in report["datasets"]:
+        what = f"{d['num_classes']} × {d['num_templates']}" if d["task"] == "zeroshot" else f"{d['num_texts']} texts"
+        lines.append(f"| {d['name']} | `{d['data']}` | {d['split']} | {d['task']} | {d['metric']} "
+                     f"| {d['num_rows']} | {what} |")
+    lines += ["", f"{report['runtime']['device']}, torch {report['runtime']['torch']}, "
+                  f"{report['runtime']['seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(report: dict, name: str, metric: str) -> str:
+    """One horizontal SVG bar per model; the reference's bar is dark."""
+    rows = report["models"]
+    width, bar_h, label_w = 640, 22, 260
+    height = bar_h * len(rows) + 10
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(name)} {html.escape(metric)}">']
+    for i, row in enumerate(rows):
+        score = row["results"][name]["score"]
+        y = 5 + i * bar_h
+        w = max(1.0, (width - label_w - 70) * score)
+        colour = "#33507a" if row["role"] == "reference" else "#6d9bd1"
+        parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="12">'
+                     f'{html.escape(_label(row)[-40:])}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{bar_h - 6}" fill="{colour}"/>')
+        parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + 15}" font-size="12">{_pct(score)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def to_html(report: dict) -> str:
+    header, rows = table_rows(report)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    charts = "".join(f"<h3>{html.escape(d['name'])}: {html.escape(d['metric'])}</h3>"
+                     f"{_bar_chart(report, d['name'], d['metric'])}" for d in report["datasets"])
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}td:first-child{text-align:left}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Zero-shot benchmark</title>"
+            f"<style>{style}</style></head><body><h1>Zero-shot benchmark: {html.escape(report['suite'])}</h1>"
+            f"<table><tr>{head}</tr>{body}</table><h2>Per dataset</h2>{charts}"
+            f"<p>{html.escape(report['runtime']['device'])}, torch {html.escape(report['runtime']['torch'])}, "
+            f"{report['runtime']['seconds']} s.</p></body></html>\n")
+
+
+def write_report(report: dict, out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "benchmark.json", "md": out / "benchmark.md", "html": out / "benchmark.html"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(to_markdown(report))
+    paths["html"].write_text(to_html(report))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True,
+                   help="a teacher or saved student directory, or hub id; repeat for several models")
+    p.add_argument("--reference", default=None, help="the model retention is measured against (run first)")
+    p.add_argument("--random-init", action="store_true",
+                   help="build each --model (not the reference) with random weights")
+    p.add_argument("--suite", required=True, help="YAML list of datasets, e.g. suites/shared.yaml")
+    p.add_argument("--out", required=True, help="directory for benchmark.json / .md / .html")
+    p.add_argument("--limit", type=int, default=None, help="at most N images per dataset (caps each entry's limit)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("distill", "students"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+    report = run(args)
+    paths = write_report(report, args.out)
+    print(to_markdown(report))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,148 @@
+"""Image-only training data for general students: a mixture of datasets and a large vocabulary.
+
+``data.train`` may list several datasets (each with its split and limit); their images are trained
+on as one set and their labels are never read. The text side is a vocabulary (``data.vocabulary``:
+e.g. the 1,000 ImageNet names and the 200 WordNet names of Tiny-ImageNet) rather than the training
+labels, so the class KL and the in-batch affinity KL teach the student the teacher's embedding space
+over many concepts, not one label set.
+
+Teacher targets are computed and cached per source, under the source's own dataset fingerprint, so
+a source the teacher was built on (Tiny-ImageNet train for the zero-shot reference teacher) reuses
+the tower features that build cached; the vocabulary's teacher text embeddings are cached as well.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipcore.augment import ViewSpec
+from clipcore.cache import TeacherTargetCache, cache_key, texts_sha
+from clipcore.classnames import load_classname_source, synonyms
+from clipcore.data import Columns, DataSpec, ImageDataset, load_hf_dataset, resolve_columns
+from clipcore.dual_encoder import DualEncoder
+from clipcore.templates import get_templates
+from distill.config import CacheConfig, ConfigError, DataConfig
+from distill.features import embed_texts, teacher_image_rows
+from distill.task import TextBank
+from distill.train_data import TrainData, TrainRows, check_path
+
+log = logging.getLogger("distill.train")
+IMAGE = "image"
+
+
+def vocabulary_names(sources: list[str]) -> list[str]:
+    """The union of the class names of several sources, in order, duplicates (any case) dropped.
+
+    A source is a JSON list, a JSON map whose values are names or synonym lists (the first synonym
+    is used: ``"rocking chair, rocker"`` -> ``"rocking chair"``), or a comma-separated list.
+    """
+    names, seen = [], set()
+    for spec in sources:
+        data = load_classname_source(spec)
+        values = data.values() if isinstance(data, dict) else data
+        for value in values:
+            parts = synonyms(value) if isinstance(value, (str, list)) else []
+            if not parts:
+                raise ValueError(f"vocabulary source {spec}: entry {value!r} holds no class name")
+            if parts[0].lower() not in seen:
+                seen.add(parts[0].lower())
+                names.append(parts[0])
+    if not names:
+        raise ValueError("data.vocabulary holds no class names")
+    return names
+
+
+def load_sources(data: DataConfig, seed: int) -> list[tuple[datasets.Dataset, str]]:
+    """Each source's rows (limit = a seeded subset) and its image column.
+
+    The datasets are returned as loaded: their fingerprints key the teacher-target caches, so a
+    source the teacher was aligned on finds the tower features of that run.
+    """
+    out = []
+    for i, src in enumerate(data.sources()):
+        check_path(src.path, f"data.train[{i}].path")
+        spec = DataSpec(path=src.path, split=src.split, image_column=data.image_column, limit=src.limit,
+                        shuffle_seed=seed if src.limit else None)
+        ds = load_hf_dataset(spec)
+        out.append((ds, resolve_columns(ds, spec).image))
+        log.info("training source %d: %s, %d images (labels unused)", i, spec.label, len(ds))
+    return out
+
+
+def images_only(ds: datasets.Dataset, column: str) -> datasets.Dataset:
+    """The image column alone, named ``image``, so that sources concatenate."""
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, IMAGE) if column != IMAGE else ds
+
+
+def _source_targets(cache: CacheConfig, teacher: DualEncoder, ds: datasets.Dataset, column: str, accelerator,
+                    *, seed: int, batch_size: int) -> torch.Tensor:
+    """(rows, K, D) teacher image targets of one source, from its own cache entry."""
+    views = ViewSpec(views=cache.views, seed=seed)
+    rows = teacher_image_rows(teacher, ds, Columns(image=column), views, cache.dir, seed, batch_size, accelerator)
+    key = cache_key(f"{teacher.fingerprint()}/images-only", ds._fingerprint, teacher.image_transform.to_json(),
+                    cache.views, seed)
+    store = TeacherTargetCache(cache.dir, key, accelerator.process_index, accelerator.num_processes,
+                               accelerator.wait_for_everyone)
+    targets = store.get_or_build(len(ds), rows)
+    log.info("teacher-target cache %s: %s", "hit" if targets.hit else "built", targets.path)
+    return torch.from_numpy(targets.images)
+
+
+def _text_targets(cache: CacheConfig, teacher: DualEncoder, texts: list[str], accelerator) -> torch.Tensor:
+    embed = lambda t: embed_texts(teacher, t).numpy()  # noqa: E731
+    if not cache.enabled:
+        return torch.from_numpy(embed(texts))
+    key = cache_key(f"{teacher.fingerprint()}/texts", texts_sha(texts), "", 1, 0)
+    store = TeacherTargetCache(cache.dir, key, accelerator.process_index, accelerator.num_processes,
+                               accelerator.wait_for_everyone)
+    return torch.from_numpy(store.get_or_build(0, lambda s, e: np.zeros((e - s, 1, 0), np.float32), texts,
+                                               embed).texts)
+
+
+def class_head_from_bank(bank: TextBank) -> torch.Tensor:
+    """The zero-shot head of :func:`distill.zeroshot.build_classifier` from the bank's cached prompt
+    embeddings: per class, normalise each prompt embedding, average, renormalise."""
+    emb = bank.teacher_emb[bank.prompt_rows].float()  # (C, T, D)
+    return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
+
+
+def build_vocabulary_bank(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,
+                          accelerator) -> tuple[TextBank, list[str]]:
+    """Prompts of every vocabulary name x template, with cached teacher embeddings."""
+    if not data.vocabulary:
+        raise ConfigError("a list of data.train sources trains on images only: set data.vocabulary "
+                          "(class-name files) for the class and affinity targets")
+    names = vocabulary_names(data.vocabulary)
+    templates = list(get_templates(data.vocabulary_templates or data.templates))
+    texts = [t.format(c) for c in names for t in templates]
+    teacher_text = _text_targets(cache, teacher, texts, accelerator)
+    ids = mask = None
+    if student.has_own_text_tower:
+        tokens = student.tokenize(texts)
+        ids, mask = tokens["input_ids"], tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))
+    prompt_rows = torch.arange(len(texts)).view(len(names), len(templates))
+    log.info("vocabulary: %d class names x %d templates = %d prompts", len(names), len(templates), len(texts))
+    return TextBank(texts, ids, mask, teacher_text, prompt_rows, []), names
+
+
+def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,
+                       accelerator, *, seed: int, batch_size: int) -> TrainData:
+    """:class:`distill.train_data.TrainData` for image-only training on ``data.train``'s sources."""
+    parts = load_sources(data, seed)
+    bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator)
+    cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, seed=seed, batch_size=batch_size)
+                        for ds, col in parts]) if cache.enabled else None
+    parts = [images_only(ds, col) for ds, col in parts]
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    transforms = {"student": student.image_transform}
+    if cached is None:
+        transforms["teacher"] = teacher.image_transform
+    views = ViewSpec(views=cache.views, seed=seed)
+    rows = TrainRows(len(ds), views, ImageDataset(ds, transforms, Columns(image=IMAGE), name="data.train"))
+    return TrainData(rows, bank, names, cached, None, class_head=class_head_from_bank(bank))

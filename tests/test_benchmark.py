@@ -1,0 +1,201 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipcore.prompts import dataset_key, load_templates
+from distill.suite import SuiteError, load_suite, parse_suite, prepare_suite
+from tests.conftest import require_shared
+from tests.datagen import write_captions, write_labelled
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ templates
+
+
+def test_templates_from_json_list_and_clip_benchmark_map(tmp_path):
+    listed = tmp_path / "t.json"
+    listed.write_text(json.dumps(["a photo of a {}.", "a drawing of a {c}."]))
+    assert load_templates(str(listed)) == ("a photo of a {}.", "a drawing of a {}.")
+    cb = tmp_path / "en_zeroshot_classification_templates.json"
+    cb.write_text(json.dumps({"mnist": ['a photo of the number: "{c}".'],
+                              "gtsrb": ['a zoomed in photo of a "{c}" traffic sign.']}))
+    assert load_templates(str(cb), dataset="clip-benchmark/wds_mnist") == ('a photo of the number: "{}".',)
+    assert load_templates(f"{cb}#gtsrb", dataset="whatever") == ('a zoomed in photo of a "{}" traffic sign.',)
+    with pytest.raises(ValueError, match="no templates for 'cifar10'"):
+        load_templates(str(cb), dataset="../shared/data/cifar10")
+    with pytest.raises(ValueError, match="choose one with"):
+        load_templates(str(cb))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_templates(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("bad, match", [(["no slot"], "exactly one"), (["{} and {}"], "exactly one"),
+                                        (["a {x} {}"], "not a valid format"), ([], "non-empty")])
+def test_bad_templates_name_the_problem(bad, match):
+    with pytest.raises(ValueError, match=match):
+        load_templates(bad)
+
+
+def test_dataset_key():
+    assert dataset_key("clip-benchmark/wds_cifar10") == "cifar10"
+    assert dataset_key("../shared/data/cifar10/") == "cifar10"
+
+
+def test_evaluate_cli_takes_a_template_file(tiny_clip_dir, tmp_path):
+    from distill.evaluate import main
+
+    data = write_labelled(tmp_path / "d")
+    tfile = tmp_path / "templates.json"
+    tfile.write_text(json.dumps({"d": ["a photo of a {c}.", "a sketch of a {c}."]}))
+    report = main(["--model", str(tiny_clip_dir), "--data", str(data), "--templates", str(tfile), "--no-progress"])
+    assert report["zeroshot"]["num_templates"] == 2
+    with pytest.raises(ValueError, match="no templates for 'other'"):
+        main(["--model", str(tiny_clip_dir), "--data", str(data), "--templates", f"{tfile}#other", "--no-progress"])
+
+
+# ---------------------------------------------------------------------------------- suites
+
+
+def test_parse_suite_defaults_and_shared_suite_file():
+    entries = parse_suite([{"name": "a", "data": "x"}, {"name": "b", "data": "y", "task": "retrieval"}])
+    assert entries[0].metric == "top1" and entries[0].templates == "openai_cifar"
+    assert entries[1].metric == "image_to_text_R@5"
+    shared = load_suite(REPO / "suites" / "shared.yaml")
+    assert [e.name for e in shared] == ["cifar10", "tiny-imagenet", "coco-mini"]
+    assert len(load_suite(REPO / "suites" / "clip_benchmark.yaml")) >= 4
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"data": "x"}, "'name' must be"),
+    ({"name": "a", "data": "x", "task": "detection"}, "task='detection'"),
+    ({"name": "a", "data": "x", "metric": "R@5"}, "metric='R@5'"),
+    ({"name": "a", "data": "x", "task": "retrieval", "metric": "top1"}, "metric='top1'"),
+    ({"name": "a", "data": "x", "limit": 0}, "limit=0"),
+    ({"name": "a", "data": "x", "colour": 1}, r"unknown key\(s\) \['colour'\]"),
+    ({"name": "a", "data": "x", "task": "retrieval", "templates": "simple"}, "zero-shot entries only"),
+])
+def test_bad_entries_name_entry_and_key(raw, match):
+    with pytest.raises(SuiteError, match=match) as info:
+        parse_suite([{"name": "ok", "data": "y"}, raw], "s.yaml")
+    assert "s.yaml entry 2" in str(info.value)
+
+
+def test_suite_must_be_a_list_with_unique_names(tmp_path):
+    with pytest.raises(SuiteError, match="non-empty YAML list"):
+        parse_suite({"name": "a"})
+    with pytest.raises(SuiteError, match="two entries are named 'a'"):
+        parse_suite([{"name": "a", "data": "x"}, {"name": "a", "data": "y"}])
+    with pytest.raises(SuiteError, match="does not exist"):
+        load_suite(tmp_path / "none.yaml")
+
+
+def test_prepare_checks_classnames_and_templates_before_embedding(tmp_path):
+    data = str(write_labelled(tmp_path / "d"))
+    ok = prepare_suite(parse_suite([{"name": "d", "data": data, "split": "test", "classnames": ["a", "b", "c"],
+                                     "templates": ["a {}."]}]))
+    assert ok[0].classnames == ["a", "b", "c"] and ok[0].templates == ("a {}.",)
+    cases = [({"classnames": "a,b"}, "2 class names given but the dataset has 3"),
+             ({"templates": "unknown_set"}, "unknown template set"),
+             ({"classnames": ["a", " ", "c"]}, "empty strings"),
+             ({"split": "validation"}, "no split 'validation'"),
+             ({"task": "retrieval"}, "caption column")]
+    for change, match in cases:
+        raw = {"name": "d", "data": data, "split": "test", **change}
+        with pytest.raises(SuiteError, match=match) as info:
+            prepare_suite(parse_suite([raw]))
+        assert "suite entry 'd'" in str(info.value)
+
+
+def test_prepare_reads_clip_benchmark_classname_map(tmp_path):
+    data = str(write_labelled(tmp_path / "d"))
+    names = tmp_path / "en_classnames.json"
+    names.write_text(json.dumps({"d": ["kitten", "puppy", "auto"]}))
+    (p,) = prepare_suite(parse_suite([{"name": "d", "data": data, "split": "test", "classnames": f"{names}#d"}]))
+    assert p.classnames == ["kitten", "puppy", "auto"]
+    with pytest.raises(SuiteError, match="no class names for 'e'"):
+        prepare_suite(parse_suite([{"name": "d", "data": data, "split": "test", "classnames": f"{names}#e"}]))
+
+
+# --------------------------------------------------------------------------------- the CLI
+
+
+def _two_entry_suite(tmp_path) -> Path:
+    (tmp_path / "labelled").mkdir()
+    labelled = write_labelled(tmp_path / "labelled")
+    (tmp_path / "captions").mkdir()
+    captions = write_captions(tmp_path / "captions")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump([
+        {"name": "labelled", "data": str(labelled), "split": "test", "templates": "simple", "limit": 20},
+        {"name": "captions", "data": str(captions), "split": "train", "task": "retrieval",
+         "metric": "text_to_image_R@1"},
+    ]))
+    return suite
+
+
+def test_benchmark_cli_two_models_with_reference(tiny_clip_dir, tmp_path):
+    from distill.benchmark import main
+
+    out = tmp_path / "out"
+    report = main(["--model", str(tiny_clip_dir), "--model", str(tiny_clip_dir), "--random-init",
+                   "--reference", str(tiny_clip_dir), "--suite", str(_two_entry_suite(tmp_path)),
+                   "--out", str(out), "--batch-size", "8", "--no-progress"])
+    assert json.loads((out / "benchmark.json").read_text()) == report
+    assert [d["name"] for d in report["datasets"]] == ["labelled", "captions"]
+    ref, a, b = report["models"]
+    assert ref["role"] == "reference" and not ref["random_init"] and a["random_init"]
+    assert ref["retention"] == {"labelled": 1.0, "captions": 1.0} and ref["mean_retention"] == 1.0
+    lab = a["results"]["labelled"]
+    assert lab["num_images"] == 19 and lab["num_failed_images"] == 1  # limit 20, row 3 is corrupt
+    assert lab["score"] == lab["metrics"]["top1"]
+    assert a["results"]["captions"]["score"] == a["results"]["captions"]["metrics"]["text_to_image"]["R@1"]
+    for name in ("labelled", "captions"):
+        expected = a["results"][name]["score"] / ref["results"][name]["score"]
+        assert a["retention"][name] == pytest.approx(expected)
+    assert a["image_gflops"] > 0
+    md, page = (out / "benchmark.md").read_text(), (out / "benchmark.html").read_text()
+    assert "mean % of ref." in md and md.count("\n| ") >= 3
+    assert page.count("<svg") == 2 and "<script" not in page and "http" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_benchmark_fails_on_a_bad_entry_before_loading_models(tmp_path):
+    from distill.benchmark import main
+
+    data = write_labelled(tmp_path / "d")
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump([{"name": "d", "data": str(data), "split": "test", "classnames": "a,b"}]))
+    with pytest.raises(SuiteError, match="2 class names"):  # the model path does not even exist
+        main(["--model", str(tmp_path / "no-model"), "--suite", str(suite), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.slow
+def test_benchmark_cli_subprocess_on_shared_data(tiny_clip_dir, tmp_path):
+    """The real CLI, as a user runs it: a tiny model on two entries of the shared suite."""
+    import subprocess
+    import sys
+
+    require_shared("cifar10")
+    require_shared("coco-mini")
+    entries = [e for e in yaml.safe_load((REPO / "suites" / "shared.yaml").read_text())
+               if e["name"] in ("cifar10", "coco-mini")]
+    for e in entries:
+        e["data"] = str((REPO / e["data"]).resolve())
+    suite = tmp_path / "two.yaml"
+    suite.write_text(yaml.safe_dump(entries))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "distill.benchmark", "--model", str(tiny_clip_dir),
+                           "--reference", str(tiny_clip_dir), "--suite", str(suite), "--out", str(out),
+                           "--limit", "64", "--no-progress", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "benchmark.json").read_text())
+    assert [d["name"] for d in report["datasets"]] == ["cifar10", "coco-mini"]
+    cifar = report["models"][1]["results"]["cifar10"]
+    assert cifar["num_images"] == 64 and 0 <= cifar["score"] <= 1
+    assert report["datasets"][0]["num_classes"] == 10 and report["datasets"][0]["num_templates"] == 18
+    assert report["models"][1]["results"]["coco-mini"]["metrics"]["num_images"] == 64
+    assert report["models"][1]["mean_retention"] == pytest.approx(1.0)

@@ -1,0 +1,163 @@
+"""General students: training-source mixtures, a vocabulary instead of labels, the 64 px students."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clipcore.testing import make_tiny_clip
+from distill.config import ConfigError, TrainSource, load_config
+from distill.mixture import vocabulary_names
+from distill.train import main
+from tests.datagen import write_captions, write_labelled
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def _recipe(tmp_path, data: dict) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"name_or_path": "t"}, **data}))
+    return path
+
+
+def test_train_as_a_list_of_sources(tmp_path):
+    cfg = load_config(_recipe(tmp_path, {"data": {"train": [{"path": "a", "limit": 5}, {"path": "b", "split": "val"}],
+                                                  "eval": "c"}}))
+    assert cfg.data.sources() == [TrainSource("a", "train", 5), TrainSource("b", "val", None)]
+    one = load_config(None, ["teacher.name_or_path=t", "data.train=x", "data.train_limit=3"])
+    assert one.data.sources() == [TrainSource("x", "train", 3)]
+    cli = load_config(None, ["teacher.name_or_path=t", "data.train=[{path: a}, {path: b, limit: 2}]", "data.eval=c",
+                             "data.vocabulary=[n.json, 'cat,dog']"])
+    assert [s.limit for s in cli.data.sources()] == [None, 2] and cli.data.vocabulary == ["n.json", "cat,dog"]
+
+
+@pytest.mark.parametrize("data, extra, match", [
+    ({"train": [{"path": "a"}]}, {}, "data.eval"),
+    ({"train": [{"path": "a"}], "eval": "c"}, {"cache": {"views": 2}}, "cache.views > 1"),
+    ({"train": [{"path": ""}], "eval": "c"}, {}, r"data.train\[0\].path is empty"),
+    ({"train": [{"path": "a", "limit": 0}], "eval": "c"}, {}, r"data.train\[0\].limit"),
+    ({"train": [{"path": "a", "colour": 1}], "eval": "c"}, {}, r"data.train\[0\].colour"),
+    ({"train": [{"path": "a"}], "eval": "c"}, {"mode": "contrastive", "contrastive": {"model": "m"}}, "contrastive"),
+])
+def test_bad_sources_name_the_key(tmp_path, data, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_recipe(tmp_path, {"data": data, **extra}))
+
+
+def test_general_recipe_parses_and_never_sees_cifar():
+    cfg = load_config(REPO / "configs" / "general.yaml")
+    paths = [s.path for s in cfg.data.sources()]
+    assert paths == ["../shared/data/tiny-imagenet", "../shared/data/tiny-imagenet-extra"]
+    assert not any("cifar" in p for p in paths + [cfg.data.eval]) and cfg.data.vocabulary
+    assert cfg.student.image_size >= 64
+
+
+# -------------------------------------------------------------------------------- vocabulary
+
+
+def test_vocabulary_is_the_union_of_names(tmp_path):
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"n1": "rocking chair, rocker", "n2": "Tabby cat"}))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(["tabby cat", "goldfish"]))
+    assert vocabulary_names([str(a), str(b), "goldfish,truck"]) == ["rocking chair", "Tabby cat", "goldfish", "truck"]
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        vocabulary_names([str(tmp_path / "missing.json")])
+    empty = tmp_path / "e.json"
+    empty.write_text(json.dumps({"n1": " , "}))
+    with pytest.raises(ValueError, match="holds no class name"):
+        vocabulary_names([str(empty)])
+
+
+# ------------------------------------------------------------------------ training, end to end
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    teacher = make_tiny_clip(root / "teacher", seed=1)
+    write_labelled(root / "a", n=24)
+    (root / "b").mkdir()
+    write_captions(root / "b", n=12)  # no labels at all: images only is enough
+    names = root / "vocab.json"
+    names.write_text(json.dumps({"n1": "tench", "n2": "goldfish", "n3": "great white shark", "n4": "cat"}))
+    return root, teacher, names
+
+
+def _general_args(mixture, tmp_path, *extra):
+    root, teacher, names = mixture
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"train": [{"path": str(root / "a"), "limit": 16},
+                                                         {"path": str(root / "b")}],
+                                               "eval": str(root / "a"), "vocabulary": [str(names), "dog,car"],
+                                               "vocabulary_templates": "simple"}}))
+    return ["--config", str(recipe), f"teacher.name_or_path={teacher}", "student.arch=test-tiny-resnet",
+            "optim.batch_size=8", "optim.warmup_steps=1", "log_every=1", "progress=false", "optim.max_steps=4",
+            "loss.kl_on_affinity=true", "data.student_flip=true", "data.student_shift=2",
+            f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}", *extra]
+
+
+def test_mixture_trains_on_images_only_with_the_vocabulary(mixture, tmp_path, monkeypatch):
+    from distill import train as train_mod
+    from clipcore.zeroshot import build_classifier
+
+    seen = {}
+    real = train_mod.DistillTask
+
+    def spy(student, teacher, loss_cfg, bank, head, *args, **kwargs):
+        seen.update(bank=bank, head=head, teacher=teacher)
+        return real(student, teacher, loss_cfg, bank, head, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "DistillTask", spy)
+    metrics = main(_general_args(mixture, tmp_path))
+    bank, head = seen["bank"], seen["head"]
+    names = ["tench", "goldfish", "great white shark", "cat", "dog", "car"]
+    assert bank.texts == [f"a photo of a {n}." for n in names] and bank.prompt_rows.shape == (6, 1)
+    # the head from the cached (float16) prompt embeddings is the zero-shot head of those names
+    torch.testing.assert_close(head.cpu(), build_classifier(seen["teacher"], names, "simple"), atol=2e-3, rtol=0)
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and {"kl_class_loss", "kl_affinity_loss", "feature_image_loss"} <= set(log[0])
+    assert "eval/zeroshot_top1" in metrics  # evaluated on data.eval's own labels
+    # one cache entry per source (16 + 12 rows) and one for the vocabulary's texts
+    entries = {json.loads((p / "meta.json").read_text())["num_rows"] for p in (tmp_path / "cache").iterdir()}
+    assert entries == {16, 12, 0}
+
+
+def test_mixture_reuses_each_source_cache(mixture, tmp_path, caplog):
+    import logging
+
+    main(_general_args(mixture, tmp_path))
+    with caplog.at_level(logging.INFO, logger="distill.train"):
+        main(_general_args(mixture, tmp_path, f"output_dir={tmp_path / 'again'}"))
+    hits = [r.message for r in caplog.records if r.message.startswith("teacher-target cache hit")]
+    assert len(hits) == 2, [r.message for r in caplog.records]
+
+
+def test_mixture_needs_a_vocabulary(mixture, tmp_path):
+    args = _general_args(mixture, tmp_path)
+    recipe = Path(args[1])
+    data = yaml.safe_load(recipe.read_text())
+    del data["data"]["vocabulary"]
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="data.vocabulary"):
+        main(args)
+
+
+# ------------------------------------------------------------------------------ the students
+
+
+@pytest.mark.parametrize("name", ["resnet-64-m", "resnet-64-l"])
+def test_general_students_fit_one_eighth_of_the_teacher_at_64px(name, tiny_clip):
+    from clipcore.flops import image_gflops
+    from students import build_student
+
+    student = build_student(name, teacher=tiny_clip)
+    assert student.image_transform.output_size == (64, 64)
+    # the reference teacher is 0.591 GFLOPs at 160 px; the tiny teacher's 16-d projection is a
+    # rounding error against a 512-d one (at most 2 * 512 * 512 FLOPs = 0.0005 GFLOPs)
+    assert 0.02 < image_gflops(student) <= 0.591 / 8 - 0.0005
