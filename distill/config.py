@@ -219,6 +219,9 @@ class TrainConfig:
             return
         if self.mode != "distill":
             raise ConfigError("data.train as a list of sources is for mode=distill; contrastive mode takes one dataset")
+        if self.data.streaming or any(is_shard_spec(src.path) for src in self.data.train):
+            raise ConfigError("data.train as a list of sources reads map-style datasets; streamed data (WebDataset "
+                              "shards or data.streaming=true) takes one data.train spec (join shard lists with '::')")
         if not self.data.eval:
             raise ConfigError("data.train is a list of sources: name the evaluation dataset with data.eval=...")
         if self.cache.views > 1:

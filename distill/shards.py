@@ -40,9 +40,12 @@ class ShardError(ValueError):
     """A shard spec, shard or sidecar is malformed or inconsistent; the message names it."""
 
 
-def is_shard_spec(path: str | None) -> bool:
-    """True for a WebDataset shard spec: ``pipe:...`` or a name ending in ``.tar`` (braces allowed)."""
-    return bool(path) and (path.startswith("pipe:") or bool(re.search(r"\.tar\}?$", path.split("::")[-1].strip())))
+def is_shard_spec(path: object) -> bool:
+    """True for a WebDataset shard spec: ``pipe:...`` or a name ending in ``.tar`` (braces allowed).
+
+    False for anything but a string (``data.train`` as a list of mixture sources).
+    """
+    return isinstance(path, str) and bool(path) and (path.startswith("pipe:") or bool(re.search(r"\.tar\}?$", path.split("::")[-1].strip())))
 
 
 def expand_urls(spec: str) -> list[str]:

@@ -43,6 +43,8 @@ def test_train_as_a_list_of_sources(tmp_path):
     ({"train": [{"path": "a", "limit": 0}], "eval": "c"}, {}, r"data.train\[0\].limit"),
     ({"train": [{"path": "a", "colour": 1}], "eval": "c"}, {}, r"data.train\[0\].colour"),
     ({"train": [{"path": "a"}], "eval": "c"}, {"mode": "contrastive", "contrastive": {"model": "m"}}, "contrastive"),
+    ({"train": [{"path": "a"}, {"path": "s/{0..3}.tar"}], "eval": "c"}, {}, "streamed data"),
+    ({"train": [{"path": "a"}], "eval": "c", "streaming": True}, {}, "streamed data"),
 ])
 def test_bad_sources_name_the_key(tmp_path, data, extra, match):
     with pytest.raises(ConfigError, match=match):
