@@ -75,6 +75,13 @@ CASES = {
                  "config.json: preprocess.std[0]: 0.0 is outside"),
     "precision-unknown": (edit_json("config.json", nested("precision", "int4")),
                           "config.json: precision: 'int4' is not one of"),
+    "certificate-escapes": (edit_json("config.json", nested("certificate", "/etc/passwd")),
+                            "config.json: certificate: '/etc/passwd' points outside the bundle"),
+    "text-encoder-not-an-object": (edit_json("config.json", nested("text_encoder", "text.onnx")),
+                                   "config.json: text_encoder: expected an object, got str"),
+    "text-encoder-precision": (edit_json("config.json", nested("text_encoder", {
+        "file": "text_encoder.onnx", "tokenizer": "tokenizer.json", "precision": "int4"})),
+        "config.json: text_encoder.precision: 'int4' is not one of"),
     "encoder-file-escapes": (edit_json("config.json", nested("image_encoder.file", "../x.onnx")),
                              "config.json: image_encoder.file: '../x.onnx' points outside the bundle"),
     "num-classes-wrong": (edit_json("config.json", nested("num_classes", 7)),
