@@ -252,7 +252,7 @@ def bert_dir(path: Path) -> Path:
 
 BAD_INPUT_EXPECTED = {
     "not-a-model-dir": "--student {tmp}: not a model directory (has no student.json or config.json)",
-    "teacher-not-a-model-dir": "--teacher {tmp}: not a model directory (has no config.json)",
+    "teacher-not-a-model-dir": "--teacher {tmp}: not a model directory (has no config.json or dual_encoder.json)",
     "teacher-is-a-file": "--teacher {tmp}/gates.yaml: not a model directory (is a file)",
     "unsupported-architecture": "--teacher {tmp}/bert: not a usable CLIP-family model (TypeError: ",
     "unknown-student-kind": "--student {tmp}/weird: not a usable CLIP-family model (ValueError: ",

@@ -139,6 +139,14 @@ def _args(data, tmp_path, *extra):
             f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}", "data.templates=simple", *extra]
 
 
+def test_parity_cli_takes_a_saved_reference_teacher_directory(small, tmp_path):
+    from exports.parity.cli import TEACHER_MARKERS, cli_model
+
+    small.save_directory(tmp_path / "t")  # dual_encoder.json, no config.json: once refused as "not a model directory"
+    loaded = cli_model("--teacher", str(tmp_path / "t"), lambda: load_teacher(str(tmp_path / "t")), markers=TEACHER_MARKERS)
+    assert isinstance(loaded, TowerDualEncoder)
+
+
 def test_lit_alignment_with_imagenet_targets_then_distillation_from_the_result(data, tmp_path):
     names = _fake_imagenet_names(tmp_path / "imagenet.json")
     main(_args(data, tmp_path, "optim.max_steps=20", "contrastive.head=mlp", "contrastive.imagenet_kl_weight=0.5",

@@ -26,6 +26,10 @@ from exports.runtime import InvalidModelError
 from students import load_model
 
 
+# a Hugging Face CLIP directory, or a reference dual encoder built by the trainer (clipcore.towers)
+TEACHER_MARKERS = ("config.json", "dual_encoder.json")
+
+
 def cli_model(flag: str, path: str, loader: Callable[[], DualEncoder],
                markers: Sequence[str] = ("config.json",)) -> DualEncoder:
     """Run ``loader``; a model that loads but cannot serve as a dual encoder is bad input.
@@ -137,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         label_column=args.label_column, limit=args.limit,
                         shuffle_seed=args.seed if args.shuffle else None)
         teacher = cli_model("--teacher", args.teacher, lambda: load_teacher(
-            args.teacher, random_init=args.teacher_random_init, device=args.device))
+            args.teacher, random_init=args.teacher_random_init, device=args.device), markers=TEACHER_MARKERS)
         student = cli_model("--student", args.student, lambda: load_model(args.student, teacher=teacher, device=args.device),
                              markers=("student.json", "config.json"))
         report = run_parity(teacher, student, spec, args.out, variants=variants, gates=gates,
