@@ -46,7 +46,8 @@ from distill.rundir import LOG_FILE, RunLock, check_fresh_start, check_resumable
 from distill.task import DistillTask, TrainingTask
 from distill.feed import make_feeder
 from distill.stream_data import build_stream_data, is_stream
-from distill.train_data import TrainData, build_train_data, check_path
+from distill.mixture import build_mixture_data
+from distill.train_data import TrainData, build_train_data, check_path, is_mixture
 from exports.pipeline import export_and_check
 from students import build_student, save_student
 
@@ -260,9 +261,13 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
         with torch.no_grad():
             student.log_logit_scale.fill_(cfg.optim.init_logit_scale)
-    build = build_stream_data if is_stream(cfg.data) else build_train_data  # shards / `datasets` streaming
-    data = build(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
-                 batch_size=cfg.optim.batch_size)
+    if is_mixture(cfg.data):  # image-only: several sources, a vocabulary
+        data = build_mixture_data(cfg.data, cfg.cache, teacher, student, accelerator, seed=cfg.seed,
+                                  batch_size=cfg.optim.batch_size)
+    else:
+        build = build_stream_data if is_stream(cfg.data) else build_train_data  # shards / `datasets` streaming
+        data = build(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
+                     batch_size=cfg.optim.batch_size)
     head = None
     if data.classnames and cfg.loss.kl_on_classes:
         head = (data.class_head if data.class_head is not None

@@ -107,6 +107,11 @@ def check_path(path: str, what: str) -> None:
         )
 
 
+def is_mixture(data: DataConfig) -> bool:
+    """Image-only training on several sources against a vocabulary (:mod:`distill.mixture`)."""
+    return bool(data.vocabulary) or not isinstance(data.train, str)
+
+
 def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, teacher: DualEncoder,
                      student: DualEncoder, accelerator, *, seed: int, batch_size: int) -> TrainData:
     """Load the training split, the text bank and (when enabled) the cached teacher targets.
@@ -116,10 +121,8 @@ def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, tea
         seed: the run's seed (training subset, augmented views).
         batch_size: images per teacher forward pass when the targets are built.
     """
-    if data.vocabulary or not isinstance(data.train, str):
-        from distill.mixture import build_mixture_data  # image-only: several sources, a vocabulary
-
-        return build_mixture_data(data, cache, teacher, student, accelerator, seed=seed, batch_size=batch_size)
+    if is_mixture(data):
+        raise ValueError("data.train is a list of sources or data.vocabulary is set: use distill.mixture.build_mixture_data")
     check_path(data.train, "data.train")
     spec = DataSpec.from_config(data, seed)
     ds = load_hf_dataset(spec)

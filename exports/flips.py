@@ -203,7 +203,7 @@ figure.flip { width: 200px; font-size: 11px; } figure.flip img { image-rendering
 def histograms_svg(flips: Mapping[str, Any]) -> str:
     """One figure, two panels: per-image log10 KL and embedding cosine, every variant overlaid."""
     try:
-        from exports.report import _svg
+        from exports.svg import figure_svg
         from matplotlib.figure import Figure
     except ImportError:
         return ""
@@ -220,4 +220,4 @@ def histograms_svg(flips: Mapping[str, Any]) -> str:
         ax.set_ylabel("images")
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=8, loc="upper left")
-    return _svg(fig)
+    return figure_svg(fig)

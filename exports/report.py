@@ -10,13 +10,13 @@ renderers read only the JSON-able dict, so a saved ``parity.json`` renders again
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from html import escape
 from typing import Any, Callable, Mapping, Sequence
 
 from exports.flips import FLIPS_CSS, flips_html, flips_markdown
+from exports.svg import figure_svg
 
 Report = Mapping[str, Any]
 STATUS_COLOURS = {"reference": "#4c72b0", "kept": "#2a9d4b", "rejected": "#d1342f", "error": "#8c564b",
@@ -177,18 +177,6 @@ def render_markdown(report: Report) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _svg(fig) -> str:
-    """The figure as an inline ``<svg>`` element (XML declaration and DOCTYPE removed)."""
-    import matplotlib
-
-    buf = io.StringIO()
-    # text as <text> elements, not glyph outlines: the page stays searchable and about a third smaller
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(buf, format="svg", bbox_inches="tight")
-    text = buf.getvalue()
-    return text[text.index("<svg"):]
-
-
 def _figure(width: float = 7.0, height: float = 4.2):
     from matplotlib.figure import Figure
 
@@ -221,7 +209,7 @@ def accuracy_latency_svg(report: Report) -> str:
     ax.set_title("Accuracy vs latency")
     ax.grid(True, alpha=0.3)
     _status_legend(ax, {s["status"] for s in subjects})
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def _label_levels(xs: Sequence[float], ys: Sequence[float], log_x: bool) -> list[int]:
@@ -252,7 +240,7 @@ def agreement_svg(report: Report) -> str:
     if not variants:
         ax.text(0.5, 0.5, "no variant was measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
-        return _svg(fig)
+        return figure_svg(fig)
     xs = range(len(variants))
     student = [100 * s["metrics"]["agreement_student"] for s in variants]
     teacher = [100 * s["metrics"]["agreement_teacher"] for s in variants]
@@ -273,7 +261,7 @@ def agreement_svg(report: Report) -> str:
     # outside the axes: inside, it hides the bars of the first or last variant
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def _gate_thresholds(report: Report, variants: Sequence[Mapping[str, Any]]) -> list[float | None]:

@@ -47,7 +47,7 @@ def text_results(student, classnames: Sequence[str], subjects: Sequence[Any], la
     """The ``text-*`` subject results and the tokenizer record (``{file, sha256, source}``)."""
     from exports.parity.measure import References, zero_shot_logprobs
     from exports.parity.results import SubjectResult
-    from exports.parity.run import apply_gate
+    from exports.parity.results import apply_gate
 
     teacher_s, student_s = subjects[0], subjects[1]
     ref = References(labels, zero_shot_logprobs(embs["teacher"], teacher_s.head, teacher_s.logit_scale),

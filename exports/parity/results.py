@@ -7,10 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from clipcore.templates import get_templates
-from exports.parity.gates import Gate, GateCheck, ParityInputError
+from exports.parity.gates import Gate, GateCheck, ParityInputError, gate_family, resolve_gate
 from exports.report import render_html, render_markdown, subjects_table
 
 REPORT_FORMAT = "clip-distill-parity-report"
@@ -193,3 +193,17 @@ def finite(obj: Any) -> Any:
 
 def summary_table(report: ParityReport) -> str:
     return subjects_table(finite(report.to_dict()))
+
+
+def apply_gate(result: SubjectResult, gates: Mapping[str, Gate]) -> None:
+    if result.role != "variant" or result.status != "kept":
+        return
+    found = resolve_gate(gates, result.name, result.precision)
+    if found is None:
+        result.reason = f"no gate for {result.name!r} or {gate_family(result.precision)!r}: kept unchecked"
+        return
+    result.gate, gate = found
+    result.checks = gate.check(result.metrics)
+    if not all(c.passed for c in result.checks):
+        result.status = "rejected"
+        result.reason = "rejected: " + "; ".join(c.describe() for c in result.checks if not c.passed)

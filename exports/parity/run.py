@@ -13,7 +13,7 @@ from clipcore.templates import get_templates
 from exports import providers as prov
 from exports.onnx_export import eval_mode
 from exports.parity.eval_data import EvalData, build_heads, load_eval_data
-from exports.parity.gates import DEFAULT_GATES, Gate, gate_family, resolve_gate
+from exports.parity.gates import DEFAULT_GATES, Gate
 from exports.parity.measure import (
     METRIC_NAMES,
     References,
@@ -26,7 +26,7 @@ from exports.parity.measure import (
     torch_threads,
     zero_shot_logprobs,
 )
-from exports.parity.results import ParityReport, ParitySettings, SubjectResult
+from exports.parity.results import ParityReport, ParitySettings, SubjectResult, apply_gate
 from exports.parity.subjects import Subject, error_text, torch_subject
 from exports.parity.variants import DEFAULT_VARIANTS, build_variants, check_onnx_files, check_variant_names
 from exports.runtime import sha256_file
@@ -160,20 +160,6 @@ def time_subject(subject: Subject, result: SubjectResult, image_shape: tuple[int
         result.latency = measure_latency(subject.embed, image_shape, settings)
     except Exception as exc:
         result.status, result.reason = "error", f"latency run failed: {error_text(exc)}"
-
-
-def apply_gate(result: SubjectResult, gates: Mapping[str, Gate]) -> None:
-    if result.role != "variant" or result.status != "kept":
-        return
-    found = resolve_gate(gates, result.name, result.precision)
-    if found is None:
-        result.reason = f"no gate for {result.name!r} or {gate_family(result.precision)!r}: kept unchecked"
-        return
-    result.gate, gate = found
-    result.checks = gate.check(result.metrics)
-    if not all(c.passed for c in result.checks):
-        result.status = "rejected"
-        result.reason = "rejected: " + "; ".join(c.describe() for c in result.checks if not c.passed)
 
 
 def remove_rejected(subjects: Sequence[Subject], results: Sequence[SubjectResult], keep: bool) -> None:
