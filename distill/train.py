@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -35,7 +34,6 @@ from clipcore.data import DataSpec, ImageDataset, collate, load_hf_dataset, reso
 from clipcore.dual_encoder import DualEncoder
 from clipcore.loading import load_teacher
 from clipcore.metrics import NonFiniteError
-from clipcore.towers import TowerDualEncoder
 from clipcore.zeroshot import build_classifier
 from distill.checkpoint import RunInfo, load_state, read_manifest, resolve_resume, save_checkpoint
 from distill.cli import debug_requested, run_cli
@@ -49,7 +47,8 @@ from distill.stream_data import build_stream_data, is_stream
 from distill.mixture import build_mixture_data
 from distill.train_data import TrainData, build_train_data, check_path, is_mixture
 from exports.pipeline import export_and_check
-from students import build_student, save_student
+from distill.final import save_final
+from students import build_student
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -286,14 +285,6 @@ def build_task(cfg: TrainConfig, accelerator):
     return build_distill(cfg, accelerator)
 
 
-def save_model(model: DualEncoder, directory: Path) -> None:
-    """Save a trained student or fine-tuned dual encoder in the format its loader reads."""
-    if isinstance(model, TowerDualEncoder):
-        model.save_directory(directory)
-    else:
-        save_student(model, directory)
-
-
 def _log_line(step: int, losses: dict, images_per_s: float, lr: float) -> dict:
     logs = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.dim() == 0}
     logs.update(images_per_s=images_per_s, lr=lr)
@@ -423,27 +414,6 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     return metrics
 
 
-def save_final(cfg: TrainConfig, student: DualEncoder, out: Path, metrics: dict, steps: int) -> Path:
-    """Write ``final/`` into a temporary directory and rename it into place: a kill or a full disk
-    leaves the previous ``final/`` (or none), never a partial one."""
-    final, tmp = out / "final", out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_model(student, tmp)
-        dump_config(cfg, tmp / "training_config.yaml")
-        write_model_card(tmp, cfg, metrics, steps)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out / ".old-final"  # the previous final/ is moved aside, not deleted, until the new one is in place
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def _next_position(state: dict, usable: int) -> dict:
     """The position to resume from: the next batch, rolling over to the next epoch."""
     if state["batch"] >= usable:
@@ -460,31 +430,6 @@ def _evaluate(cfg: TrainConfig, accelerator, task, data: TrainData) -> dict:
             log.info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})
     accelerator.wait_for_everyone()
     return metrics
-
-
-def write_model_card(directory: Path, cfg: TrainConfig, metrics: dict, steps: int) -> None:
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no evaluation) | |"
-    directory.joinpath("README.md").write_text(
-        f"""---
-library_name: transformers
-tags: [clip, knowledge-distillation, zero-shot-image-classification]
----
-# Distilled CLIP student `{cfg.student.arch}`
-
-- **Teacher:** `{cfg.teacher.name_or_path}`{" (random weights: a pipeline check, not a useful model)" if cfg.teacher.random_init else ""}
-- **Training data:** `{cfg.data.train}` split `{cfg.data.train_split}`{f" (first {cfg.data.train_limit} rows, seeded)" if cfg.data.train_limit else ""}
-- **Recipe:** {steps} steps, batch {cfg.optim.batch_size} x {cfg.optim.grad_accum} accumulation, lr {cfg.optim.lr},
-  losses: KL {cfg.loss.kl_weight} (T={cfg.loss.kl_temperature}), CLIP {cfg.loss.clip_weight},
-  feature {cfg.loss.feature_weight} ({cfg.loss.feature_kind}), interactive {cfg.loss.interactive_weight};
-  precision `{cfg.mixed_precision}`. The full resolved config is `training_config.yaml`.
-
-## Zero-shot evaluation (`{cfg.data.eval or cfg.data.train}` split `{cfg.data.eval_split}`, templates `{cfg.data.templates}`)
-
-| metric | value |
-|---|---|
-{rows}
-"""
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

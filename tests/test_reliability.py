@@ -221,7 +221,7 @@ def test_disk_full_leaves_no_partial_checkpoint_or_final(setup, tmp_path, capsys
 
     from accelerate import Accelerator
 
-    from distill import train as train_mod
+    from distill import final as final_mod
 
     def full(directory):
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ def test_disk_full_leaves_no_partial_checkpoint_or_final(setup, tmp_path, capsys
         monkeypatch.setattr(Accelerator, "save_state", lambda self, d, **kw: (
             full(d) if d.endswith("step-4") else save_state(self, d, **kw)))
     else:
-        monkeypatch.setattr(train_mod, "save_model", lambda model, d: full(d))
+        monkeypatch.setattr(final_mod, "save_model", lambda model, d: full(d))
     out = tmp_path / "out"
     assert cli(_args(setup, out, *RUN)) == 1
     assert "No space left on device" in capsys.readouterr().err.splitlines()[-1]
