@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from clipcore.jsonfile import read_json
 
 
 def synonyms(entry: str | Sequence[str]) -> list[str]:
@@ -17,12 +18,7 @@ def load_classname_source(spec: str) -> list[str] | dict[str, str | list[str]]:
     """A JSON file (list, or dict keyed by label name), or a comma-separated list of names."""
     path = Path(spec)
     if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"class-name file {spec} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{spec}: not valid JSON ({exc})") from exc
+        data = read_json(path, "class-name")
         if not isinstance(data, (list, dict)) or not data:
             raise ValueError(f"{spec}: expected a non-empty JSON list or object of class names")
         return data

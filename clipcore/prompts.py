@@ -8,10 +8,10 @@ writes the class-name slot as ``{c}``; it becomes this project's ``{}``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
+from clipcore.jsonfile import read_json
 from clipcore.templates import TEMPLATE_SETS, get_templates
 
 
@@ -37,13 +37,7 @@ def _normalise(template: object, where: str) -> str:
 
 def _from_json(spec: str, dataset: str | None) -> tuple[str, ...]:
     file, _, key = spec.partition("#")
-    path = Path(file)
-    if not path.is_file():
-        raise FileNotFoundError(f"template file {file} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+    data = read_json(file, "template")
     if isinstance(data, dict):
         key = key or (dataset_key(dataset) if dataset else "")
         if not key:
