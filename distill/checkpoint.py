@@ -135,6 +135,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep: int,
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
+        # every process writes its own random_states_<rank>.pkl; the manifest's checksums and the
+        # rename must wait for the slowest one (seen under load: a checkpoint with one of two)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state))
             write_manifest(tmp, run, state)
