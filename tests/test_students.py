@@ -379,5 +379,5 @@ def test_image_only_student_errors(tiny_clip, tiny_clip_dir, deep_teacher, tmp_p
 
 
 def test_unknown_backbone_is_an_error(tiny_clip):
-    with pytest.raises(ValueError, match="supported: clip_vision, convnextv2, mobilenet_v2, resnet"):
+    with pytest.raises(ValueError, match="supported: clip_vision, convnextv2, efficientnet_lite, mobilenet_v2, resnet"):
         build_student(ImageStudentConfig("x", backbone="efficientnet"), teacher=tiny_clip)
