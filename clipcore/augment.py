@@ -60,7 +60,8 @@ class ViewSpec:
 @dataclass(frozen=True)
 class StudentJitter:
     """Random horizontal flips and small shifts of the student's pixels only (``data.student_flip``,
-    ``data.student_shift``), the standard CIFAR augmentation.
+    ``data.student_shift``), the standard CIFAR augmentation, and optionally a low-resolution copy
+    (``data.student_lowres``: the probability; ``data.student_lowres_min``: the smallest side).
 
     The teacher's target stays that of the un-jittered image, so with cached targets this costs no
     teacher pass; it relies on the teacher being nearly invariant to a flip or a shift of a few
@@ -70,15 +71,37 @@ class StudentJitter:
 
     flip: bool = False
     shift: int = 0
+    lowres: float = 0.0
+    lowres_min: int = 16
 
     def __post_init__(self) -> None:
         if self.shift < 0:
             raise ValueError(f"data.student_shift must be >= 0 pixels, got {self.shift}")
+        if not 0.0 <= self.lowres <= 1.0:
+            raise ValueError(f"data.student_lowres is a probability in [0, 1], got {self.lowres}")
+        if self.lowres_min < 1:
+            raise ValueError(f"data.student_lowres_min must be >= 1 pixel, got {self.lowres_min}")
 
     def __bool__(self) -> bool:
-        return self.flip or self.shift > 0
+        return self.flip or self.shift > 0 or self.lowres > 0
+
+    def _lowres(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A ``lowres`` share of the images down to one side drawn from [lowres_min, H) and back up:
+        the student learns the sharp image's target from a blurred one, as a small (32 px) photo
+        upsampled to its input looks. One side per batch keeps it a single interpolate call."""
+        b, _, h, w = pixels.shape
+        if self.lowres_min >= min(h, w):
+            return pixels
+        side = int(torch.randint(self.lowres_min, min(h, w), (1,), generator=generator))
+        pick = (torch.rand(b, generator=generator) < self.lowres).to(pixels.device)
+        small = torch.nn.functional.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        blurred = torch.nn.functional.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.where(pick[:, None, None, None], blurred, pixels)
 
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.lowres:
+            pixels = self._lowres(pixels, generator)
         b, _, h, w = pixels.shape
         if self.flip:
             flip = (torch.rand(b, generator=generator) < 0.5).to(pixels.device)

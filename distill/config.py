@@ -72,6 +72,8 @@ class DataConfig:
     # distill mode: jitter the student's view only (teacher targets stay those of the plain image)
     student_flip: bool = False  # random horizontal flip
     student_shift: int = 0  # random shift by up to N pixels each way, zero-padded
+    student_lowres: float = 0.0  # probability of a down-and-up-sampled copy (side in [lowres_min, size))
+    student_lowres_min: int = 16
     # distill mode: class names whose teacher prompts are the KL classes and affinity texts, instead of
     # the training labels' (JSON list or map files, comma lists; their union, duplicates dropped)
     vocabulary: list[str] | None = None
@@ -193,7 +195,8 @@ class TrainConfig:
             raise ConfigError("mode=contrastive needs contrastive.model (a hub id, directory or reference:lite0)")
         if self.contrastive.head not in ("linear", "mlp"):
             raise ConfigError(f"contrastive.head={self.contrastive.head!r}; expected linear or mlp")
-        if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift):
+        if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift
+                                           or self.data.student_lowres):
             raise ConfigError("data.student_flip / data.student_shift jitter a distilled student's input; "
                               "mode=contrastive trains on cached tower features and cannot apply them")
         if self.mode == "contrastive" and (self.data.streaming or is_shard_spec(self.data.train)):
@@ -203,6 +206,9 @@ class TrainConfig:
                               f"data.prefetch_factor={self.data.prefetch_factor} >= 1")
         if self.data.student_shift < 0:
             raise ConfigError(f"data.student_shift must be >= 0 pixels, got {self.data.student_shift}")
+        if not 0.0 <= self.data.student_lowres <= 1.0 or self.data.student_lowres_min < 1:
+            raise ConfigError(f"data.student_lowres={self.data.student_lowres} must be a probability in [0, 1] and "
+                              f"data.student_lowres_min={self.data.student_lowres_min} >= 1 pixel")
         if not self.data.train:
             raise ConfigError("data.train is empty: set it in the recipe or as data.train=...")
         try:

@@ -271,7 +271,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     if data.classnames and cfg.loss.kl_on_classes:
         head = (data.class_head if data.class_head is not None
                 else build_classifier(teacher, data.classnames, cfg.data.templates)).to(accelerator.device)
-    jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift)
+    jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift, cfg.data.student_lowres,
+                           cfg.data.student_lowres_min)
     return DistillTask(student, teacher, cfg.loss, data.bank, head, jitter), data
 
 

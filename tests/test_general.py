@@ -101,6 +101,7 @@ def _general_args(mixture, tmp_path, *extra):
     return ["--config", str(recipe), f"teacher.name_or_path={teacher}", "student.arch=test-tiny-resnet",
             "optim.batch_size=8", "optim.warmup_steps=1", "log_every=1", "progress=false", "optim.max_steps=4",
             "loss.kl_on_affinity=true", "data.student_flip=true", "data.student_shift=2",
+            "data.student_lowres=0.5", "data.student_lowres_min=8",
             f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}", *extra]
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipcore.testing import make_tiny_clip, write_byte_tokenizer
-from distill.config import ConfigError
+from distill.config import ConfigError, DataConfig, TeacherConfig, TrainConfig
 from distill.train import NonFiniteLossError, main
 from tests.datagen import write_captions, write_labelled
 
@@ -335,6 +335,26 @@ def test_student_jitter_flips_and_shifts_whole_images():
     assert not StudentJitter() and StudentJitter(shift=1)
     with pytest.raises(ValueError, match="student_shift"):
         StudentJitter(shift=-1)
+
+
+def test_student_lowres_jitter_blurs_a_share_of_whole_images():
+    from clipcore.augment import StudentJitter
+
+    x = torch.randn(64, 3, 16, 16)
+    out = StudentJitter(lowres=0.5, lowres_min=4)(x, torch.Generator().manual_seed(0))
+    kept = [torch.equal(a, b) for a, b in zip(out, x)]
+    assert 16 < sum(kept) < 48  # about half the images are replaced, the rest untouched
+    changed = out[[not k for k in kept]]
+    # a low-resolution copy of noise loses most of its high frequencies: far less variance
+    assert changed.var() < 0.6 * x.var() and changed.shape[1:] == x.shape[1:]
+    flat = torch.full((4, 3, 16, 16), 0.25)
+    torch.testing.assert_close(StudentJitter(lowres=1.0, lowres_min=4)(flat, torch.Generator()), flat)
+    assert torch.equal(StudentJitter(lowres=1.0, lowres_min=16)(x, torch.Generator()), x)  # no smaller side
+    assert StudentJitter(lowres=0.1) and not StudentJitter(lowres=0.0)
+    with pytest.raises(ValueError, match="student_lowres"):
+        StudentJitter(lowres=1.5)
+    with pytest.raises(ConfigError, match="data.student_lowres"):
+        TrainConfig(teacher=TeacherConfig(name_or_path="t"), data=DataConfig(train="x", student_lowres=-0.1)).validate()
 
 
 def test_jitter_reaches_the_student_only_and_only_in_training(setup):
