@@ -197,7 +197,7 @@ class TrainConfig:
             raise ConfigError(f"contrastive.head={self.contrastive.head!r}; expected linear or mlp")
         if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift
                                            or self.data.student_lowres):
-            raise ConfigError("data.student_flip / data.student_shift jitter a distilled student's input; "
+            raise ConfigError("data.student_flip / student_shift / student_lowres jitter a distilled student's input; "
                               "mode=contrastive trains on cached tower features and cannot apply them")
         if self.mode == "contrastive" and (self.data.streaming or is_shard_spec(self.data.train)):
             raise ConfigError("streamed data (WebDataset shards or data.streaming=true) is for mode=distill only")
