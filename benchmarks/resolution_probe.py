@@ -18,9 +18,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, help="a model directory (repeatable)")
@@ -57,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (entry,) = parse_suite([{"name": "probe", "data": args.data, "split": args.split, "task": "zeroshot",
                              "classnames": args.classnames, "templates": args.templates, "limit": args.limit}])
     prepared = prepare_entry(entry)
-    results = {m: {s: top1_at(load_model(m), prepared, s) for s in sizes} for m in args.model}
+    results = {}
+    for name in args.model:
+        model = load_model(name)  # once per model, not once per size
+        results[name] = {s: top1_at(model, prepared, s) for s in sizes}
     print("| model | " + " | ".join(f"{s} px" for s in sizes) + " |\n|---|" + "---|" * len(sizes))
     for m, row in results.items():
         print(f"| {m} | " + " | ".join(f"{100 * row[s]:.1f} %" for s in sizes) + " |")
