@@ -8,6 +8,9 @@ OpenAI's 18 CIFAR prompts) after every image is first resized to ``S x S`` (bicu
 preprocessed by the model's own transform, as a 32 px CIFAR image is. This is the validation
 signal for resolution robustness that does not look at CIFAR-10 test (issue 11): a general student
 that loses much more than its teacher at 32 px will lose it on CIFAR-10 too.
+The cosine columns compare each model's embeddings with the first model's at the first size (pass
+the teacher first, at full size first): how closely a student matches the target it was trained on,
+which retrieval needs more than top-1 does.
 Prints a Markdown table and writes ``--out`` (JSON).
 """
 
@@ -17,6 +20,9 @@ import argparse
 import json
 from pathlib import Path
 from typing import Sequence
+
+import torch
+import torch.nn.functional as F
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,7 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def top1_at(model, entry, size: int) -> float:
+def top1_at(model, entry, size: int) -> tuple[float, torch.Tensor]:
     from PIL import Image
 
     from clipcore.data import ImageDataset, make_loader
@@ -42,7 +48,8 @@ def top1_at(model, entry, size: int) -> float:
 
     dataset = ImageDataset(entry.ds, {"model": model.image_transform}, entry.columns, name="probe", view=shrink)
     images = embed_images(model, make_loader(dataset, 128), progress=False)
-    return float(zeroshot_eval(model, images, entry.classnames, entry.templates)["top1"])
+    top1 = float(zeroshot_eval(model, images, entry.classnames, entry.templates)["top1"])
+    return top1, torch.as_tensor(images.embeddings)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -54,15 +61,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (entry,) = parse_suite([{"name": "probe", "data": args.data, "split": args.split, "task": "zeroshot",
                              "classnames": args.classnames, "templates": args.templates, "limit": args.limit}])
     prepared = prepare_entry(entry)
-    results = {}
+    results, cosines, first = {}, {}, None
     for name in args.model:
         model = load_model(name)  # once per model, not once per size
-        results[name] = {s: top1_at(model, prepared, s) for s in sizes}
-    print("| model | " + " | ".join(f"{s} px" for s in sizes) + " |\n|---|" + "---|" * len(sizes))
+        runs = {s: top1_at(model, prepared, s) for s in sizes}
+        results[name] = {s: top1 for s, (top1, _) in runs.items()}
+        # a student is trained to match the teacher's embedding of the image at full size
+        first = runs[sizes[0]][1] if first is None else first
+        cosines[name] = {s: F.cosine_similarity(emb, first).mean().item() for s, (_, emb) in runs.items()}
+    print("| model | " + " | ".join(f"{s} px | cos {s} px" for s in sizes) + " |\n|---|" + "---|---|" * len(sizes))
     for m, row in results.items():
-        print(f"| {m} | " + " | ".join(f"{100 * row[s]:.1f} %" for s in sizes) + " |")
+        print(f"| {m} | " + " | ".join(f"{100 * row[s]:.1f} % | {cosines[m][s]:.3f}" for s in sizes) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"limit": args.limit, "data": args.data, "results": results}, indent=2))
+    Path(args.out).write_text(json.dumps({"limit": args.limit, "data": args.data, "results": results,
+                                          "cosine_to_first_model": cosines}, indent=2))
     return results
 
 

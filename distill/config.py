@@ -36,6 +36,7 @@ class StudentConfig:
     init: str | None = None  # None | "teacher" | hub id / directory of a pretrained checkpoint
     image_size: int | None = None  # None: the registry default for arch
     tokenizer: str | None = None  # None: the teacher's tokenizer
+    head: str = "linear"  # image-only students: linear | mlp | teacher (copy a tower teacher's MLP image head)
 
 
 @dataclass
@@ -193,6 +194,8 @@ class TrainConfig:
             raise ConfigError("teacher.name_or_path is empty: set it in the recipe or as teacher.name_or_path=...")
         if self.mode == "contrastive" and not self.contrastive.model:
             raise ConfigError("mode=contrastive needs contrastive.model (a hub id, directory or reference:lite0)")
+        if self.student.head not in ("linear", "mlp", "teacher"):
+            raise ConfigError(f"student.head={self.student.head!r}; expected linear, mlp or teacher")
         if self.contrastive.head not in ("linear", "mlp"):
             raise ConfigError(f"contrastive.head={self.contrastive.head!r}; expected linear or mlp")
         if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift

