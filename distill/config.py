@@ -37,6 +37,7 @@ class StudentConfig:
     image_size: int | None = None  # None: the registry default for arch
     tokenizer: str | None = None  # None: the teacher's tokenizer
     head: str = "linear"  # image-only students: linear | mlp | teacher (copy a tower teacher's MLP image head)
+    freeze_blocks: int = 0  # efficientnet_lite students: freeze the stem and the first N blocks (faster steps)
 
 
 @dataclass
@@ -196,6 +197,8 @@ class TrainConfig:
             raise ConfigError("mode=contrastive needs contrastive.model (a hub id, directory or reference:lite0)")
         if self.student.head not in ("linear", "mlp", "teacher"):
             raise ConfigError(f"student.head={self.student.head!r}; expected linear, mlp or teacher")
+        if self.student.freeze_blocks < 0:
+            raise ConfigError(f"student.freeze_blocks={self.student.freeze_blocks}; expected a block count >= 0")
         if self.contrastive.head not in ("linear", "mlp"):
             raise ConfigError(f"contrastive.head={self.contrastive.head!r}; expected linear or mlp")
         if self.mode == "contrastive" and (self.data.student_flip or self.data.student_shift

@@ -48,7 +48,7 @@ from distill.mixture import build_mixture_data
 from distill.train_data import TrainData, build_train_data, check_path, is_mixture
 from exports.pipeline import export_and_check
 from distill.final import save_final
-from students import build_student
+from students import build_student, freeze_early_blocks
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +258,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
                             init=cfg.student.init, tokenizer=_load_tokenizer(cfg.student.tokenizer),
                             head=cfg.student.head)
+    if cfg.student.freeze_blocks:
+        freeze_early_blocks(student, cfg.student.freeze_blocks)
     if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
         with torch.no_grad():
             student.log_logit_scale.fill_(cfg.optim.init_logit_scale)

@@ -16,7 +16,7 @@ from students.backbones import BACKBONES
 from students.checkpoint import load_model, load_student, save_student
 from students.clip_student import TextSpec
 from students.configs import BUILTIN_STUDENTS, ClipStudentConfig, ImageStudentConfig, StudentConfig, TowerConfig
-from students.factory import build_student
+from students.factory import build_student, freeze_early_blocks
 from students.image_only import FrozenTextStudent, ImageTower
 from students.inherit import InheritReport, inherit_from_teacher, pick_layers
 from students.registry import UnknownStudentError, get_student_config, list_students, register_student
@@ -34,6 +34,7 @@ __all__ = [
     "TowerConfig",
     "UnknownStudentError",
     "build_student",
+    "freeze_early_blocks",
     "get_student_config",
     "inherit_from_teacher",
     "list_students",

@@ -152,3 +152,16 @@ def build_student(
     if init == TEACHER_INIT:
         inherit_from_teacher(student, teacher)
     return student
+
+
+def freeze_early_blocks(student: DualEncoder, n: int) -> None:
+    """Freeze an image-only student's stem and first ``n`` backbone blocks (see the backbone's ``freeze_blocks``).
+
+    Raises:
+        ValueError: the student's backbone cannot freeze blocks, or ``n`` is out of range.
+    """
+    backbone = getattr(getattr(student, "image_tower", None), "backbone", None)
+    if not hasattr(backbone, "freeze_blocks"):
+        family = getattr(getattr(student, "image_tower", None), "family", type(student).__name__)
+        raise ValueError(f"student.freeze_blocks={n}: only efficientnet_lite students freeze blocks, not {family}")
+    backbone.freeze_blocks(n)

