@@ -116,7 +116,8 @@ def assert_same_forward_backward(loss, ref, wrt):
     for g, w in zip(got, want):
         g = torch.zeros(()) if g is None else g
         w = torch.zeros(()) if w is None else w
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        # fp32: five losses summed in another order differ by ~2e-6 in single gradient entries
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=5e-6)
 
 
 def trainable(x):
@@ -323,6 +324,7 @@ def test_distill_loss_is_the_sum_of_its_terms():
 
 def test_student_without_text_tower_works_in_teacher_space():
     """No student_text: text and classes are the teacher's, the image side is the projection."""
+    torch.manual_seed(0)  # the projection's init must not depend on which tests ran before
     x = make_inputs(student_dim=DS)
     proj = make_feature_projection(DS, DT)
     s_img, t_img, t_txt, t_cls, ls = (x[k] for k in
