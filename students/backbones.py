@@ -10,6 +10,7 @@ from torch import nn
 
 from clipcore import compat
 from clipcore.dual_encoder import ModelNotFoundError
+from clipcore.towers import projection_head
 from students.efficientnet_lite import EfficientNetLiteBackbone, EfficientNetLiteConfig
 from students.image_only import ImageTower
 
@@ -124,20 +125,6 @@ def from_pretrained_strict(model_class, init: str | Path, config, *, what: str) 
     return model
 
 
-def make_head(in_dim: int, embed_dim: int, hidden: int | None = None) -> nn.Module:
-    """The projection from pooled features to the embedding.
-
-    ``hidden=None``: bias-free linear, as CLIP's projections (the embedding is normalised, an offset
-    only shifts the cone). Otherwise Linear-GELU-Linear, the layout of the tower teachers' MLP
-    heads (``clipcore.towers.make_head``), so that such a head can be copied into the student.
-    """
-    if hidden is None:
-        return nn.Linear(in_dim, embed_dim, bias=False)
-    if hidden < 1:
-        raise ValueError(f"head hidden size must be >= 1, got {hidden}")
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
-
-
 def build_image_tower(backbone: str, config, *, embed_dim: int, init: str | Path | None = None,
                       head_hidden: int | None = None) -> ImageTower:
     """Backbone from ``config`` (random weights, or ``init``'s) plus a projection head.
@@ -148,7 +135,7 @@ def build_image_tower(backbone: str, config, *, embed_dim: int, init: str | Path
         embed_dim: output size of the head.
         init: hub id or directory of pretrained backbone weights.
         head_hidden: None for a bias-free linear head, else the hidden size of an MLP head
-            (see :func:`make_head`).
+            (see :func:`clipcore.towers.projection_head`).
 
     Returns:
         the :class:`ImageTower`.
@@ -163,5 +150,5 @@ def build_image_tower(backbone: str, config, *, embed_dim: int, init: str | Path
             spec.scratch_init(model)
     if spec.projects and head_hidden is not None:
         raise ValueError(f"{backbone} projects to the embedding itself: it takes no MLP head")
-    head = nn.Identity() if spec.projects else make_head(spec.feature_dim(model), embed_dim, head_hidden)
+    head = nn.Identity() if spec.projects else projection_head(spec.feature_dim(model), embed_dim, head_hidden)
     return ImageTower(model, head, family=backbone)

@@ -154,7 +154,8 @@ def load_student(directory: str | Path, *, teacher: DualEncoder | str | None = N
     transform = ImageTransform.from_dict(meta["image_transform"])
     config = backbone_config(meta["backbone"], meta["backbone_config"], embed_dim=meta["embed_dim"],
                              image_size=transform.output_size[0])
-    tower = build_image_tower(meta["backbone"], config, embed_dim=meta["embed_dim"], head_hidden=meta.get("head_hidden"))
+    tower = build_image_tower(meta["backbone"], config, embed_dim=meta["embed_dim"],
+                              head_hidden=meta.get("head_hidden"))
     student = FrozenTextStudent(tower, transform, embed_dim=meta["embed_dim"], name=meta["name"],
                                 teacher=_resolve_teacher(teacher, meta.get("teacher")))
     load_weights(student, str(directory / WEIGHTS_FILE), strict=True)
