@@ -85,8 +85,8 @@ class EfficientNetLiteBackbone(nn.Module):
         """Stop training the stem and the first ``n`` blocks (``n=0``: train everything).
 
         At 64 px the early blocks run on the largest maps: most of a training step's time for a
-        few percent of the weights (Lite0, batch 128, 2 CPU cores: 1.15 s per step, 0.70 s with
-        the stem and 3 blocks frozen, 0.55 s with 5; docs/benchmarks.md). Their batch norms stay in
+        few percent of the weights (Lite0, batch 128, 2 CPU cores: 0.83 s per step, 0.52 s with
+        the stem and 3 blocks frozen, 0.38 s with 5; docs/benchmarks.md). Their batch norms stay in
         eval mode, so the frozen part is a fixed function of the image.
         """
         blocks = len(self.net._blocks)
