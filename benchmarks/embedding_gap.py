@@ -4,8 +4,10 @@
 
 Prints the teacher's COCO-mini image->text R@5 with every image first reduced to a short side of
 128 / 96 / 64 px (what resolution alone costs it), then, per student, its R@5 and its mean cosine
-to the teacher's embeddings on COCO-mini and on 1,000 seeded Tiny-ImageNet validation images.
-A diagnosis, not a selection signal: COCO-mini is a test set (issue 11).
+to the teacher's embeddings on COCO-mini, on 1,000 seeded Tiny-ImageNet validation images and on
+2x2 mosaics of them (four images in one frame: a crude stand-in for the multi-object scenes of COCO
+that the students never train on; each tile is half the side, so compare with the single images
+reduced to 32 px too). A diagnosis, not a selection signal: COCO-mini is a test set (issue 11).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 
 from clipcore.data import ImageDataset, make_loader
+from clipcore.imaging import decode_image
 from distill.benchmark import score_of
 from distill.evaluate import embed_images, retrieval_eval
 from distill.suite import parse_suite, prepare_entry
@@ -28,8 +31,27 @@ TINY = {"name": "tiny", "data": "../shared/data/tiny-imagenet", "split": "valida
         "classnames": "../shared/data/tiny-imagenet/words.json", "templates": "openai_cifar", "limit": 1000}
 
 
-def embed(model, prepared, short_side: int | None = None):
-    view = None
+def mosaic_view(prepared):
+    """Row i -> a 2x2 frame of rows i, i+251, i+502, i+753 (mod n), each at half the side."""
+    n, column = len(prepared.ds), prepared.columns.image
+
+    def view(image, row):
+        tiles = [image] + [decode_image(prepared.ds[(row + 251 * k) % n][column]) for k in (1, 2, 3)]
+        side = min(image.size)
+        half = side // 2
+        frame = Image.new("RGB", (side, side))
+        for k, tile in enumerate(tiles):
+            frame.paste(tile.convert("RGB").resize((half, half), Image.BICUBIC), ((k % 2) * half, (k // 2) * half))
+        return frame
+    return view
+
+
+def halved_view(image, _row):
+    side = min(image.size) // 2  # the single image at a mosaic tile's resolution, enlarged back
+    return image.convert("RGB").resize((side, side), Image.BICUBIC).resize(image.size, Image.BICUBIC)
+
+
+def embed(model, prepared, short_side: int | None = None, view=None):
     if short_side:
         def view(image, _row):
             image = image.convert("RGB")
@@ -52,11 +74,15 @@ def main(students: list[str]) -> None:
         images = embed(teacher, coco, side)
         targets.setdefault("coco", images.embeddings)
         print(f"teacher, COCO-mini short side {side or 'full'}: R@5 {r_at_5(teacher, coco, images):.3f}", flush=True)
-    targets["tiny"] = embed(teacher, tiny).embeddings
+    views = {"coco": (coco, None), "tiny": (tiny, None), "tiny at half side": (tiny, halved_view),
+             "tiny 2x2 mosaics": (tiny, mosaic_view(tiny))}
+    for name, (prepared, view) in views.items():
+        if name != "coco":
+            targets[name] = embed(teacher, prepared, view=view).embeddings
     for path in students:
         student = load_model(path).eval()
-        for name, prepared in (("coco", coco), ("tiny", tiny)):
-            images = embed(student, prepared)
+        for name, (prepared, view) in views.items():
+            images = embed(student, prepared, view=view)
             cos = torch.nn.functional.cosine_similarity(torch.as_tensor(images.embeddings),
                                                         torch.as_tensor(targets[name])).mean().item()
             extra = f", R@5 {r_at_5(student, coco, images):.3f}" if name == "coco" else ""
