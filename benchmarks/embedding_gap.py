@@ -51,13 +51,16 @@ def halved_view(image, _row):
     return image.convert("RGB").resize((side, side), Image.BICUBIC).resize(image.size, Image.BICUBIC)
 
 
-def embed(model, prepared, short_side: int | None = None, view=None):
-    if short_side:
-        def view(image, _row):
-            image = image.convert("RGB")
-            scale = short_side / min(image.size)
-            return image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
-                                Image.BICUBIC)
+def short_side_view(side: int):
+    """The image resized (bicubic, aspect kept) to a short side of ``side`` pixels."""
+    def view(image, _row):
+        scale = side / min(image.size)
+        size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        return image.convert("RGB").resize(size, Image.BICUBIC)
+    return view
+
+
+def embed(model, prepared, view=None):
     ds = ImageDataset(prepared.ds, {"model": model.image_transform}, prepared.columns, name="gap", view=view)
     return embed_images(model, make_loader(ds, 64), progress=False)
 
@@ -71,7 +74,7 @@ def main(students: list[str]) -> None:
     teacher = load_model(TEACHER).eval()
     targets = {}
     for side in (None, 128, 96, 64):
-        images = embed(teacher, coco, side)
+        images = embed(teacher, coco, short_side_view(side) if side else None)
         targets.setdefault("coco", images.embeddings)
         print(f"teacher, COCO-mini short side {side or 'full'}: R@5 {r_at_5(teacher, coco, images):.3f}", flush=True)
     views = {"coco": (coco, None), "tiny": (tiny, None), "tiny at half side": (tiny, halved_view),
