@@ -50,6 +50,16 @@ class TrainSource:
 
 
 @dataclass
+class MosaicConfig:
+    """``data.mosaics``: scene-like frames of a mixture's own images (distill/mosaics.py)."""
+
+    count: int = 0  # mosaics added to the mixture as one more source (0: none)
+    grid: int = 2  # grid x grid training images per frame
+    tile: int = 64  # side of each tile in pixels (the frame is grid * tile square)
+    dir: str = ".cache/mosaics"  # where the composed frames are kept, keyed by sources, settings and seed
+
+
+@dataclass
 class DataConfig:
     train: str | list[TrainSource] = ""  # one dataset, or a list of sources trained on as one (images only)
     train_split: str = "train"
@@ -80,6 +90,7 @@ class DataConfig:
     # the training labels' (JSON list or map files, comma lists; their union, duplicates dropped)
     vocabulary: list[str] | None = None
     vocabulary_templates: str | None = None  # None: data.templates
+    mosaics: MosaicConfig = field(default_factory=MosaicConfig)  # a mixture only
 
     def sources(self) -> list[TrainSource]:
         """``data.train`` as a list of sources (one string: its split and limit are data.train_*)."""
@@ -228,6 +239,9 @@ class TrainConfig:
 
     def _validate_sources(self) -> None:
         if isinstance(self.data.train, str):
+            if self.data.mosaics.count and not self.data.vocabulary:
+                raise ConfigError("data.mosaics.count > 0 needs image-only training (distill/mixture.py): "
+                                  "data.train as a list of sources, or data.vocabulary")
             return
         if self.mode != "distill":
             raise ConfigError("data.train as a list of sources is for mode=distill; contrastive mode takes one dataset")
@@ -265,6 +279,9 @@ _BOUNDS = (
     ("data.eval_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
     ("cache.views", lambda v: v >= 1, "an integer >= 1"),
+    ("data.mosaics.count", lambda v: v >= 0, "an integer >= 0 (0: no mosaics)"),
+    ("data.mosaics.grid", lambda v: v >= 2, "an integer >= 2 (tiles per side)"),
+    ("data.mosaics.tile", lambda v: v >= 8, "an integer >= 8 (pixels)"),
     ("export.parity_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
 )
 

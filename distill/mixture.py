@@ -9,6 +9,8 @@ over many concepts, not one label set.
 Teacher targets are computed and cached per source, under the source's own dataset fingerprint, so
 a source the teacher was built on (Tiny-ImageNet train for the zero-shot reference teacher) reuses
 the tower features that build cached; the vocabulary's teacher text embeddings are cached as well.
+``data.mosaics`` adds scene-like frames of the sources' own images as one more source
+(:mod:`distill.mosaics`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from clipcore.classnames import load_classname_source, synonyms
 from clipcore.data import Columns, DataSpec, ImageDataset, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
+from distill import mosaics
 from distill.config import CacheConfig, ConfigError, DataConfig
 from distill.features import embed_texts, teacher_image_rows
 from distill.task import TextBank
@@ -135,6 +138,8 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
                        accelerator, *, seed: int, batch_size: int) -> TrainData:
     """:class:`distill.train_data.TrainData` for image-only training on ``data.train``'s sources."""
     parts = load_sources(data, seed)
+    if data.mosaics.count:
+        parts.append(mosaics.get_or_build(parts, data.mosaics, seed, accelerator))
     bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator)
     cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, seed=seed, batch_size=batch_size)
                         for ds, col in parts]) if cache.enabled else None
