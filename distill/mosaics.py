@@ -2,16 +2,19 @@
 
 A student distilled on object-centred crops (Tiny-ImageNet) keeps most of the teacher's embedding
 for one object in a frame but much less for several: on Tiny-ImageNet validation the student-teacher
-cosine is 0.69 for single images, 0.51 for 2x2 mosaics of them and 0.45 on COCO scenes
-(``benchmarks/embedding_gap.py``). ``data.mosaics`` adds ``count`` images, each a ``grid`` x
-``grid`` frame of training images drawn at random (seeded) from the mixture's sources. They are
-written once as a parquet dataset and then are one more source of the mixture: the teacher embeds
-them once, into the same per-source target cache, and the student trains on them like any image.
+cosine is 0.69 for single images and 0.51 for 2x2 mosaics of them (``benchmarks/embedding_gap.py``).
+``data.mosaics`` adds ``count`` images, each a ``grid`` x ``grid`` frame of training images drawn at
+random (seeded) from the mixture's sources. They are written once as a parquet dataset and then are
+one more source of the mixture: the teacher embeds them once, into the same per-source target
+cache, and the student trains on them like any image. (On the general recipe 20,000 of them raised
+the mosaic cosine to 0.53 but not the cosine on COCO photos: docs/benchmarks.md.)
 
 Layout of one entry ``<mosaics.dir>/<key>/`` (the key hashes the sources' fingerprints, the
 settings and the seed, so the same recipe finds the same mosaics and their cached targets):
-    train-00000-of-00001.parquet   an ``image`` column of JPEG bytes (quality 95)
+    train-0000i-of-0000n.parquet   an ``image`` column of JPEG bytes (quality 95), CHUNK frames a file
     meta.json                      written last; its presence means "complete"
+It is composed in a directory of its own (``<key>.tmp-<pid>``) and renamed into place, so two
+runs that build the same entry at once never write into each other's files.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -34,7 +38,7 @@ from distill.config import MosaicConfig
 log = logging.getLogger("distill.train")
 FORMAT = "mosaics-v1"
 META = "meta.json"
-DATA_FILE = "train-00000-of-00001.parquet"
+CHUNK = 5000  # frames per parquet file: the encoded frames of one file are held in memory at a time
 
 
 def mosaic_key(fingerprints: list[str], cfg: MosaicConfig, seed: int) -> str:
@@ -80,13 +84,28 @@ def _jpeg(image: Image.Image) -> bytes:
 def write_mosaics(parts: list[tuple[datasets.Dataset, str]], cfg: MosaicConfig, seed: int, out: Path) -> None:
     """Compose ``cfg.count`` mosaics into ``out`` (a fresh directory), meta.json last."""
     draws = draw_tiles([len(ds) for ds, _ in parts], cfg.count, cfg.grid, seed)
-    encoded = [{"bytes": _jpeg(compose([_tile(parts, s, r) for s, r in frame], cfg.grid, cfg.tile)), "path": None}
-               for frame in draws]
     out.mkdir(parents=True)
     features = datasets.Features({"image": datasets.Image()})
-    datasets.Dataset.from_dict({"image": encoded}, features=features).to_parquet(str(out / DATA_FILE))
+    files = -(-len(draws) // CHUNK)
+    for i in range(files):
+        encoded = [{"bytes": _jpeg(compose([_tile(parts, s, r) for s, r in frame], cfg.grid, cfg.tile)), "path": None}
+                   for frame in draws[i * CHUNK:(i + 1) * CHUNK]]
+        rows = datasets.Dataset.from_dict({"image": encoded}, features=features)
+        rows.to_parquet(str(out / f"train-{i:05d}-of-{files:05d}.parquet"))
     (out / META).write_text(json.dumps({"format": FORMAT, "count": cfg.count, "grid": cfg.grid, "tile": cfg.tile,
                                         "seed": seed}))
+
+
+def _build_into_place(parts: list[tuple[datasets.Dataset, str]], cfg: MosaicConfig, seed: int, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write_mosaics(parts, cfg, seed, tmp)
+        tmp.rename(path)
+    except OSError:
+        if not (path / META).exists():  # not "another run finished the same entry first"
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def get_or_build(parts: list[tuple[datasets.Dataset, str]], cfg: MosaicConfig, seed: int,
@@ -96,12 +115,9 @@ def get_or_build(parts: list[tuple[datasets.Dataset, str]], cfg: MosaicConfig, s
     key = mosaic_key([ds._fingerprint for ds, _ in parts], cfg, seed)
     path = Path(cfg.dir) / key
     if not (path / META).exists() and accelerator.is_main_process:
-        tmp = path.with_name(f"{key}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # a build an earlier run did not finish
         log.info("mosaics: composing %d %dx%d frames of %d px tiles into %s", cfg.count, cfg.grid, cfg.grid,
                  cfg.tile, path)
-        write_mosaics(parts, cfg, seed, tmp)
-        tmp.rename(path)
+        _build_into_place(parts, cfg, seed, path)
     accelerator.wait_for_everyone()
     ds = load_hf_dataset(DataSpec(path=str(path), split="train", image_column="image"))
     log.info("training source %d: %d mosaics (%s)", len(parts), len(ds), path)

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -76,9 +77,34 @@ def test_an_undecodable_tile_is_the_next_row_and_none_decodable_names_the_rows(t
     assert any("data.train[0] row 1 does not decode" in r.message for r in caplog.records)
     assert all(np.asarray(decode_image(ds[i]["image"]))[..., 1].min() > 200 for i in range(6))  # all green
     broken = _images([{"bytes": b"junk", "path": "x.png"}])
+    bad = MosaicConfig(count=1, tile=8, dir=str(tmp_path / "bad"))
     with pytest.raises(ImageDecodeError, match=r"data.train\[0\] rows 0.. \(1 tried\) do not decode"):
-        mosaics.write_mosaics([(broken, "img")], MosaicConfig(count=1, tile=8), 0, tmp_path / "bad")
-    assert not (tmp_path / "bad").exists()
+        mosaics.get_or_build([(broken, "img")], bad, seed=0, accelerator=_OneProcess())
+    assert list((tmp_path / "bad").iterdir()) == []  # no half-written entry is left to be taken for one
+
+
+def test_frames_are_written_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(mosaics, "CHUNK", 2)
+    red = _images([_solid((255, 0, 0))] * 3)
+    ds, _ = mosaics.get_or_build([(red, "img")], MosaicConfig(count=5, tile=8, dir=str(tmp_path)), 0, _OneProcess())
+    (entry,) = tmp_path.iterdir()
+    assert sorted(p.name for p in entry.glob("*.parquet")) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert len(ds) == 5
+
+
+def test_a_run_that_finishes_the_same_entry_first_wins(tmp_path, monkeypatch):
+    red = _images([_solid((255, 0, 0))] * 3)
+    cfg = MosaicConfig(count=2, tile=8, dir=str(tmp_path))
+    real = mosaics.write_mosaics
+
+    def racing(parts, cfg, seed, out):  # another run renames the same entry into place meanwhile
+        real(parts, cfg, seed, out.with_name("other"))
+        out.with_name("other").rename(Path(cfg.dir) / mosaics.mosaic_key([red._fingerprint], cfg, seed))
+        real(parts, cfg, seed, out)
+
+    monkeypatch.setattr(mosaics, "write_mosaics", racing)
+    ds, _ = mosaics.get_or_build([(red, "img")], cfg, 0, _OneProcess())
+    assert len(ds) == 2 and [p.name for p in tmp_path.iterdir()] == [mosaics.mosaic_key([red._fingerprint], cfg, 0)]
 
 
 def test_mixture_trains_on_mosaics_as_one_more_cached_source(mixture, tmp_path, caplog):  # noqa: F811
