@@ -24,6 +24,7 @@ from clipcore.data import ImageDataset, make_loader
 from clipcore.imaging import decode_image
 from distill.benchmark import score_of
 from distill.evaluate import embed_images, retrieval_eval
+from distill.mosaics import compose
 from distill.suite import parse_suite, prepare_entry
 from students import load_model
 
@@ -42,12 +43,7 @@ def mosaic_view(prepared):
 
     def view(image, row):
         tiles = [image] + [decode_image(prepared.ds[(row + 251 * k) % n][column]) for k in (1, 2, 3)]
-        side = min(image.size)
-        half = side // 2
-        frame = Image.new("RGB", (side, side))
-        for k, tile in enumerate(tiles):
-            frame.paste(tile.convert("RGB").resize((half, half), Image.BICUBIC), ((k % 2) * half, (k // 2) * half))
-        return frame
+        return compose(tiles, grid=2, tile=min(image.size) // 2)
     return view
 
 
@@ -74,7 +70,7 @@ def r_at_5(model, coco, images) -> float:
     return score_of(retrieval_eval(model, images, coco.texts, coco.text_to_image), "image_to_text_R@5")
 
 
-def mean_cos(a, b) -> torch.Tensor:
+def row_cos(a, b) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b))
 
 
@@ -93,7 +89,7 @@ def main(students: list[str]) -> None:
     for side in (None, 128, 96, 64):
         images = embed(teacher, coco, short_side_view(side) if side else None)
         targets.setdefault("coco", images.embeddings)
-        cos = mean_cos(images.embeddings, targets["coco"]).mean().item()
+        cos = row_cos(images.embeddings, targets["coco"]).mean().item()
         print(f"teacher, COCO-mini short side {side or 'full'}: R@5 {r_at_5(teacher, coco, images):.3f}, "
               f"cosine to full size {cos:.3f}", flush=True)
     people = with_people(coco)
@@ -107,7 +103,7 @@ def main(students: list[str]) -> None:
         student = load_model(path).eval()
         for name, (prepared, view) in views.items():
             images = embed(student, prepared, view=view)
-            cos = mean_cos(images.embeddings, targets[name])
+            cos = row_cos(images.embeddings, targets[name])
             extra = (f", R@5 {r_at_5(student, coco, images):.3f}; with people {cos[people].mean():.3f}, "
                      f"without {cos[~people].mean():.3f}" if name == "coco" else "")
             print(f"{path}, {name}: cosine to the teacher {cos.mean():.3f}{extra}", flush=True)

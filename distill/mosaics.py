@@ -13,8 +13,9 @@ Layout of one entry ``<mosaics.dir>/<key>/`` (the key hashes the sources' finger
 settings and the seed, so the same recipe finds the same mosaics and their cached targets):
     train-0000i-of-0000n.parquet   an ``image`` column of JPEG bytes (quality 95), CHUNK frames a file
     meta.json                      written last; its presence means "complete"
-It is composed in a directory of its own (``<key>.tmp-<pid>``) and renamed into place, so two
-runs that build the same entry at once never write into each other's files.
+It is composed by each machine's main process in a directory of its own (``<key>.tmp-<pid>``) and
+renamed into place, so two runs (or machines sharing the directory) that build the same entry at
+once never write into each other's files.
 """
 
 from __future__ import annotations
@@ -110,15 +111,15 @@ def _build_into_place(parts: list[tuple[datasets.Dataset, str]], cfg: MosaicConf
 
 def get_or_build(parts: list[tuple[datasets.Dataset, str]], cfg: MosaicConfig, seed: int,
                  accelerator) -> tuple[datasets.Dataset, str]:
-    """The mosaics of ``parts`` as one more source ``(dataset, image column)``; built by the main
-    process on a miss (the others wait), then loaded by every process from disk."""
+    """The mosaics of ``parts`` as one more source ``(dataset, image column)``; built by each
+    machine's main process on a miss (the others wait), then loaded by every process from disk."""
     key = mosaic_key([ds._fingerprint for ds, _ in parts], cfg, seed)
     path = Path(cfg.dir) / key
-    if not (path / META).exists() and accelerator.is_main_process:
-        log.info("mosaics: composing %d %dx%d frames of %d px tiles into %s", cfg.count, cfg.grid, cfg.grid,
-                 cfg.tile, path)
-        _build_into_place(parts, cfg, seed, path)
-    accelerator.wait_for_everyone()
+    with accelerator.local_main_process_first():  # per machine, as the pixel store: the directory may be local
+        if accelerator.is_local_main_process and not (path / META).exists():
+            log.info("mosaics: composing %d %dx%d frames of %d px tiles into %s", cfg.count, cfg.grid, cfg.grid,
+                     cfg.tile, path)
+            _build_into_place(parts, cfg, seed, path)
     ds = load_hf_dataset(DataSpec(path=str(path), split="train", image_column="image"))
     log.info("training source %d: %d mosaics (%s)", len(parts), len(ds), path)
     return ds, "image"

@@ -1,5 +1,6 @@
 """Mosaic training images (distill/mosaics.py): the draw, the frames, the cache entry, a training run."""
 
+import contextlib
 import io
 import json
 import logging
@@ -18,11 +19,11 @@ from tests.test_general import _general_args, mixture  # noqa: F401  (the module
 
 
 class _OneProcess:
-    is_main_process = True
+    is_local_main_process = True
 
     @staticmethod
-    def wait_for_everyone():
-        pass
+    def local_main_process_first():
+        return contextlib.nullcontext()
 
 
 def _solid(colour) -> dict:
