@@ -187,3 +187,10 @@ def test_general_students_fit_one_eighth_of_the_teacher_at_64px(name, tiny_clip)
     # the reference teacher is 0.591 GFLOPs at 160 px; the tiny teacher's 16-d projection is a
     # rounding error against a 512-d one (at most 2 * 512 * 512 FLOPs = 0.0005 GFLOPs)
     assert 0.02 < image_gflops(student) <= 0.591 / 8 - 0.0005
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_recipe_parses(recipe):
+    """A config field added or renamed never leaves a shipped recipe (the README's main job among them) unloadable."""
+    cfg = load_config(REPO / "configs" / recipe)
+    assert cfg.output_dir and cfg.data.train
