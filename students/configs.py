@@ -156,6 +156,12 @@ BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
         "efficientnet-lite0-64", backbone="efficientnet_lite", backbone_config=dict(variant="lite0"),
         image_size=64, description="EfficientNet-Lite0 at 64 px (0.064 GFLOPs); init: imagenet; teacher text",
     ),
+    # The reference teacher's own image tower at 48 px (with student.head: teacher, the teacher itself
+    # at a lower input size: TinyCLIP-style inheritance); 0.069 GFLOPs, under 1/8 of it at 160 px.
+    ImageStudentConfig(
+        "efficientnet-lite2-48", backbone="efficientnet_lite", backbone_config=dict(variant="lite2"),
+        image_size=48, description="EfficientNet-Lite2 at 48 px (0.069 GFLOPs); init: imagenet; teacher text",
+    ),
     ImageStudentConfig(
         "convnextv2-atto", backbone="convnextv2",
         backbone_config=dict(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320]),
