@@ -41,7 +41,6 @@ def test_fits_one_eighth_of_the_teacher_at_64px(pretrained):
     assert 0.05 < image_gflops(pretrained) <= 0.591 / 8 - 0.0005
 
 
-
 def test_lite2_at_48px_is_the_wheels_lite2_and_fits_one_eighth(tiny_clip):
     """The teacher's own tower at 48 px (inheritance, docs/benchmarks.md): under budget with an MLP head."""
     from clipcore.flops import image_gflops
@@ -53,8 +52,9 @@ def test_lite2_at_48px_is_the_wheels_lite2_and_fits_one_eighth(tiny_clip):
     mine = student.image_tower.backbone.net.state_dict()
     assert set(mine) == {k for k in wheel if not k.startswith("_fc.")}
     torch.testing.assert_close(mine["_conv_stem.weight"], wheel["_conv_stem.weight"])
-    # 0.069 GFLOPs with a 512-d projection; the tiny teacher's is smaller by at most 0.0005
-    assert 0.05 < image_gflops(student) <= 0.591 / 8 - 0.0005
+    # a 512-d embedding instead of the tiny teacher's adds < 2 * 1024 * 512 FLOPs (0.0689 measured)
+    assert 0.05 < image_gflops(student) <= 0.591 / 8 - 0.0011
+
 
 def test_save_load_and_onnx_export_keep_the_outputs(pretrained, tiny_clip, tmp_path):
     import numpy as np
