@@ -72,3 +72,33 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--sections", "speed,bogus",
                            "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --sections")
+
+
+def test_distributed_check_retries_once_after_a_worker_is_killed_by_a_signal(monkeypatch):
+    """A worker killed by a signal (a gloo teardown abort) is retried once and reported; a second is an error."""
+    import importlib
+
+    import torch
+    import torch.multiprocessing as mp
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # importable by name in the spawned workers too
+    gpu_check = importlib.import_module("gpu_check")
+    real_spawn, calls = mp.spawn, []
+
+    def flaky_spawn(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise mp.ProcessExitedException("process 0 terminated with signal SIGABRT", 0, 1, -6, "SIGABRT")
+        return real_spawn(*args, **kwargs)
+
+    monkeypatch.setattr(mp, "spawn", flaky_spawn)
+    result = gpu_check.distributed_parity(torch.device("cpu"), gpu_check.Settings.quick())
+    assert len(calls) == 2 and "SIGABRT" in result["retried_after"]
+    assert result["loss_abs_diff"] < 1e-5
+
+    def always_killed(*args, **kwargs):
+        raise mp.ProcessExitedException("process 1 terminated with signal SIGKILL", 1, 1, -9, "SIGKILL")
+
+    monkeypatch.setattr(mp, "spawn", always_killed)
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        gpu_check.distributed_parity(torch.device("cpu"), gpu_check.Settings.quick())
