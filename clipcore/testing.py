@@ -68,3 +68,12 @@ def make_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, *
     model.save_pretrained(directory)
     write_processor_config(directory, image_size)
     return directory
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a test's ``torchrun --master_port``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

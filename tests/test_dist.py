@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from clipcore.dist import check_equal_batch, gather_with_grad, is_distributed, rank, world_size
+from clipcore.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "dist_scripts" / "loss_parity.py"
@@ -26,12 +26,6 @@ def test_single_process_defaults():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_with_grad(x) is x  # world size 1: unchanged, graph intact
     check_equal_batch(3)  # no-op without a process group
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def two_process_run(tmp_path_factory):
         out = tmp_path_factory.mktemp("loss_parity")
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             str(SCRIPT), str(out),
         ]  # fmt: skip
         try:

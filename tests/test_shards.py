@@ -4,7 +4,6 @@ processes, resume after SIGKILL), and a run on shards against the same rows as p
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from distill import shards
-from clipcore.testing import make_tiny_clip
+from clipcore.testing import free_port, make_tiny_clip
 from distill.train import main
 from tests.conftest import SHARED_DATA
 from tests.datagen import png
@@ -124,10 +123,7 @@ def test_stream_reads_each_shard_in_one_worker_of_one_process(corpus):
 
 def test_precompute_two_processes_equal_one(corpus, one_process_targets, tmp_path):
     targets = tmp_path / "targets-2"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "distill.precompute", *_precompute_args(corpus, targets)]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)

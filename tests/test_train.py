@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipcore.testing import make_tiny_clip, write_byte_tokenizer
+from clipcore.testing import free_port, make_tiny_clip, write_byte_tokenizer
 from distill.config import ConfigError, DataConfig, TeacherConfig, TrainConfig
 from distill.train import NonFiniteLossError, main
 from tests.datagen import write_captions, write_labelled
@@ -237,7 +237,7 @@ def test_resume_after_sigkill_gives_identical_weights(setup, tmp_path):
 
 def test_two_cpu_processes(setup, captions, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "distill" / "train.py"),
            *_args(setup, tmp_path, f"output_dir={out}", "optim.max_steps=3", "optim.batch_size=4", "cpu=true",
                   "loss.clip_weight=1.0", f"data.train={captions}", "data.eval_split=train",
@@ -247,14 +247,6 @@ def test_two_cpu_processes(setup, captions, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "final" / "model.safetensors").is_file()
     assert len(list((out / "checkpoints" / "step-3").glob("random_states_*.pkl"))) == 2  # one per process
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
