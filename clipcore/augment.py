@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from clipcore.imaging import ImageTransform
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -115,3 +117,110 @@ class StudentJitter:
             batch = torch.arange(b, device=pixels.device)[:, None, None]
             pixels = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
         return pixels
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """Function matching (``data.mix``; Beyer et al. 2022, "Knowledge distillation: a good teacher
+    is patient and consistent"): a ``share`` of each training batch is replaced by mixes of two of its
+    images, mixup or, with probability ``cutmix``, CutMix, and the teacher embeds every mix online.
+    The student then matches the teacher's function *between and beyond* the training images, on
+    compositions the sources do not hold, not only at the images whose targets are cached.
+    """
+
+    share: float = 0.0
+    cutmix: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"data.mix.share is a fraction of the batch in [0, 1], got {self.share}")
+        if not 0.0 <= self.cutmix <= 1.0:
+            raise ValueError(f"data.mix.cutmix is a probability in [0, 1], got {self.cutmix}")
+
+    def __bool__(self) -> bool:
+        return self.share > 0
+
+    def count(self, batch: int) -> int:
+        """Mixes in a batch of ``batch`` images (none in a batch of one: there is nothing to mix)."""
+        return 0 if batch < 2 else min(batch, round(self.share * batch))
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` (B, C, H, W) -> (the rows to replace, (k,), and their mixes, (k, C, H, W)).
+
+        Row ``rows[i]`` is mixed with another row of the batch: with weight ``lam`` ~ U(0, 1) for
+        mixup, or for CutMix by pasting the other image into a box of (about) ``1 - lam`` of the area.
+        """
+        b, _, h, w = images.shape
+        k = self.count(b)
+        rows = torch.randperm(b, generator=generator)[:k]
+        partners = (rows + torch.randint(1, max(b, 2), (k,), generator=generator)) % b  # never the row itself
+        lam = torch.rand(k, generator=generator)
+        cut = torch.rand(k, generator=generator) < self.cutmix
+        centre = torch.rand(k, 2, generator=generator)
+        rows_d, partners_d = rows.to(images.device), partners.to(images.device)
+        a, o = images[rows_d], images[partners_d]
+        lam_d = lam.to(images.device, images.dtype)[:, None, None, None]
+        mixup = lam_d * a + (1 - lam_d) * o
+        box = self._boxes(lam, centre, h, w).to(images.device)
+        cutmix = torch.where(box[:, None], o, a)
+        return rows_d, torch.where(cut.to(images.device)[:, None, None, None], cutmix, mixup)
+
+    @staticmethod
+    def _boxes(lam: torch.Tensor, centre: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(k, H, W) masks of CutMix boxes: sides sqrt(1 - lam) of the image's, clipped at its edges."""
+        side = (1 - lam).sqrt()
+        half_h, half_w = side * h / 2, side * w / 2
+        cy, cx = centre[:, 0] * h, centre[:, 1] * w
+        ys = torch.arange(h, dtype=torch.float32)[None, :] + 0.5
+        xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
+        in_y = (ys >= (cy - half_h)[:, None]) & (ys < (cy + half_h)[:, None])  # (k, H)
+        in_x = (xs >= (cx - half_w)[:, None]) & (xs < (cx + half_w)[:, None])  # (k, W)
+        return in_y[:, :, None] & in_x[:, None, :]
+
+
+_TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
+
+
+def unnormalise(pixels: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
+    """Normalised pixels (B, 3, H, W) back to RGB in [0, 1]: the inverse of the last step of ``transform``."""
+    mean = torch.tensor(transform.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(transform.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return pixels * std + mean
+
+
+def preprocess_tensor(images: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
+    """RGB (B, 3, H, W) in [0, 1] -> what ``transform`` makes of the same pixels: resize, centre
+    crop and normalise on tensors, for images built on the device (``data.mix``). Torch's bicubic
+    kernel is not PIL's, so values differ from :meth:`ImageTransform.__call__` by a few 1e-2 at edges
+    (lanczos / box / hamming resample as bicubic here)."""
+    h, w = images.shape[-2:]
+    if isinstance(transform.size, int):
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(transform.size * long / short)
+        size = (new_long, transform.size) if w <= h else (transform.size, new_long)
+    else:
+        size = tuple(transform.size)
+    if size != (h, w):
+        mode = _TORCH_MODES.get(transform.resample, "bicubic")
+        kwargs = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": True}
+        images = torch.nn.functional.interpolate(images, size=size, mode=mode, **kwargs).clamp(0.0, 1.0)
+    if transform.crop_size is not None:
+        images = _centre_crop(images, *transform.crop_size)
+    return normalise(images, transform)
+
+
+def normalise(images: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
+    """RGB (B, 3, H, W) in [0, 1] -> normalised with ``transform``'s mean and std (no resize)."""
+    mean = torch.tensor(transform.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(transform.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _centre_crop(images: torch.Tensor, ch: int, cw: int) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    if h < ch or w < cw:  # pad with black like ImageTransform.crop
+        ph, pw = max(ch - h, 0), max(cw - w, 0)
+        images = torch.nn.functional.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        h, w = images.shape[-2:]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[..., top:top + ch, left:left + cw]

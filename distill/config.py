@@ -60,6 +60,15 @@ class MosaicConfig:
 
 
 @dataclass
+class MixConfig:
+    """``data.mix``: function matching, mixes of a batch's images embedded by the teacher online
+    (clipcore.augment.MixSpec; each mix costs one teacher forward pass)."""
+
+    share: float = 0.0  # fraction of each batch replaced by mixes (0: none)
+    cutmix: float = 0.5  # probability that a mix is CutMix rather than mixup
+
+
+@dataclass
 class DataConfig:
     train: str | list[TrainSource] = ""  # one dataset, or a list of sources trained on as one (images only)
     train_split: str = "train"
@@ -91,6 +100,7 @@ class DataConfig:
     vocabulary: list[str] | None = None
     vocabulary_templates: str | None = None  # None: data.templates
     mosaics: MosaicConfig = field(default_factory=MosaicConfig)  # a mixture only
+    mix: MixConfig = field(default_factory=MixConfig)  # distill mode
 
     def sources(self) -> list[TrainSource]:
         """``data.train`` as a list of sources (one string: its split and limit are data.train_*)."""
@@ -216,6 +226,10 @@ class TrainConfig:
                                            or self.data.student_lowres):
             raise ConfigError("data.student_flip / student_shift / student_lowres jitter a distilled student's input; "
                               "mode=contrastive trains on cached tower features and cannot apply them")
+        if self.data.mix.share and (self.mode != "distill" or self.loss.clip_weight):
+            raise ConfigError(f"data.mix.share={self.data.mix.share} mixes a distilled student's images with the "
+                              "teacher's targets of the mixes: it needs mode=distill and loss.clip_weight=0 (the CLIP "
+                              "loss would take a mix and its first image's caption as a true pair)")
         if self.mode == "contrastive" and (self.data.streaming or is_shard_spec(self.data.train)):
             raise ConfigError("streamed data (WebDataset shards or data.streaming=true) is for mode=distill only")
         if self.data.num_workers < 0 or self.data.prefetch_factor < 1:
@@ -282,6 +296,8 @@ _BOUNDS = (
     ("data.mosaics.count", lambda v: v >= 0, "an integer >= 0 (0: no mosaics)"),
     ("data.mosaics.grid", lambda v: v >= 2, "an integer >= 2 (tiles per side)"),
     ("data.mosaics.tile", lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    ("data.mix.share", lambda v: 0 <= v <= 1, "a fraction of the batch in [0, 1] (0: no mixes)"),
+    ("data.mix.cutmix", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("export.parity_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
 )
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipcore.augment import StudentJitter
+from clipcore.augment import MixSpec, StudentJitter, normalise, preprocess_tensor, unnormalise
 from clipcore.distill_loss import DistillLoss, LossConfig
 from clipcore.dual_encoder import DualEncoder
 from clipcore.losses import clamp_log_scale_, make_feature_projection, total_loss
@@ -53,10 +53,12 @@ class DistillTask(nn.Module):
     """Computes the loss dict for one batch. Keys ending in ``_loss`` are summed into ``loss``."""
 
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
-                 teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter()):
+                 teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter(),
+                 mix: MixSpec = MixSpec()):
         super().__init__()
         self.student = student
         self.jitter = jitter
+        self.mix = mix
         self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
         self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
@@ -134,6 +136,22 @@ class DistillTask(nn.Module):
         emb = self.student.encode_tokens(self.bank.student_ids[rows].to(device), self.bank.student_mask[rows].to(device))
         return F.normalize(emb, dim=-1)
 
+    def _mix(self, pixels: torch.Tensor, teacher_image: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``data.mix``: replace a share of the batch by mixes of its images, with the teacher's
+        embeddings of the mixes computed now. The teacher sees each mix at the student's resolution,
+        resized to its own input: exact when the sources are no larger than the student's input
+        (Tiny-ImageNet at 64 px), a blurrier view than the teacher's own for larger photos."""
+        images = unnormalise(pixels.float(), self.student.image_transform)
+        rows, mixes = self.mix(images, generator)
+        if rows.numel() == 0:
+            return pixels, teacher_image
+        with torch.no_grad():
+            target = self.teacher.encode_image(preprocess_tensor(mixes, self.teacher.image_transform))
+        student_in = normalise(mixes, self.student.image_transform).to(pixels.dtype)
+        return (pixels.index_copy(0, rows, student_in),
+                teacher_image.index_copy(0, rows, target.to(teacher_image.dtype)))
+
     def forward(self, batch: dict, step: int, seed: int = 0) -> dict[str, torch.Tensor]:
         # a generator seeded by (seed, step) makes text sampling identical after a resume
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -143,6 +161,9 @@ class DistillTask(nn.Module):
             with torch.no_grad():
                 teacher_image = self.teacher.encode_image(batch["pixel_values_teacher"])
         pixels = batch["pixel_values_student"]
+        if self.training and self.mix:
+            pixels, teacher_image = self._mix(pixels, teacher_image,
+                                              torch.Generator().manual_seed(seed * 1_000_003 + step + 700_001))
         if self.training and self.jitter:
             # its own generator, so that runs with and without jitter sample the same texts
             pixels = self.jitter(pixels, torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009))

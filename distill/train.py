@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `accelerate launch distill/train.py` runs this 
 import torch
 from torch.utils.data import DataLoader
 
-from clipcore.augment import StudentJitter
+from clipcore.augment import MixSpec, StudentJitter
 from clipcore.classnames import classnames_for
 from clipcore.data import DataSpec, ImageDataset, collate, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder
@@ -276,7 +276,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
                 else build_classifier(teacher, data.classnames, cfg.data.templates)).to(accelerator.device)
     jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift, cfg.data.student_lowres,
                            cfg.data.student_lowres_min)
-    return DistillTask(student, teacher, cfg.loss, data.bank, head, jitter), data
+    mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
+    return DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix), data
 
 
 def build_task(cfg: TrainConfig, accelerator):

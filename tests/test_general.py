@@ -164,6 +164,22 @@ def test_mixture_trains_the_pretrained_lite_student(mixture, tmp_path):
     assert all(torch.isfinite(p).all() for p in student.parameters())
 
 
+def test_mixture_run_with_function_matching(mixture, tmp_path, monkeypatch):
+    from distill.task import DistillTask
+
+    seen = []
+    real = DistillTask._mix
+
+    def spy(self, pixels, teacher_image, generator):
+        out = real(self, pixels, teacher_image, generator)
+        seen.append(int((out[1] != teacher_image).any(dim=-1).sum()))
+        return out
+
+    monkeypatch.setattr(DistillTask, "_mix", spy)
+    main(_general_args(mixture, tmp_path, "data.mix.share=0.5", "optim.max_steps=2"))
+    assert seen == [4, 4]  # half of each batch of 8 carries an online target
+
+
 def test_mixture_needs_a_vocabulary(mixture, tmp_path):
     args = _general_args(mixture, tmp_path)
     recipe = Path(args[1])
