@@ -47,6 +47,7 @@ class TrainSource:
     path: str = ""
     split: str = "train"
     limit: int | None = None  # a seeded random subset of this many rows
+    repeat: int = 1  # each row this many times per epoch: upsamples a small source (its targets are cached once)
 
 
 @dataclass
@@ -272,6 +273,8 @@ class TrainConfig:
                 raise ConfigError(f"data.train[{i}].path is empty")
             if src.limit is not None and src.limit < 1:
                 raise ConfigError(f"data.train[{i}].limit must be >= 1, got {src.limit}")
+            if src.repeat < 1:
+                raise ConfigError(f"data.train[{i}].repeat must be an integer >= 1, got {src.repeat}")
 
 
 # (key, test, the valid values): numeric bounds checked once, before anything is built

@@ -73,7 +73,8 @@ def load_sources(data: DataConfig, seed: int) -> list[tuple[datasets.Dataset, st
                         shuffle_seed=seed if src.limit else None)
         ds = load_hf_dataset(spec)
         out.append((ds, resolve_columns(ds, spec).image))
-        log.info("training source %d: %s, %d images (labels unused)", i, spec.label, len(ds))
+        times = f", each {src.repeat} times per epoch" if src.repeat > 1 else ""
+        log.info("training source %d: %s, %d images%s (labels unused)", i, spec.label, len(ds), times)
     return out
 
 
@@ -141,9 +142,11 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
     if data.mosaics.count:
         parts.append(mosaics.get_or_build(parts, data.mosaics, seed, accelerator))
     bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator)
+    repeats = [src.repeat for src in data.sources()] + [1] * (len(parts) - len(data.sources()))  # + mosaics
     cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, seed=seed, batch_size=batch_size)
-                        for ds, col in parts]) if cache.enabled else None
-    parts = [images_only(ds, col) for ds, col in parts]
+                        .repeat(r, 1, 1) for (ds, col), r in zip(parts, repeats)]) if cache.enabled else None
+    parts = [datasets.concatenate_datasets([images_only(ds, col)] * r) if r > 1 else images_only(ds, col)
+             for (ds, col), r in zip(parts, repeats)]
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     transforms = {"student": student.image_transform}
     if cached is None:

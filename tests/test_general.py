@@ -41,6 +41,7 @@ def test_train_as_a_list_of_sources(tmp_path):
     ({"train": [{"path": "a"}], "eval": "c"}, {"cache": {"views": 2}}, "cache.views > 1"),
     ({"train": [{"path": ""}], "eval": "c"}, {}, r"data.train\[0\].path is empty"),
     ({"train": [{"path": "a", "limit": 0}], "eval": "c"}, {}, r"data.train\[0\].limit"),
+    ({"train": [{"path": "a"}, {"path": "b", "repeat": 0}], "eval": "c"}, {}, r"data.train\[1\].repeat must be"),
     ({"train": [{"path": "a", "colour": 1}], "eval": "c"}, {}, r"data.train\[0\].colour"),
     ({"train": [{"path": "a"}], "eval": "c"}, {"mode": "contrastive", "contrastive": {"model": "m"}}, "contrastive"),
     ({"train": [{"path": "a"}, {"path": "s/{0..3}.tar"}], "eval": "c"}, {}, "streamed data"),
@@ -136,6 +137,33 @@ def test_mixture_trains_on_images_only_with_the_vocabulary(mixture, tmp_path, mo
     # one cache entry per source (16 + 12 rows) and one for the vocabulary's texts
     entries = {json.loads((p / "meta.json").read_text())["num_rows"] for p in (tmp_path / "cache").iterdir()}
     assert entries == {16, 12, 0}
+
+
+def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp_path, monkeypatch):
+    from distill import train as train_mod
+
+    seen = {}
+    real = train_mod.build_mixture_data
+
+    def spy(*args, **kwargs):
+        seen["data"] = real(*args, **kwargs)
+        return seen["data"]
+
+    monkeypatch.setattr(train_mod, "build_mixture_data", spy)
+    args = _general_args(mixture, tmp_path, "optim.max_steps=1")
+    recipe = Path(args[1])
+    data = yaml.safe_load(recipe.read_text())
+    data["data"]["train"][1]["repeat"] = 3
+    recipe.write_text(yaml.safe_dump(data))
+    main(args)
+    rows, targets = seen["data"].rows, seen["data"].teacher_images
+    assert len(rows) == len(targets) == 16 + 3 * 12  # source a: 16 rows; source b: 12 rows, three times
+    b = targets[16:]
+    assert torch.equal(b[:12], b[12:24]) and torch.equal(b[:12], b[24:])
+    images = rows.images.ds
+    assert images[16]["image"] == images[28]["image"] == images[40]["image"]
+    cache_rows = {json.loads((p / "meta.json").read_text())["num_rows"] for p in (tmp_path / "cache").iterdir()}
+    assert cache_rows == {16, 12, 0}  # cached once, not once per repeat
 
 
 def test_mixture_reuses_each_source_cache(mixture, tmp_path, caplog):
