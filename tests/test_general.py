@@ -192,7 +192,9 @@ def test_mixture_trains_the_pretrained_lite_student(mixture, tmp_path):
     assert all(torch.isfinite(p).all() for p in student.parameters())
 
 
-def test_mixture_run_with_function_matching(mixture, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("mixed_precision=bf16",), ("cache.enabled=false",)],
+                         ids=["fp32-cached", "bf16", "teacher-online"])
+def test_mixture_run_with_function_matching(mixture, tmp_path, monkeypatch, extra):
     from distill.task import DistillTask
 
     seen = []
@@ -204,8 +206,10 @@ def test_mixture_run_with_function_matching(mixture, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(DistillTask, "_mix", spy)
-    main(_general_args(mixture, tmp_path, "data.mix.share=0.5", "optim.max_steps=2"))
+    main(_general_args(mixture, tmp_path, "data.mix.share=0.5", "optim.max_steps=2", *extra))
     assert seen == [4, 4]  # half of each batch of 8 carries an online target
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in log)
 
 
 def test_mixture_needs_a_vocabulary(mixture, tmp_path):
