@@ -140,8 +140,9 @@ class DistillTask(nn.Module):
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``data.mix``: replace a share of the batch by mixes of its images, with the teacher's
         embeddings of the mixes computed now. The teacher sees each mix at the student's resolution,
-        resized to its own input: exact when the sources are no larger than the student's input
-        (Tiny-ImageNet at 64 px), a blurrier view than the teacher's own for larger photos."""
+        resized to its own input: the pixels the teacher's own transform sees (up to torch's resampling
+        kernel) when the sources are no larger than the student's input (Tiny-ImageNet at 64 px), a
+        blurrier view than the teacher's own of larger photos."""
         images = unnormalise(pixels.float(), self.student.image_transform)
         rows, mixes = self.mix(images, generator)
         if rows.numel() == 0:
