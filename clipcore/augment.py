@@ -181,10 +181,16 @@ class MixSpec:
 _TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
 
+def _mean_std(transform: ImageTransform, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def channels(values):
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+    return channels(transform.mean), channels(transform.std)
+
+
 def unnormalise(pixels: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
-    """Normalised pixels (B, 3, H, W) back to RGB in [0, 1]: the inverse of the last step of ``transform``."""
-    mean = torch.tensor(transform.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(transform.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    """Normalised pixels (B, 3, H, W) back to RGB in [0, 1] (for the 1/255 rescale of every CLIP
+    processor): the inverse of the last step of ``transform``."""
+    mean, std = _mean_std(transform, pixels)
     return pixels * std + mean
 
 
@@ -211,8 +217,7 @@ def preprocess_tensor(images: torch.Tensor, transform: ImageTransform) -> torch.
 
 def normalise(images: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
     """RGB (B, 3, H, W) in [0, 1] -> normalised with ``transform``'s mean and std (no resize)."""
-    mean = torch.tensor(transform.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(transform.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(transform, images)
     return (images - mean) / std
 
 
