@@ -98,7 +98,8 @@ def text_metrics(graph: OnnxGraph, tokenizer: DeviceTokenizer, prompts: Sequence
     cos = (emb * reference).sum(axis=1)
     head = l2_normalize(emb.reshape(len(classnames), len(templates), -1).mean(axis=1))
     logp = zero_shot_logprobs(ref.student_emb, head, logit_scale)
-    metrics = subject_metrics(logp, ref.student_emb, ref, compare_emb=False)
+    metrics = subject_metrics(logp, ref.student_emb, ref, compare_emb=False,
+                              teacher_finite=bool(np.isfinite(ref.teacher_logp).all()))
     metrics.update(emb_cos_min=float(cos.min()), emb_cos_mean=float(cos.mean()),
                    emb_max_abs_diff=float(np.abs(emb - reference).max()))
     return metrics

@@ -437,3 +437,31 @@ def test_cifar10_parity_on_shared_data(setup, tmp_path):
     assert code == 0 and report["data"]["num_images"] == 64 and report["data"]["num_classes"] == 10
     assert report["data"]["classnames"][:2] == ["airplane", "automobile"]
     assert by_name(report)["fp32"]["status"] == "kept"
+
+
+def test_nan_teacher_gives_no_teacher_relative_metrics(setup, tmp_path):
+    """Issue 28 item 8: agreement with a NaN teacher is the argmax of NaN logits (class 0), not a measurement."""
+    import shutil
+
+    import torch
+    from transformers import CLIPModel
+
+    shutil.copytree(setup["teacher"], tmp_path / "nan-teacher")
+    model = CLIPModel.from_pretrained(setup["teacher"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan-teacher")
+    teacher = load_teacher(str(tmp_path / "nan-teacher"))
+    student = load_student(setup["student"], teacher=load_teacher(setup["teacher"]))
+    report = run_parity(teacher, student, DataSpec(setup["data"], split="test"), tmp_path / "out",
+                        variants=["fp32"], settings=FAST_SETTINGS, provider_info=CPU_ONLY)
+    subjects = by_name(json.loads(report.to_json()))
+    assert subjects["teacher"]["status"] == "error" and "non-finite" in subjects["teacher"]["reason"]
+    for name in ("student", "fp32"):
+        metrics = subjects[name]["metrics"]
+        assert metrics["agreement_teacher"] is None and metrics["kl_teacher"] is None, (name, metrics)
+        assert "teacher has non-finite outputs" in subjects[name]["reason"], name
+        assert metrics["top1"] is not None  # what does not depend on the teacher is still measured
+    assert subjects["fp32"]["status"] == "kept"  # the gates are against the student, which is fine
+    assert report.passed is False  # the teacher's error still fails the report

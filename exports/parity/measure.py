@@ -82,7 +82,8 @@ def nonfinite_rows(emb: np.ndarray, logp: np.ndarray) -> int:
     return int((~np.isfinite(emb).all(axis=1) | ~np.isfinite(logp).all(axis=1)).sum())
 
 
-# metrics measured against the torch student: meaningless when the student's outputs are not finite
+# metrics measured against the torch teacher / student: meaningless when that model's outputs are not finite
+TEACHER_RELATIVE_METRICS = ("agreement_teacher", "kl_teacher")
 STUDENT_RELATIVE_METRICS = ("top1_drop", "agreement_student", "kl_student", "emb_cos_min", "emb_cos_mean",
                             "emb_max_abs_diff")
 
@@ -100,19 +101,21 @@ METRIC_NAMES = ("top1", "top5", "top1_drop", "agreement_teacher", "agreement_stu
 
 
 def subject_metrics(logp: np.ndarray, emb: np.ndarray, ref: References, compare_emb: bool,
-                    student_finite: bool = True) -> dict[str, float | None]:
+                    student_finite: bool = True, teacher_finite: bool = True) -> dict[str, float | None]:
     """Accuracy, agreement, KL and (for the student's own space) embedding differences.
 
-    ``None`` for the metrics measured against the torch student when its outputs are not finite:
-    the metrics refuse NaN inputs rather than return numbers that mean nothing.
+    ``None`` for the metrics measured against the torch student (or teacher) when its outputs are
+    not finite: the metrics refuse NaN inputs rather than return numbers that mean nothing (the
+    argmax of NaN logits is class 0, so agreement with a NaN teacher could read 100 %).
     """
     labels = torch.from_numpy(ref.labels)
     top1 = topk_accuracy(torch.from_numpy(logp), labels, 1)
     pred = logp.argmax(axis=1)
     metrics: dict[str, float | None] = dict.fromkeys(METRIC_NAMES)
-    metrics.update(top1=top1, top5=topk_accuracy(torch.from_numpy(logp), labels, 5),
-                   agreement_teacher=float((pred == ref.teacher_logp.argmax(axis=1)).mean()),
-                   kl_teacher=mean_kl(ref.teacher_logp, logp))
+    metrics.update(top1=top1, top5=topk_accuracy(torch.from_numpy(logp), labels, 5))
+    if teacher_finite:
+        metrics.update(agreement_teacher=float((pred == ref.teacher_logp.argmax(axis=1)).mean()),
+                       kl_teacher=mean_kl(ref.teacher_logp, logp))
     if not student_finite:
         return metrics
     metrics.update(top1_drop=topk_accuracy(torch.from_numpy(ref.student_logp), labels, 1) - top1,

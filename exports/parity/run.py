@@ -20,6 +20,7 @@ from exports.parity.measure import (
     embed_dataset,
     environment,
     STUDENT_RELATIVE_METRICS,
+    TEACHER_RELATIVE_METRICS,
     measure_latency,
     nonfinite_rows,
     subject_metrics,
@@ -129,8 +130,13 @@ def score(subjects: Sequence[Subject], labels: np.ndarray, embs: Mapping[str, np
         if s.active:
             result.metrics = (dict.fromkeys(METRIC_NAMES) if nonfinite[s.name] else
                               subject_metrics(logp[s.name], embs[s.name], ref, compare_emb=s.role != "teacher",
-                                              student_finite=not nonfinite["student"]))
+                                              student_finite=not nonfinite["student"],
+                                              teacher_finite=not nonfinite["teacher"]))
             result.status = "reference" if s.role != "variant" else "kept"
+            if nonfinite["teacher"] and s.role != "teacher" and not nonfinite[s.name]:
+                result.reason = "; ".join(x for x in (result.reason, (
+                    f"{', '.join(TEACHER_RELATIVE_METRICS)} not measured: the teacher has non-finite outputs "
+                    f"({nonfinite['teacher']} of {len(labels)} images)")) if x)
             time_subject(s, result, (3, *image_hw[s.pixels]), settings)
             if not refuse_nonfinite(result, nonfinite[s.name], len(labels), nonfinite["student"]):
                 apply_gate(result, gates)
