@@ -158,7 +158,11 @@ def print_info(classifier: BundleClassifier, as_json: bool) -> None:
     """The bundle's identity and, when it has one, its parity certificate."""
     cfg, cert = classifier.config, classifier.certificate
     if as_json:
-        json.dump({"bundle": str(classifier.path), "config": cfg, "certificate": cert}, sys.stdout, indent=2)
+        from exports.runtime import certified_files
+
+        checked = None if cert is None else sorted(certified_files(cert, cfg))  # verified by load_bundle
+        json.dump({"bundle": str(classifier.path), "config": cfg, "certificate": cert,
+                   "certificate_matches_files": checked}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
     print(f"bundle {classifier.path}: {cfg.get('model')} ({cfg.get('precision')}), {len(classifier.classnames)} classes, "
@@ -167,8 +171,11 @@ def print_info(classifier: BundleClassifier, as_json: bool) -> None:
         print("certificate: none (written by write_bundle, not from a parity run)")
     else:
         from exports.certificate import format_certificate
+        from exports.runtime import certified_files
 
         print(format_certificate(cert))
+        print(f"  the shipped {', '.join(certified_files(cert, cfg))} have the sha256 this certificate names "
+              "(checked when the bundle was loaded)")
 
 
 if __name__ == "__main__":

@@ -225,7 +225,40 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
             raise BundleError(f"{directory / name}: required file not listed in {MANIFEST}")
     if not model_file:
         raise BundleError(f"{directory / CONFIG}: names no image_encoder file")
+    if certificate:
+        _check_certificate_binds(directory, config, files)
     return config
+
+
+def certified_files(certificate: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{bundle file name: the sha256 the certificate vouches for}``: the image encoder, the head,
+    the report and, when the certificate covers one, the text encoder and its tokenizer."""
+    sha = certificate.get("sha256") if isinstance(certificate, Mapping) else None
+    if not isinstance(sha, Mapping):
+        raise BundleError(f"{CERTIFICATE}: no sha256 table; it certifies no file")
+    out = {config["image_encoder"]["file"]: sha.get("image_encoder"), TEXT_EMBEDDINGS: sha.get("text_embeddings"),
+           PARITY_REPORT: sha.get(PARITY_REPORT)}
+    text, text_cfg = certificate.get("text_encoder"), config.get("text_encoder") or {}
+    if text_cfg:
+        text_sha = text.get("sha256") if isinstance(text, Mapping) else None
+        if not isinstance(text_sha, Mapping):
+            raise BundleError(f"{CERTIFICATE}: the bundle ships {text_cfg.get('file')} but the certificate "
+                              "covers no text encoder")
+        out[text_cfg["file"]] = text_sha.get("text_encoder")
+        out[text_cfg["tokenizer"]] = text_sha.get("tokenizer")
+    return out
+
+
+def _check_certificate_binds(directory: Path, config: Mapping[str, Any], files: Mapping[str, Any]) -> None:
+    """The certificate vouches for the files it names by sha256; the manifest only says the files
+    were not changed after the bundle was written. A file swapped and the manifest re-hashed would
+    otherwise still show the certificate's accuracy (``predict --info``)."""
+    path = directory / config["certificate"]
+    for name, want in certified_files(_read_json(path), config).items():
+        have = files.get(name, {}).get("sha256")  # the manifest's, which the file was just checked against
+        if have != want:
+            raise BundleError(f"{directory / name}: sha256 {str(have)[:12]}... is not the {str(want)[:12]}... that "
+                              f"{path.name} certifies; this file is not the one that passed the parity gate")
 
 
 def _check_schema(path: Path, document: Any, schema: bundle_schema.Validator) -> None:

@@ -165,3 +165,23 @@ def test_w8a16_and_fp16_numerics_for_a_transformer_student(run, tmp_path):
     onnx.save(naive, str(tmp_path / "naive.onnx"))
     check = fp32_islands(tmp_path / "naive.onnx")
     assert not check["all_fp32"] and "SOME RUN IN FP16" in describe(check)
+
+
+def test_the_certificate_binds_the_shipped_encoder(run, tmp_path, capsys):
+    """Issue 28, item 6: an encoder swapped for another valid ONNX with the manifest re-hashed still
+    verifies against the manifest, but it is not the file the certificate vouches for."""
+    from exports.runtime import BundleError, write_manifest
+
+    bundle = bundle_from_parity(run["out"], "fp32", tmp_path / "bundle")
+    assert predict_main([str(bundle), "--info"]) == 0
+    assert "the shipped image_encoder.onnx, text_embeddings.npy, parity.json have the sha256 this certificate names" \
+        in capsys.readouterr().out
+    shutil.copyfile(run["out"] / "onnx" / "image_encoder.int8.onnx", bundle / "image_encoder.onnx")  # valid, other
+    files = list(json.loads((bundle / "manifest.json").read_text())["files"])
+    write_manifest(bundle, files)  # the manifest now vouches for the new bytes
+    with pytest.raises(BundleError, match=r"image_encoder.onnx: sha256 .* is not the .* that certificate.json "
+                                          r"certifies"):
+        load_bundle(bundle, threads=1)
+    assert predict_main([str(bundle), "--info"]) == 2
+    err = capsys.readouterr()
+    assert "image_encoder.onnx" in err.err and "certificate" not in err.out
