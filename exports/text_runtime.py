@@ -9,14 +9,16 @@ hold::
 This module needs onnxruntime, numpy and ``tokenizers`` only (no torch, no transformers):
 :func:`classifier_for_classes` turns a loaded bundle into one over any class names, building the
 head with OpenAI's recipe (every prompt embedded and normalised, averaged per class,
-renormalised) and caching it on disk under a key of the names, the templates and the text
-encoder's sha256.
+renormalised) and caching it on disk under a key of everything it is built from: the names, the
+templates and the sha256 of the text encoder and of the tokenizer. A cached head is checked on
+every read (shape, finite, unit rows) and rebuilt with a warning when it is not usable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +30,8 @@ from exports.interface import TEXT_ENCODER
 from exports.runtime import MANIFEST, BundleClassifier, BundleError, OnnxGraph, l2_normalize
 
 TOKENIZER_FILE = "tokenizer.json"
+HEAD_CACHE_FORMAT = 2  # 2: keyed by the tokenizer too; heads are checked on every read
+log = logging.getLogger("exports.text_runtime")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-distill" / "heads"
 
 
@@ -71,9 +75,40 @@ def build_head(encoder: OnnxGraph, tokenizer: DeviceTokenizer, classnames: Seque
     return l2_normalize(emb.mean(axis=1)).astype(np.float32)
 
 
-def head_key(classnames: Sequence[str], templates: Sequence[str], encoder_sha256: str) -> str:
-    payload = json.dumps([list(classnames), list(templates), encoder_sha256], ensure_ascii=False)
+def head_key(classnames: Sequence[str], templates: Sequence[str], encoder_sha256: str, tokenizer_sha256: str) -> str:
+    """The cache key of a head: every input it is built from (names, templates, the text encoder and
+    the tokenizer, by the sha256 the bundle's manifest verified)."""
+    payload = json.dumps({"format": HEAD_CACHE_FORMAT, "classnames": list(classnames), "templates": list(templates),
+                          "text_encoder": encoder_sha256, "tokenizer": tokenizer_sha256}, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def cached_head_problem(head: np.ndarray, num_classes: int, embed_dim: int) -> str | None:
+    """Why a head read from the cache cannot be used (None: it can): it must be (classes, dim)
+    floats with finite, unit-length rows, as :func:`build_head` writes them."""
+    if head.dtype.kind != "f" or head.shape != (num_classes, embed_dim):
+        return f"{head.dtype} array of shape {head.shape}, expected float ({num_classes}, {embed_dim})"
+    if not np.isfinite(head).all():
+        return "it holds NaN or inf"
+    norms = np.linalg.norm(head.astype(np.float64), axis=1)
+    if not np.allclose(norms, 1.0, atol=1e-3):
+        return f"its rows are not unit length (norms {norms.min():.3g} to {norms.max():.3g})"
+    return None
+
+
+def _read_cached_head(path: Path, num_classes: int, embed_dim: int) -> np.ndarray | None:
+    """The cached head at ``path``, or None (with a warning) when it is absent, unreadable or wrong."""
+    if not path.is_file():
+        return None
+    try:
+        head = np.load(path, allow_pickle=False)
+        problem = cached_head_problem(head, num_classes, embed_dim) if isinstance(head, np.ndarray) else "not an array"
+    except (OSError, ValueError, EOFError) as exc:
+        problem = f"unreadable ({type(exc).__name__}: {exc})"
+    if problem is None:
+        return head
+    log.warning("head cache %s: %s; rebuilding it", path, problem)
+    return None
 
 
 def classifier_for_classes(clf: BundleClassifier, classnames: Sequence[str], templates: Sequence[str] | None = None,
@@ -96,13 +131,16 @@ def classifier_for_classes(clf: BundleClassifier, classnames: Sequence[str], tem
         raise BundleError(f"class names must be non-empty and distinct, got {list(classnames)}")
     temps = list(templates or clf.config.get("templates") or ["{}"])
     manifest = json.loads((clf.path / MANIFEST).read_text())["files"]
-    key = head_key(names, temps, manifest[text["file"]]["sha256"])
+    key = head_key(names, temps, manifest[text["file"]]["sha256"], manifest[text["tokenizer"]]["sha256"])
     cached = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
-    if cached is not None and cached.is_file():
-        head = np.load(cached, allow_pickle=False)
-    else:
+    head = None if cached is None else _read_cached_head(cached, len(names), clf.text_embeddings.shape[1])
+    if head is None:
         encoder = OnnxGraph(clf.path / text["file"], TEXT_ENCODER, threads=threads)
         head = build_head(encoder, DeviceTokenizer(clf.path / text["tokenizer"]), names, temps)
+        problem = cached_head_problem(head, len(names), clf.text_embeddings.shape[1])
+        if problem is not None:  # e.g. a text encoder that gives NaN: neither used nor cached
+            raise BundleError(f"{clf.path / text['file']}: the head it builds for {len(names)} class names is "
+                              f"unusable: {problem}")
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(f".tmp-{os.getpid()}.npy")

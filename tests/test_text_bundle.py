@@ -203,3 +203,36 @@ def test_classes_on_the_device_need_no_torch_or_transformers(gated, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert json.loads(lines[-1]) == {"cli_exit": 0, "heavy": []}
     assert {p["label"] for p in json.loads("\n".join(lines[:-1]))["results"][0]["predictions"]} == {"lynx", "red fox", "café"}
+
+
+def test_a_damaged_or_foreign_cached_head_is_rebuilt_never_used(tiny_clip, tmp_path, capsys, caplog):
+    """Issue 28, item 7: a cached head of NaN, of zeros or with a row missing was printed as results;
+    and the key left out the tokenizer."""
+    from exports.runtime import write_manifest
+
+    bundle = write_bundle(tiny_clip, ["cat", "dog"], "simple", tmp_path / "b", text_encoder=True)
+    names, cache = ["cat", "dog", "red fox"], tmp_path / "cache"
+    good = classifier_for_classes(load_bundle(bundle, threads=1), names, cache_dir=cache).text_embeddings
+    [entry] = cache.glob("*.npy")
+    image = tmp_path / "x.png"
+    make_image("RGB").save(image)
+    for bad, why in ((np.full_like(good, np.nan), "NaN"), (np.zeros_like(good), "unit length"), (good[:2], "shape")):
+        np.save(entry, bad)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="exports.text_runtime"):
+            clf = classifier_for_classes(load_bundle(bundle, threads=1), names, cache_dir=cache)
+        assert "rebuilding it" in caplog.text and why in caplog.text
+        np.testing.assert_allclose(clf.text_embeddings, good, atol=1e-6)
+        np.testing.assert_allclose(np.load(entry), good, atol=1e-6)  # the cache holds the rebuilt head
+    np.save(entry, good[:2])  # the tester's case: "red fox" silently dropped, exit 0
+    assert predict_main([str(bundle), str(image), "--classes", ",".join(names), "--cache-dir", str(cache),
+                         "--json", "--top-k", "3"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["results"][0]["predictions"]
+    assert {p["label"] for p in predictions} == set(names) and all(np.isfinite(p["prob"]) for p in predictions)
+    # another tokenizer (same encoder, names and templates) is another key: its head is built anew
+    tokenizer = json.loads((bundle / "tokenizer.json").read_text())
+    tokenizer["truncation"]["max_length"] -= 1
+    (bundle / "tokenizer.json").write_text(json.dumps(tokenizer))
+    write_manifest(bundle, json.loads((bundle / "manifest.json").read_text())["files"])
+    classifier_for_classes(load_bundle(bundle, threads=1), names, cache_dir=cache)
+    assert len(list(cache.glob("*.npy"))) == 2
