@@ -48,6 +48,9 @@ class TrainSource:
     split: str = "train"
     limit: int | None = None  # a seeded random subset of this many rows
     repeat: int = 1  # each row this many times per epoch: upsamples a small source (its targets are cached once)
+    # a column of captions (a string or a list per row; rows may have none): each row's affinity text is one of
+    # its own captions, embedded by the teacher once, instead of a random vocabulary prompt (photos with captions)
+    caption_column: str | None = None
 
 
 @dataclass
@@ -245,9 +248,12 @@ class TrainConfig:
             raise ConfigError("data.train is empty: set it in the recipe or as data.train=...")
         try:
             check_variant_names(self.export.variants)
-            load_gates(self.export.gates)
         except ParityInputError as exc:
-            raise ConfigError(f"export: {exc}") from exc
+            raise ConfigError(f"export: {exc} (export.variants)") from exc
+        try:
+            load_gates(self.export.gates, where="export.gates")
+        except ParityInputError as exc:
+            raise ConfigError(str(exc)) from exc
         self.export.validate()
         self._validate_sources()
         return self

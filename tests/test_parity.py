@@ -394,7 +394,7 @@ def test_images_of_every_mode_run_through_every_subject(setup, tmp_path):
 def test_gates_file_and_overrides(tmp_path):
     path = tmp_path / "gates.yaml"
     path.write_text("int8:\n  min_agreement: 0.98\n  max_top1_drop: null\nmy-onnx:\n  max_kl: 0.01\n")
-    gates = load_gates(path, ["fp16.min_emb_cosine=0.999", "fp32.max_emb_abs_diff=none"])
+    gates = load_gates(path, ["fp16.min_emb_cosine=0.999", "fp32.max_emb_abs_diff=none"], names=["my-onnx"])
     assert gates["int8"] == Gate(min_agreement=0.98)
     assert gates["my-onnx"] == Gate(max_kl=0.01)
     assert gates["fp16"] == Gate(min_agreement=0.995, min_emb_cosine=0.999)
@@ -465,3 +465,29 @@ def test_nan_teacher_gives_no_teacher_relative_metrics(setup, tmp_path):
         assert metrics["top1"] is not None  # what does not depend on the teacher is still measured
     assert subjects["fp32"]["status"] == "kept"  # the gates are against the student, which is fine
     assert report.passed is False  # the teacher's error still fails the report
+
+
+@pytest.mark.parametrize("case", ["override", "file", "empty-variants", "text-file"])
+def test_unknown_gate_keys_and_no_variants_are_errors(setup, tmp_path, capsys, case):
+    """Issue 28 item 9: a misspelt gate key gated nothing and an empty variant list PASSED."""
+    (tmp_path / "gates.yaml").write_text("int9:\n  min_agreement: 0.9\n")
+    (tmp_path / "text.yaml").write_text("text-int8:\n  min_agreement: 0.9\nmine:\n  max_kl: 1\n")
+    flags, expected = {
+        "override": (["--gate", "fp23.min_agreement=1"], "--gate fp23.min_agreement=1: unknown gate key 'fp23'"),
+        "file": (["--gates", str(tmp_path / "gates.yaml")], f"{tmp_path / 'gates.yaml'}: gate 'int9': unknown gate key"),
+        "empty-variants": (["--variants", ""], "--variants '': the variant list is empty; expected some of"),
+        # text-int8 is a text variant; mine is an --onnx name, but this run has no --onnx mine
+        "text-file": (["--gates", str(tmp_path / "text.yaml")], "gate 'mine': unknown gate key 'mine'"),
+    }[case]
+    assert cli(setup, tmp_path / "o", *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and expected in err, err
+    if case != "empty-variants":
+        assert "fp32, fp16, int8, " in err and "int8-static" in err  # the valid keys
+    assert not (tmp_path / "o").exists()  # refused before anything was exported
+    with pytest.raises(ParityInputError, match="unknown gate keys"):
+        run_parity(None, None, None, tmp_path / "o", variants=["fp32"], gates={"fp23": Gate(min_agreement=1.0)})
+
+
+def test_onnx_names_are_gate_keys():
+    assert load_gates(overrides=["mine.max_kl=1"], names=["mine"])["mine"] == Gate(max_kl=1.0)

@@ -424,3 +424,15 @@ def test_export_variants_and_gates_are_typed(tmp_path):
         load_config(None, [*base, "export.gates=int8.min_agreemnt=0.9"])
     with pytest.raises(ConfigError, match="is not KEY.FIELD=VALUE"):
         load_config(None, [*base, "export.gates=int8=0.9"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("export.gates=int9.min_agreement=0.9", r"export\.gates: gate 'int9': unknown gate key 'int9'; .*fp32, fp16, int8"),
+    ("export.variants=", r"export: the variant list is empty.*\(export\.variants\)"),
+])
+def test_export_gates_with_unknown_keys_and_no_variants_are_config_errors(override, expected):
+    """Issue 28 item 9: export.gates=int9.… gated nothing and the run passed."""
+    from distill.config import load_config
+
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["teacher.name_or_path=t", "data.train=d", override])

@@ -134,8 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # everything cheap is validated before the models load
-        gates = load_gates(args.gates, args.gate)
-        variants = check_variant_names([v.strip() for v in args.variants.split(",") if v.strip()])
+        gates = load_gates(args.gates, args.gate, names=[name for name, _ in args.onnx])
+        try:
+            variants = check_variant_names([v.strip() for v in args.variants.split(",") if v.strip()])
+        except ParityInputError as exc:
+            raise ParityInputError(f"--variants {args.variants!r}: {exc}") from None
         settings = settings_from_args(args)
         spec = DataSpec(path=args.data, split=args.split, image_column=args.image_column,
                         label_column=args.label_column, limit=args.limit,

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from exports.report import format_metric
 
@@ -119,28 +119,54 @@ def _merge_gate(gates: dict[str, Gate], key: str, fields: Mapping[str, Any], whe
 
 
 def load_gates(source: str | Path | Mapping[str, Mapping[str, Any]] | None = None,
-               overrides: Iterable[str] = ()) -> dict[str, Gate]:
+               overrides: Iterable[str] = (), names: Iterable[str] = (), where: str = "gates") -> dict[str, Gate]:
     """:data:`DEFAULT_GATES`, updated from a mapping or a YAML/JSON file, then ``KEY.FIELD=VALUE`` overrides.
 
-    A key is a variant name (``int8-static``, ``ort-trt-fp16``, an ``--onnx`` name) or a precision
-    family (``fp32``, ``fp16``, ``int8``); the mapping (or file) maps keys to ``{field: value}``,
+    A key is a variant name (``int8-static``, ``ort-trt-fp16``, ``text-int8``, one of ``names``) or a
+    precision family (``fp32``, ``fp16``, ``int8``); the mapping (or file) maps keys to ``{field: value}``,
     e.g. a recipe's ``export.gates: {int8: {min_agreement: 0.98}}``.
 
+    Args:
+        names: further variant names a key may give (the CLI's ``--onnx NAME=PATH`` names).
+        where: how a mapping ``source`` is named in errors (``export.gates``).
+
     Raises:
-        ParityInputError: unreadable file, unknown field or a value that is not a number.
+        ParityInputError: unreadable file, unknown key or field, or a value that is not a number.
     """
     gates = dict(DEFAULT_GATES)
+    valid = gate_keys(names)
     if source is not None:
-        where = "gates" if isinstance(source, Mapping) else str(source)
+        where = where if isinstance(source, Mapping) else str(source)
         table = source if isinstance(source, Mapping) else _read_gate_file(Path(source))
         for key, fields in table.items():
             if not isinstance(fields, Mapping):
                 raise ParityInputError(f"{where}: gate {key!r} must map fields to values, got {fields!r}")
+            _check_key(str(key), valid, f"{where}: gate {key!r}")
             _merge_gate(gates, str(key), fields, where)
     for item in overrides:
         key, name, raw = split_gate_override(item)
+        _check_key(key, valid, f"--gate {item}")
         _merge_gate(gates, key, {name: raw}, "--gate")
     return gates
+
+
+GATE_FAMILIES = ("fp32", "fp16", "int8")
+
+
+def gate_keys(names: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every key a gate may have: the precision families, the built-in variants (image and text) and ``names``."""
+    from exports.parity.variants import KNOWN_VARIANTS
+    from exports.text_parity import TEXT_VARIANTS
+
+    keys = (*GATE_FAMILIES, *KNOWN_VARIANTS, *TEXT_VARIANTS, *names)
+    return tuple(dict.fromkeys(keys))
+
+
+def _check_key(key: str, valid: Sequence[str], where: str) -> None:
+    # a misspelt key would gate nothing and the run would pass unchecked
+    if key not in valid:
+        raise ParityInputError(f"{where}: unknown gate key {key!r}; expected a precision family or a variant "
+                               f"name: {', '.join(valid)}")
 
 
 def split_gate_override(item: str) -> tuple[str, str, str]:

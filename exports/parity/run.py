@@ -13,7 +13,7 @@ from clipcore.templates import get_templates
 from exports import providers as prov
 from exports.onnx_export import eval_mode
 from exports.parity.eval_data import EvalData, build_heads, load_eval_data
-from exports.parity.gates import DEFAULT_GATES, Gate
+from exports.parity.gates import DEFAULT_GATES, Gate, ParityInputError, gate_keys
 from exports.parity.measure import (
     METRIC_NAMES,
     References,
@@ -67,6 +67,9 @@ def run_parity(
     settings = settings or ParitySettings()
     gates = dict(DEFAULT_GATES if gates is None else gates)
     variants = check_variant_names(variants)
+    unknown = [k for k in gates if k not in gate_keys(onnx_files or {})]
+    if unknown:
+        raise ParityInputError(f"unknown gate keys {unknown}; expected some of {list(gate_keys(onnx_files or {}))}")
     extra = check_onnx_files(onnx_files or {}, (3, *student.image_transform.output_size), student.embed_dim)
     info = provider_info or prov.detect()
     data_set = load_eval_data(data, {"teacher": teacher.image_transform, "student": student.image_transform},

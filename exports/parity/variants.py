@@ -78,6 +78,8 @@ def accelerated_variant(name: str, fp32: Path, student: Subject, head: np.ndarra
 
 
 def check_variant_names(variants: Sequence[str]) -> list[str]:
+    if not variants:  # nothing gated would read as PASSED
+        raise ParityInputError(f"the variant list is empty; expected some of {list(KNOWN_VARIANTS)}")
     unknown = [v for v in variants if v not in KNOWN_VARIANTS]
     if unknown:
         raise ParityInputError(f"unknown variants {unknown}; expected some of {list(KNOWN_VARIANTS)}")
