@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from clipcore.augment import ViewSpec
 from clipcore.cache import TeacherTargetCache, cache_key, texts_sha
 from clipcore.classnames import load_classname_source, synonyms
-from clipcore.data import Columns, DataSpec, ImageDataset, load_hf_dataset, resolve_columns
+from clipcore.data import Columns, DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
 from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
 from distill import mosaics
-from distill.config import CacheConfig, ConfigError, DataConfig
+from distill.config import CacheConfig, ConfigError, DataConfig, TrainSource
 from distill.features import embed_texts, teacher_image_rows
 from distill.task import TextBank
 from distill.train_data import TrainData, TrainRows, check_path
@@ -61,7 +61,8 @@ def vocabulary_names(sources: list[str]) -> list[str]:
 
 
 def load_sources(data: DataConfig, seed: int) -> list[tuple[datasets.Dataset, str]]:
-    """Each source's rows (limit = a seeded subset) and its image column.
+    """Each source's rows (limit = a seeded subset) and its image column (its caption column, when
+    ``data.train[i].caption_column`` names one, is checked here, before any image is embedded).
 
     The datasets are returned as loaded: their fingerprints key the teacher-target caches, so a
     source the teacher was aligned on finds the tower features of that run.
@@ -72,6 +73,9 @@ def load_sources(data: DataConfig, seed: int) -> list[tuple[datasets.Dataset, st
         spec = DataSpec(path=src.path, split=src.split, image_column=data.image_column, limit=src.limit,
                         shuffle_seed=seed if src.limit else None)
         ds = load_hf_dataset(spec)
+        if src.caption_column and src.caption_column not in ds.column_names:
+            raise ConfigError(f"data.train[{i}].caption_column={src.caption_column!r}: {spec.label} has no such "
+                              f"column (columns: {', '.join(ds.column_names)})")
         out.append((ds, resolve_columns(ds, spec).image))
         times = f", each {src.repeat} times per epoch" if src.repeat > 1 else ""
         log.info("training source %d: %s, %d images%s (labels unused)", i, spec.label, len(ds), times)
@@ -116,23 +120,46 @@ def class_head_from_bank(bank: TextBank) -> torch.Tensor:
     return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
 
 
+def source_captions(parts: list[tuple[datasets.Dataset, str]], sources: list[TrainSource]
+                    ) -> tuple[list[str], list[list[int]]]:
+    """The captions of every source that names a ``caption_column`` (each once, whatever its repeat),
+    and for every row of the mixture, repeats included, the indices of its own captions among them
+    (``[]``: a row without captions, which takes a vocabulary prompt as its affinity text)."""
+    texts, rows = [], []
+    for (ds, _), src in zip(parts, sources):
+        own: list[list[int]] = [[] for _ in range(len(ds))]
+        if src.caption_column:
+            caps, owner = flatten_captions(ds, src.caption_column)
+            for j, row in enumerate(owner):
+                own[row].append(len(texts) + j)
+            texts += caps
+        rows += own * src.repeat
+    return texts, rows
+
+
 def build_vocabulary_bank(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,
-                          accelerator) -> tuple[TextBank, list[str]]:
-    """Prompts of every vocabulary name x template, with cached teacher embeddings."""
+                          accelerator, captions: tuple[list[str], list[list[int]]] = ([], [])
+                          ) -> tuple[TextBank, list[str]]:
+    """Prompts of every vocabulary name x template, then the sources' captions (:func:`source_captions`),
+    with cached teacher embeddings."""
     if not data.vocabulary:
         raise ConfigError("a list of data.train sources trains on images only: set data.vocabulary "
                           "(class-name files) for the class and affinity targets")
     names = vocabulary_names(data.vocabulary)
     templates = list(get_templates(data.vocabulary_templates or data.templates))
     texts = [t.format(c) for c in names for t in templates]
+    prompts, (caption_texts, caption_rows) = len(texts), captions
+    texts += caption_texts
+    caption_rows = [[prompts + j for j in row] for row in caption_rows] if caption_texts else []
     teacher_text = _text_targets(cache, teacher, texts, accelerator)
     ids = mask = None
     if student.has_own_text_tower:
         tokens = student.tokenize(texts)
         ids, mask = tokens["input_ids"], tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))
-    prompt_rows = torch.arange(len(texts)).view(len(names), len(templates))
-    log.info("vocabulary: %d class names x %d templates = %d prompts", len(names), len(templates), len(texts))
-    return TextBank(texts, ids, mask, teacher_text, prompt_rows, []), names
+    prompt_rows = torch.arange(prompts).view(len(names), len(templates))
+    log.info("vocabulary: %d class names x %d templates = %d prompts; %d captions", len(names), len(templates),
+             prompts, len(caption_texts))
+    return TextBank(texts, ids, mask, teacher_text, prompt_rows, caption_rows), names
 
 
 def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,
@@ -141,8 +168,9 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
     parts = load_sources(data, seed)
     if data.mosaics.count:
         parts.append(mosaics.get_or_build(parts, data.mosaics, seed, accelerator))
-    bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator)
-    repeats = [src.repeat for src in data.sources()] + [1] * (len(parts) - len(data.sources()))  # + mosaics
+    sources = data.sources() + [TrainSource()] * (len(parts) - len(data.sources()))  # + mosaics: no captions
+    bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator, source_captions(parts, sources))
+    repeats = [src.repeat for src in sources]
     cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, seed=seed, batch_size=batch_size)
                         .repeat(r, 1, 1) for (ds, col), r in zip(parts, repeats)]) if cache.enabled else None
     parts = [datasets.concatenate_datasets([images_only(ds, col)] * r) if r > 1 else images_only(ds, col)

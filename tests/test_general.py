@@ -166,6 +166,55 @@ def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp
     assert cache_rows == {16, 12, 0}  # cached once, not once per repeat
 
 
+def test_a_captioned_source_teaches_its_own_captions_as_affinity_texts(mixture, tmp_path, monkeypatch):
+    from distill import train as train_mod
+
+    seen = {}
+    real = train_mod.build_mixture_data
+
+    def spy(*args, **kwargs):
+        seen["data"] = real(*args, **kwargs)
+        return seen["data"]
+
+    monkeypatch.setattr(train_mod, "build_mixture_data", spy)
+    args = _general_args(mixture, tmp_path, "optim.max_steps=2")
+    recipe = Path(args[1])
+    data = yaml.safe_load(recipe.read_text())
+    data["data"]["train"][1].update(repeat=2, caption_column="captions")
+    recipe.write_text(yaml.safe_dump(data))
+    main(args)
+    bank = seen["data"].bank
+    prompts = 6
+    captions = [[f"picture number {i}", f"another view {i}"][: 1 + i % 2] for i in range(12)]
+    assert bank.texts[prompts:] == [c for row in captions for c in row]  # each caption once, whatever the repeat
+    assert len(bank.caption_rows) == 16 + 2 * 12 and bank.caption_rows[:16] == [[]] * 16  # source a: prompts
+    for rep in range(2):
+        for i in range(12):
+            assert [bank.texts[j] for j in bank.caption_rows[16 + 12 * rep + i]] == captions[i]
+    # the teacher's embedding of each caption is its own text's, cached with the prompts
+    from clipcore.loading import load_teacher
+    from distill.features import embed_texts
+    teacher = load_teacher(str(mixture[1]))
+    torch.testing.assert_close(bank.teacher_emb[prompts:].float(), embed_texts(teacher, bank.texts[prompts:]),
+                               atol=2e-3, rtol=0)
+    # a batch's affinity text is one of the row's own captions, or a prompt for rows without any
+    from distill.task import DistillTask
+    rows = DistillTask._sample_texts(type("T", (), {"bank": bank})(), {"index": torch.tensor([0, 16, 29, 39])},
+                                     torch.Generator().manual_seed(0))
+    assert int(rows[0]) < prompts and bank.texts[int(rows[1])] == "picture number 0"
+    assert bank.texts[int(rows[2])] in captions[1] and bank.texts[int(rows[3])] in captions[11]
+
+
+def test_a_missing_caption_column_names_the_source(mixture, tmp_path):
+    args = _general_args(mixture, tmp_path, "optim.max_steps=1")
+    recipe = Path(args[1])
+    data = yaml.safe_load(recipe.read_text())
+    data["data"]["train"][0]["caption_column"] = "sentences"
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"data.train\[0\].caption_column='sentences'.*no such column"):
+        main(args)
+
+
 def test_mixture_reuses_each_source_cache(mixture, tmp_path, caplog):
     import logging
 
