@@ -92,3 +92,32 @@ def retrieval_metrics(
         top_i = sim.t().topk(min(k, n_img), dim=1).indices
         out["text_to_image"][f"R@{k}"] = (top_i == t2i.view(-1, 1)).any(dim=1).float().mean().item()
     return out
+
+
+def chance_score(metric: str, *, num_classes: int = 0, captions_per_image: Sequence[int] = ()) -> float:
+    """The expected score of a model that ranks at random.
+
+    Zero-shot: ``top1`` and ``mean_per_class_recall`` 1 / C, ``top5`` min(5, C) / C. Retrieval over
+    N images and T captions (``captions_per_image[i]`` of them belong to image i): image->text R@K is
+    the mean over images of 1 - C(T - m_i, K) / C(T, K) (at least one of its m_i captions among K
+    random ones); text->image R@K is K / N.
+    """
+    if "_R@" in metric:
+        direction, k = metric.split("_R@")
+        k, n, t = int(k), len(captions_per_image), sum(captions_per_image)
+        if n == 0 or t == 0:
+            raise ValueError(f"{metric}: chance needs at least one image with captions")
+        if direction == "text_to_image":
+            return min(k, n) / n
+        return sum(1.0 - _miss_all(t, m, k) for m in captions_per_image) / n
+    if num_classes < 1:
+        raise ValueError(f"{metric}: chance needs the number of classes, got {num_classes}")
+    return min(5, num_classes) / num_classes if metric == "top5" else 1.0 / num_classes
+
+
+def _miss_all(total: int, own: int, k: int) -> float:
+    """P(none of ``own`` marked items among ``k`` drawn without replacement from ``total``)."""
+    p = 1.0
+    for i in range(min(k, total)):
+        p *= max(0, total - own - i) / (total - i)
+    return p

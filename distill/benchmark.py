@@ -23,13 +23,17 @@ import logging
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from clipcore.data import ImageDataset, make_loader
-from distill.evaluate import embed_images, retrieval_eval, zeroshot_eval
+from clipcore.metrics import chance_score
+from distill.evaluate import EmbeddedImages, embed_images, retrieval_eval, zeroshot_eval
 from distill.suite import PreparedEntry, describe, load_suite, prepare_suite
 from students import load_model
 
@@ -45,10 +49,12 @@ def score_of(metrics: dict, metric: str) -> float:
     return float(metrics[metric])
 
 
-def evaluate_entry(model, prepared: PreparedEntry, *, batch_size: int, num_workers: int, progress: bool) -> dict:
-    """Embed one dataset with ``model`` and score it on the entry's task."""
+def evaluate_entry(model, prepared: PreparedEntry, *, batch_size: int, num_workers: int, progress: bool,
+                   view=None) -> tuple[dict, EmbeddedImages]:
+    """Embed one dataset with ``model`` (each image through ``view`` first, when given) and score it
+    on the entry's task; the embeddings come back too, for the cosine to the reference's."""
     e = prepared.entry
-    dataset = ImageDataset(prepared.ds, {"model": model.image_transform}, prepared.columns, name=e.name)
+    dataset = ImageDataset(prepared.ds, {"model": model.image_transform}, prepared.columns, name=e.name, view=view)
     images = embed_images(model, make_loader(dataset, batch_size, num_workers=num_workers), desc=e.name,
                           progress=progress)
     if e.task == "zeroshot":
@@ -56,7 +62,34 @@ def evaluate_entry(model, prepared: PreparedEntry, *, batch_size: int, num_worke
     else:
         metrics = retrieval_eval(model, images, prepared.texts, prepared.text_to_image)
     return {"score": score_of(metrics, e.metric), "metrics": metrics, "num_images": int(images.embeddings.shape[0]),
-            "num_failed_images": images.num_failed, "embed_seconds": round(images.seconds, 2)}
+            "num_failed_images": images.num_failed, "embed_seconds": round(images.seconds, 2)}, images
+
+
+def cosine_to(images: EmbeddedImages, reference: EmbeddedImages | None) -> float | None:
+    """Mean cosine between a model's and the reference's embedding of the same images (the quantity a
+    student is distilled on); None without a reference or when the two live in spaces of other widths."""
+    if reference is None or images.embeddings.shape[1] != reference.embeddings.shape[1]:
+        return None
+    row_of = {int(r): i for i, r in enumerate(reference.indices.tolist())}
+    pairs = [(i, row_of[int(r)]) for i, r in enumerate(images.indices.tolist()) if int(r) in row_of]
+    if not pairs:
+        return None
+    mine, theirs = (torch.tensor(x) for x in zip(*pairs))
+    cos = F.cosine_similarity(images.embeddings[mine].float(), reference.embeddings[theirs].float(), dim=-1)
+    return round(float(cos.mean()), 4)
+
+
+def reduced_view(side: int):
+    """The image reduced (bicubic, aspect kept) to a short side of ``side`` pixels and scaled back to its
+    own size: what a student with a ``side``-pixel input could see of it."""
+    def view(image, _row):
+        image = image.convert("RGB")
+        scale = side / min(image.size)
+        if scale >= 1:
+            return image
+        small = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        return image.resize(small, Image.BICUBIC).resize(image.size, Image.BICUBIC)
+    return view
 
 
 def _cost(model) -> dict:
@@ -69,49 +102,80 @@ def _cost(model) -> dict:
         return {}
 
 
-def run_model(path: str, role: str, prepared: list[PreparedEntry], args: argparse.Namespace) -> dict:
+def run_model(path: str, role: str, prepared: list[PreparedEntry], args: argparse.Namespace,
+              reference: dict[str, EmbeddedImages] | None = None, side: int | None = None) -> dict:
+    """One row of the report. ``side``: the ceiling row, the model on images reduced to that side.
+    With ``reference`` (the reference row's embeddings per dataset), each result gains its mean
+    cosine to them; a reference row fills ``reference`` instead."""
     random_init = bool(args.random_init) and role == "model"
     model = load_model(path, random_init=random_init, device=args.device)
     model.eval()
-    row = {"model": path, "role": role, "random_init": random_init, "fingerprint": model.fingerprint(),
-           **_cost(model), "results": {}}
+    row = {"model": path if side is None else f"{path} at {side} px", "role": role, "random_init": random_init,
+           "fingerprint": model.fingerprint(), **_cost(model), "results": {}}
     for p in prepared:
-        log.info("%s on %s", path, p.entry.name)
-        row["results"][p.entry.name] = evaluate_entry(model, p, batch_size=args.batch_size,
-                                                      num_workers=args.num_workers, progress=not args.no_progress)
+        log.info("%s on %s", row["model"], p.entry.name)
+        result, images = evaluate_entry(model, p, batch_size=args.batch_size, num_workers=args.num_workers,
+                                        progress=not args.no_progress, view=reduced_view(side) if side else None)
+        if role == "reference" and reference is not None:
+            reference[p.entry.name] = images
+        elif reference:
+            result["cosine_to_reference"] = cosine_to(images, reference.get(p.entry.name))
+        row["results"][p.entry.name] = result
     return row
 
 
-def add_retention(rows: list[dict], names: list[str]) -> None:
-    """``retention[d] = score / reference score`` and its mean, for every row, when a reference ran."""
+def chance_of(prepared: PreparedEntry) -> float:
+    """The entry's metric for a model that ranks at random (:func:`clipcore.metrics.chance_score`)."""
+    if prepared.entry.task == "zeroshot":
+        return chance_score(prepared.entry.metric, num_classes=len(prepared.classnames or []))
+    counts = Counter(prepared.text_to_image)
+    return chance_score(prepared.entry.metric, captions_per_image=[counts[i] for i in range(len(prepared.ds))])
+
+
+def add_retention(rows: list[dict], datasets: list[dict]) -> None:
+    """Per row: ``retention[d] = score / reference score`` and ``above_chance_retention[d] = (score - chance) /
+    (reference - chance)``, and their means over the datasets where the reference scores at least twice
+    chance (``datasets[i]["in_mean"]``; those below are listed with the reason, never averaged: a reference
+    near chance would make any ratio meaningless)."""
     ref = next((r for r in rows if r["role"] == "reference"), None)
     if ref is None:
         return
+    for d in datasets:
+        base = ref["results"][d["name"]]["score"]
+        d["reference_score"] = base
+        d["in_mean"] = base >= 2 * d["chance"] and base > 0
+        if not d["in_mean"]:
+            d["left_out"] = (f"the reference scores {100 * base:.1f} %, under twice chance "
+                             f"({100 * 2 * d['chance']:.1f} %)")
     for row in rows:
-        ret = {}
-        for name in names:
-            base = ref["results"][name]["score"]
-            ret[name] = row["results"][name]["score"] / base if base > 0 else None
-        row["retention"] = ret
-        kept = [v for v in ret.values() if v is not None]
-        row["mean_retention"] = sum(kept) / len(kept) if kept else None
+        raw, above = {}, {}
+        for d in datasets:
+            score, base, chance = row["results"][d["name"]]["score"], d["reference_score"], d["chance"]
+            raw[d["name"]] = score / base if base > 0 else None
+            above[d["name"]] = (score - chance) / (base - chance) if base > chance else None
+        row["retention"], row["above_chance_retention"] = raw, above
+        kept = [d["name"] for d in datasets if d["in_mean"]]
+        row["mean_retention"] = sum(raw[n] for n in kept) / len(kept) if kept else None
+        row["mean_above_chance_retention"] = sum(above[n] for n in kept) / len(kept) if kept else None
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     suite = load_suite(args.suite)
     prepared = prepare_suite(suite, args.limit)  # every dataset is checked before any model runs
-    targets = ([(args.reference, "reference")] if args.reference else []) + [(m, "model") for m in args.model]
     start = time.perf_counter()
-    rows = [run_model(path, role, prepared, args) for path, role in targets]
-    names = [p.entry.name for p in prepared]
-    add_retention(rows, names)
+    reference: dict[str, EmbeddedImages] = {}
+    rows = [run_model(args.reference, "reference", prepared, args, reference)] if args.reference else []
+    rows += [run_model(args.reference, "ceiling", prepared, args, reference, side) for side in args.ceiling_side]
+    rows += [run_model(path, "model", prepared, args, reference) for path in args.model]
+    datasets = [{**describe(p), "chance": chance_of(p)} for p in prepared]
+    add_retention(rows, datasets)
     return {
         "format_version": FORMAT_VERSION,
         "suite": str(args.suite),
         "reference": args.reference,
         "limit": args.limit,
-        "datasets": [describe(p) for p in prepared],
+        "datasets": datasets,
         "models": rows,
         "runtime": {"device": str(args.device), "seconds": round(time.perf_counter() - start, 1),
                     "python": platform.python_version(), "torch": torch.__version__},
@@ -126,32 +190,49 @@ def _pct(x: float | None) -> str:
 
 
 def _label(row: dict) -> str:
-    return row["model"] + (" (reference)" if row["role"] == "reference" else "") + (
-        " (random init)" if row["random_init"] else "")
+    role = {"reference": " (reference)", "ceiling": " (ceiling)"}.get(row["role"], "")
+    return row["model"] + role + (" (random init)" if row["random_init"] else "")
+
+
+def _cos(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the results table, shared by Markdown and HTML."""
+    """Header and cells of the results table, shared by Markdown and HTML: per dataset the score, and
+    with a reference its retention and the mean cosine to the reference's embeddings; then the means
+    over the datasets the reference scores at least twice chance on, raw and above chance."""
     names = [d["name"] for d in report["datasets"]]
     has_ref = report["reference"] is not None
     header = ["model", "GFLOPs (image)"]
     for d in report["datasets"]:
         header.append(f"{d['name']} {d['metric']}")
         if has_ref:
-            header.append("% of ref.")
+            header += ["% of ref.", "cos to ref."]
     if has_ref:
-        header.append("mean % of ref.")
+        header += ["mean % of ref.", "mean above-chance % of ref."]
     rows = []
     for row in report["models"]:
         cells = [_label(row), f"{row['image_gflops']:.3f}" if "image_gflops" in row else "—"]
         for name in names:
-            cells.append(_pct(row["results"][name]["score"]))
+            result = row["results"][name]
+            cells.append(_pct(result["score"]))
             if has_ref:
-                cells.append(_pct(row["retention"][name]))
+                cells += [_pct(row["retention"][name]), _cos(result.get("cosine_to_reference"))]
         if has_ref:
-            cells.append(_pct(row["mean_retention"]))
+            cells += [_pct(row["mean_retention"]), _pct(row["mean_above_chance_retention"])]
         rows.append(cells)
     return header, rows
+
+
+def notes(report: dict) -> list[str]:
+    """What a reader must know to read the means: the datasets they leave out, and why."""
+    out = [f"{d['name']} is left out of the means: {d['left_out']}." for d in report["datasets"] if d.get("left_out")]
+    if report["reference"] is not None:
+        out.append("Above-chance retention is (score − chance) ÷ (reference − chance); chance per dataset is in the "
+                   "table below. cos to ref.: the mean cosine between a model's image embedding and the reference's "
+                   "of the same image.")
+    return out
 
 
 def to_markdown(report: dict) -> str:
@@ -159,12 +240,13 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Zero-shot benchmark: `{report['suite']}`", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    lines += ["", "| dataset | data | split | task | metric | images | classes × templates / texts |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [""] + notes(report)
+    lines += ["", "| dataset | data | split | task | metric | chance | images | classes × templates / texts |",
+              "|---|---|---|---|---|---|---|---|"]
     for d in report["datasets"]:
         what = f"{d['num_classes']} × {d['num_templates']}" if d["task"] == "zeroshot" else f"{d['num_texts']} texts"
         lines.append(f"| {d['name']} | `{d['data']}` | {d['split']} | {d['task']} | {d['metric']} "
-                     f"| {d['num_rows']} | {what} |")
+                     f"| {_pct(d.get('chance'))} | {d['num_rows']} | {what} |")
     lines += ["", f"{report['runtime']['device']}, torch {report['runtime']['torch']}, "
                   f"{report['runtime']['seconds']} s."]
     return "\n".join(lines) + "\n"
@@ -181,7 +263,7 @@ def _bar_chart(report: dict, name: str, metric: str) -> str:
         score = row["results"][name]["score"]
         y = 5 + i * bar_h
         w = max(1.0, (width - label_w - 70) * score)
-        colour = "#33507a" if row["role"] == "reference" else "#6d9bd1"
+        colour = {"reference": "#33507a", "ceiling": "#8a8a8a"}.get(row["role"], "#6d9bd1")
         parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="12">'
                      f'{html.escape(_label(row)[-40:])}</text>')
         parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{bar_h - 6}" fill="{colour}"/>')
@@ -194,13 +276,14 @@ def to_html(report: dict) -> str:
     header, rows = table_rows(report)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    note = "".join(f"<p>{html.escape(n)}</p>" for n in notes(report))
     charts = "".join(f"<h3>{html.escape(d['name'])}: {html.escape(d['metric'])}</h3>"
                      f"{_bar_chart(report, d['name'], d['metric'])}" for d in report["datasets"])
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}td:first-child{text-align:left}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Zero-shot benchmark</title>"
             f"<style>{style}</style></head><body><h1>Zero-shot benchmark: {html.escape(report['suite'])}</h1>"
-            f"<table><tr>{head}</tr>{body}</table><h2>Per dataset</h2>{charts}"
+            f"<table><tr>{head}</tr>{body}</table>{note}<h2>Per dataset</h2>{charts}"
             f"<p>{html.escape(report['runtime']['device'])}, torch {html.escape(report['runtime']['torch'])}, "
             f"{report['runtime']['seconds']} s.</p></body></html>\n")
 
@@ -223,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", required=True,
                    help="a teacher or saved student directory, or hub id; repeat for several models")
     p.add_argument("--reference", default=None, help="the model retention is measured against (run first)")
+    p.add_argument("--ceiling-side", type=int, action="append", default=[], metavar="PX",
+                   help="also score the reference on every image reduced to a short side of PX pixels and scaled "
+                        "back up: what a student with a PX-pixel input could reach (repeatable; needs --reference)")
     p.add_argument("--random-init", action="store_true",
                    help="build each --model (not the reference) with random weights")
     p.add_argument("--suite", required=True, help="YAML list of datasets, e.g. suites/shared.yaml")
@@ -243,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+    if args.ceiling_side and not args.reference:
+        raise ValueError("--ceiling-side scores the reference on reduced images: give --reference too")
+    if any(side < 1 for side in args.ceiling_side):
+        raise ValueError(f"--ceiling-side must be a positive number of pixels, got {args.ceiling_side}")
     report = run(args)
     paths = write_report(report, args.out)
     print(to_markdown(report))
@@ -250,9 +340,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m distill.benchmark`` and ``clip-distill benchmark``: exit 0 done, 2 bad input."""
     try:
-        main()
+        main(argv)
     except (ValueError, OSError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

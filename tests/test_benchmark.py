@@ -147,7 +147,8 @@ def test_benchmark_cli_two_models_with_reference(tiny_clip_dir, tmp_path):
     assert [d["name"] for d in report["datasets"]] == ["labelled", "captions"]
     ref, a, b = report["models"]
     assert ref["role"] == "reference" and not ref["random_init"] and a["random_init"]
-    assert ref["retention"] == {"labelled": 1.0, "captions": 1.0} and ref["mean_retention"] == 1.0
+    kept = [d["name"] for d in report["datasets"] if d["in_mean"]]  # a random tiny model may sit near chance
+    assert ref["retention"] == {"labelled": 1.0, "captions": 1.0} and ref["mean_retention"] == (1.0 if kept else None)
     lab = a["results"]["labelled"]
     assert lab["num_images"] == 19 and lab["num_failed_images"] == 1  # limit 20, row 3 is corrupt
     assert lab["score"] == lab["metrics"]["top1"]
@@ -199,3 +200,70 @@ def test_benchmark_cli_subprocess_on_shared_data(tiny_clip_dir, tmp_path):
     assert report["datasets"][0]["num_classes"] == 10 and report["datasets"][0]["num_templates"] == 18
     assert report["models"][1]["results"]["coco-mini"]["metrics"]["num_images"] == 64
     assert report["models"][1]["mean_retention"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ chance, means, cosine, ceiling
+
+
+def test_chance_scores():
+    from clipcore.metrics import chance_score
+
+    assert chance_score("top1", num_classes=10) == 0.1 and chance_score("top5", num_classes=10) == 0.5
+    assert chance_score("top5", num_classes=3) == 1.0 and chance_score("mean_per_class_recall", num_classes=4) == 0.25
+    # 2 images with 1 caption each: R@1 1/2 (its caption among 1 of 2 texts), R@5 1 (every text is in the top 5)
+    assert chance_score("image_to_text_R@1", captions_per_image=[1, 1]) == 0.5
+    assert chance_score("image_to_text_R@5", captions_per_image=[1, 1]) == 1.0
+    # 3 images, 5 captions each, 15 texts, R@1: 5/15
+    assert chance_score("image_to_text_R@1", captions_per_image=[5, 5, 5]) == pytest.approx(1 / 3)
+    # 10 texts; an image with 2 of them misses both in 2 draws with P = 8/10 * 7/9
+    assert chance_score("image_to_text_R@2", captions_per_image=[2, 8]) == pytest.approx(
+        ((1 - 8 / 10 * 7 / 9) + (1 - 2 / 10 * 1 / 9)) / 2)
+    assert chance_score("text_to_image_R@5", captions_per_image=[1] * 20) == 0.25
+    with pytest.raises(ValueError, match="number of classes"):
+        chance_score("top1", num_classes=0)
+
+
+def test_means_leave_out_datasets_where_the_reference_is_near_chance():
+    from distill.benchmark import add_retention, notes
+
+    datasets = [{"name": "easy", "chance": 0.1}, {"name": "digits", "chance": 0.1}, {"name": "zero", "chance": 0.01}]
+    ref = {"role": "reference", "results": {"easy": {"score": 0.6}, "digits": {"score": 0.15}, "zero": {"score": 0.0}}}
+    student = {"role": "model", "results": {"easy": {"score": 0.35}, "digits": {"score": 0.6}, "zero": {"score": 0.2}}}
+    add_retention([ref, student], datasets)
+    # the digit set (reference 15 %, chance 10 %) would read 400 %: listed, not averaged; a zero reference too
+    assert [d["in_mean"] for d in datasets] == [True, False, False]
+    assert student["retention"]["digits"] == pytest.approx(4.0) and student["retention"]["zero"] is None
+    assert student["mean_retention"] == pytest.approx(0.35 / 0.6)
+    assert student["above_chance_retention"]["easy"] == pytest.approx(0.25 / 0.5)
+    assert student["mean_above_chance_retention"] == pytest.approx(0.5)
+    assert ref["mean_retention"] == 1.0 and ref["mean_above_chance_retention"] == 1.0
+    said = " ".join(notes({"datasets": datasets, "reference": "r"}))
+    assert "digits is left out of the means: the reference scores 15.0 %, under twice chance (20.0 %)" in said
+    assert "zero is left out" in said
+
+
+def test_benchmark_reports_cosine_to_the_reference_and_a_ceiling(tiny_clip_dir, tmp_path):
+    from distill.benchmark import main
+
+    out = tmp_path / "out"
+    report = main(["--model", str(tiny_clip_dir), "--model", str(tiny_clip_dir), "--random-init",
+                   "--reference", str(tiny_clip_dir), "--ceiling-side", "8", "--suite", str(_two_entry_suite(tmp_path)),
+                   "--out", str(out), "--batch-size", "8", "--no-progress"])
+    ref, ceiling, same, rand = report["models"]
+    assert ceiling["role"] == "ceiling" and ceiling["model"].endswith("at 8 px")
+    for name in ("labelled", "captions"):
+        assert same["results"][name]["cosine_to_reference"] == pytest.approx(1.0, abs=1e-4)  # the same model
+        assert rand["results"][name]["cosine_to_reference"] < 0.99  # random weights: another embedding
+        assert ceiling["results"][name]["cosine_to_reference"] < 0.999  # 8 px loses something of 16+ px images
+        assert "cosine_to_reference" not in ref["results"][name]
+    assert all(0 < d["chance"] <= 1 for d in report["datasets"])
+    md = (out / "benchmark.md").read_text()
+    assert "(ceiling)" in md and "cos to ref." in md and "mean above-chance % of ref." in md
+
+
+def test_ceiling_needs_a_reference(tiny_clip_dir, tmp_path):
+    from distill.benchmark import main
+
+    with pytest.raises(ValueError, match="--ceiling-side .* --reference"):
+        main(["--model", str(tiny_clip_dir), "--ceiling-side", "32", "--suite", str(_two_entry_suite(tmp_path)),
+              "--out", str(tmp_path / "o")])
