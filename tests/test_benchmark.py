@@ -64,7 +64,8 @@ def test_parse_suite_defaults_and_shared_suite_file():
     assert entries[0].metric == "top1" and entries[0].templates == "openai_cifar"
     assert entries[1].metric == "image_to_text_R@5"
     shared = load_suite(REPO / "suites" / "shared.yaml")
-    assert [e.name for e in shared] == ["cifar10", "tiny-imagenet", "coco-mini"]
+    assert [e.name for e in shared] == ["cifar10", "tiny-imagenet", "coco-mini", "scene-photos"]
+    assert shared[3].split == "validation" and shared[3].task == "retrieval"  # a tuning split, never "train"
     assert len(load_suite(REPO / "suites" / "clip_benchmark.yaml")) >= 4
 
 

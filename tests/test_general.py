@@ -67,6 +67,14 @@ def test_general_recipe_parses_and_never_sees_cifar():
     assert cfg.student.image_size >= 64
 
 
+def test_photo_recipe_trains_on_scene_photos_train_with_captions_never_on_test_sets():
+    cfg = load_config(REPO / "configs" / "general_photos.yaml")
+    sources = cfg.data.sources()
+    photos = [s for s in sources if "scene-photos" in s.path]
+    assert len(photos) == 1 and photos[0].split == "train" and photos[0].caption_column == "captions"
+    assert not any("cifar" in s.path or "coco-mini" in s.path for s in sources)
+
+
 # -------------------------------------------------------------------------------- vocabulary
 
 
