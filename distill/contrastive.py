@@ -27,6 +27,7 @@ from clipcore.loading import load_dual_encoder
 from clipcore.losses import clamp_log_scale_, logit_scale, total_loss
 from clipcore.templates import get_templates
 from clipcore.towers import TowerDualEncoder, build_reference_dual_encoder
+from clipcore.zeroshot import validate_labels
 from distill.config import ConfigError, ContrastiveConfig, DataConfig, TrainConfig
 from distill.features import cached_image_tower_features, cached_text_tower_features
 from distill.train_data import TrainRows
@@ -239,6 +240,12 @@ def build_contrastive(cfg: TrainConfig, accelerator):
     ds = load_hf_dataset(spec)
     cols = resolve_columns(ds, spec)
     texts, classnames = build_texts(cfg.data, c, ds, cols)
+    labels = list(ds[cols.label]) if cols.label else [-1] * len(ds)
+    if texts.class_rows:  # each label picks its class's prompts: checked before any tower pass
+        if not cols.label:
+            raise ConfigError(f"{spec.label}: class-name prompts need a label column; the dataset has none "
+                              f"(columns {ds.column_names}); set data.label_column")
+        validate_labels(labels, len(texts.class_rows), source=spec.label)
     views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
     if c.imagenet_kl_weight > 0 and not isinstance(model, TowerDualEncoder):
         raise ConfigError("contrastive.imagenet_kl_weight needs an image tower with ImageNet logits (reference:*)")
@@ -251,7 +258,6 @@ def build_contrastive(cfg: TrainConfig, accelerator):
     tok = model.tokenize(texts.texts) if text_cache is None else {}
     task = ContrastiveTask(model, split, texts, c, image_cache, text_cache, tok.get("input_ids"),
                            tok.get("attention_mask"), image_feat_dim=feat_dim)
-    labels = list(ds[cols.label]) if cols.label else [-1] * len(ds)
     images = None if image_frozen else ImageDataset(ds, {"student": model.image_transform}, cols, name=spec.label)
     rows = TrainRows(len(ds), views, images, labels)
     return task, rows, classnames
