@@ -626,7 +626,8 @@ def write_reports(out: Path, env: dict, rows: list[Row], elapsed: float, setting
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # a fixed prog: under `clip-distill gpu-check` the default (sys.argv[0]) would name the wrong command
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for gpu_check.json and gpu_check.md")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every code path in under a minute on a CPU")

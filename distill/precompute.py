@@ -36,6 +36,7 @@ from clipcore.dual_encoder import DualEncoder
 from clipcore.imaging import ImageDecodeError, decode_image
 from clipcore.loading import load_teacher
 from distill import shards
+from distill.cli import debug_requested, run_cli
 from distill.config import ConfigError, TrainConfig, load_config
 
 log = logging.getLogger("distill.precompute")
@@ -138,10 +139,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.getLogger("distill").setLevel(logging.INFO)
     p = argparse.ArgumentParser(prog="python -m distill.precompute", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="a training recipe (YAML); key=value overrides follow")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also: CLIP_DISTILL_DEBUG=1)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     return precompute(load_config(args.config, args.overrides))
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m distill.precompute``: exit 0 done, 2 bad input, 1 otherwise (distill/cli.py)."""
+    return run_cli(lambda: main(argv), debug_requested(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
