@@ -58,7 +58,8 @@ def evaluate_entry(model, prepared: PreparedEntry, *, batch_size: int, num_worke
     images = embed_images(model, make_loader(dataset, batch_size, num_workers=num_workers), desc=e.name,
                           progress=progress)
     if e.task == "zeroshot":
-        metrics = zeroshot_eval(model, images, prepared.classnames, prepared.templates)
+        # repeated names were accepted, with their one warning, when the suite was prepared
+        metrics = zeroshot_eval(model, images, prepared.classnames, prepared.templates, allow_duplicates=True)
     else:
         metrics = retrieval_eval(model, images, prepared.texts, prepared.text_to_image)
     return {"score": score_of(metrics, e.metric), "metrics": metrics, "num_images": int(images.embeddings.shape[0]),

@@ -80,11 +80,18 @@ def zeroshot_eval(
     images: EmbeddedImages,
     classnames: Sequence[str],
     templates: str | Sequence[str],
+    *,
+    allow_duplicates: bool = False,
 ) -> dict:
-    """Zero-shot top-1/top-5/mean-per-class recall of already-embedded images."""
+    """Zero-shot top-1/top-5/mean-per-class recall of already-embedded images.
+
+    Args:
+        allow_duplicates: repeated class names, already checked (and warned about) by the caller
+            (:func:`clipcore.zeroshot.validate_classnames`); each index keeps its own head row.
+    """
     if images.labels is None:
         raise ValueError("zero-shot evaluation needs a label column")
-    head = build_classifier(model, classnames, templates)
+    head = build_classifier(model, classnames, templates, allow_duplicates=allow_duplicates)
     logits = model.logits(images.embeddings.to(model.device), head.to(model.device)).cpu()
     out = classification_metrics(logits, images.labels)
     out.update(num_classes=len(classnames), num_templates=len(get_templates(templates)))
@@ -142,7 +149,8 @@ def _zeroshot_names(args: argparse.Namespace, ds, cols, templates: Sequence[str]
     names = classnames_for(ds, cols.label, args.classnames)
     if names is None:
         raise ValueError(f"{args.data}: label column {cols.label!r} is not a ClassLabel; pass --classnames")
-    names, _ = validate_zeroshot_inputs(names, templates, ds[cols.label],
+    # an evaluation, not a head that ships: standard lists (ImageNet-1k's) repeat names; one warning
+    names, _ = validate_zeroshot_inputs(names, templates, ds[cols.label], allow_duplicates=True,
                                         source=f"{args.data}[{args.split}] column {cols.label!r}")
     return names
 
@@ -209,7 +217,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "num_failed_images": images.num_failed,
     }
     if names is not None:
-        report["zeroshot"] = zeroshot_eval(model, images, names, templates)
+        report["zeroshot"] = zeroshot_eval(model, images, names, templates, allow_duplicates=True)
         report["zeroshot"]["templates"] = args.templates
     if "retrieval" in tasks:
         if not cols.captions:

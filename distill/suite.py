@@ -167,7 +167,9 @@ def entry_classnames(entry: SuiteEntry, ds: datasets.Dataset, columns: Columns) 
     if entry.classnames is None and labels is None:
         raise ValueError(f"label column {columns.label!r} is not a ClassLabel: give classnames")
     source = None if entry.classnames is None else _classname_source(entry.classnames)
-    names = validate_classnames(resolve_classnames(labels, source))
+    # an evaluation: standard lists (ImageNet-1k's) repeat names; warned about once, here
+    names = validate_classnames(resolve_classnames(labels, source), allow_duplicates=True,
+                                source=f"suite entry {entry.name!r}")
     top = max((v for v in ds[columns.label] if v is not None), default=-1)
     if top >= len(names):
         raise ValueError(f"labels go up to {top} but there are only {len(names)} class names")

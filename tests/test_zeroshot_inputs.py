@@ -1,10 +1,17 @@
 """Class names, labels and templates that would make zero-shot numbers lie are refused up front,
-by one check (:func:`clipcore.zeroshot.validate_zeroshot_inputs`), before any image is embedded."""
+by one check (:func:`clipcore.zeroshot.validate_zeroshot_inputs`), before any image is embedded.
+
+Repeated class names are the one policy that differs by entry point: evaluation (``distill.evaluate``,
+benchmark suites) accepts them with one warning, as standard lists such as ImageNet-1k's repeat
+names; a head that ships (parity, bundles, training) refuses them."""
 
 from __future__ import annotations
 
+import logging
+
 import datasets
 import pytest
+import yaml
 
 from clipcore.templates import get_templates
 from tests.datagen import png, write_labelled
@@ -69,7 +76,7 @@ CASES = {  # (classnames flag, templates flag, integer labels?) -> error
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if c != "duplicate"])  # evaluation accepts repeated names
 def test_evaluate_refuses_before_embedding(tiny_clip_dir, tmp_path, no_embedding, case):
     from distill.evaluate import main
 
@@ -106,3 +113,69 @@ def test_write_bundle_refuses_before_exporting(tiny_clip, tmp_path, no_embedding
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         write_bundle(tiny_clip, names, templates, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def duplicate_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "duplicate class names" in r.getMessage()]
+
+
+def test_repeated_names_are_an_explicit_policy(tiny_clip, caplog):
+    """Refused by default; allowed (one warning, one head row per index) only when asked for."""
+    from clipcore.zeroshot import build_classifier, duplicate_classnames, validate_classnames
+
+    names = ["missile", "dog", " Missile", "sunglasses", "sunglasses"]
+    assert duplicate_classnames(names) == {"missile": [0, 2], "sunglasses": [3, 4]}
+    with pytest.raises(ValueError, match=r"duplicate class names .*'missile' at positions \[0, 2\]"):
+        validate_classnames(names)
+    with pytest.raises(ValueError, match="duplicate class names"):
+        build_classifier(tiny_clip, names, "simple")
+    with caplog.at_level(logging.WARNING, logger="clipcore"):
+        assert validate_classnames(names, allow_duplicates=True, source="imagenet") == names
+        head = build_classifier(tiny_clip, names, "simple", allow_duplicates=True)  # no second warning
+    (warned,) = duplicate_warnings(caplog)
+    assert warned.startswith("imagenet: ") and "'missile' at indices [0, 2]" in warned
+    assert "'sunglasses' at indices [3, 4]" in warned
+    assert head.shape[0] == len(names)
+    assert head[3].allclose(head[4]) and not head[0].allclose(head[1])  # each index keeps its own row
+
+
+def test_evaluate_accepts_repeated_names_with_one_warning(tiny_clip_dir, tmp_path, caplog):
+    from distill.evaluate import main
+
+    data = write_labelled(tmp_path, n=6)
+    with caplog.at_level(logging.WARNING, logger="clipcore"):
+        report = main(["--model", str(tiny_clip_dir), "--data", str(data), "--split", "test", "--templates", "simple",
+                       "--classnames", "cat,dog,Cat", "--no-progress"])
+    (warned,) = duplicate_warnings(caplog)
+    assert "'cat' at indices [0, 2]" in warned and "column 'label'" in warned
+    assert report["zeroshot"]["num_classes"] == 3 and 0 <= report["zeroshot"]["top1"] <= 1
+
+
+def test_benchmark_suite_accepts_repeated_names_with_one_warning(tiny_clip_dir, tmp_path, caplog):
+    """Two models on the entry, one warning: the names are checked once, when the suite is prepared."""
+    from distill.benchmark import main
+
+    data = write_labelled(tmp_path / "d", n=6)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump([{"name": "dup", "data": str(data), "split": "test", "templates": "simple",
+                                      "classnames": ["cat", "dog", "Cat"]}]))
+    with caplog.at_level(logging.WARNING, logger="clipcore"):
+        report = main(["--model", str(tiny_clip_dir), "--reference", str(tiny_clip_dir), "--suite", str(suite),
+                       "--out", str(tmp_path / "out"), "--batch-size", "8", "--no-progress", "--device", "cpu"])
+    (warned,) = duplicate_warnings(caplog)
+    assert warned.startswith("suite entry 'dup': ") and "'cat' at indices [0, 2]" in warned
+    assert all(m["results"]["dup"]["metrics"]["num_classes"] == 3 for m in report["models"])
+
+
+def test_training_refuses_repeated_names_before_the_teacher_runs(tiny_clip_dir, tmp_path):
+    """The trained student's head ships (export, bundle): its class names must be distinct."""
+    from distill.train import main
+
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("{}\n")
+    data = write_labelled(tmp_path / "data", n=6)
+    with pytest.raises(ValueError, match=r"duplicate class names .*'cat' at positions \[0, 2\]"):
+        main(["--config", str(recipe), f"teacher.name_or_path={tiny_clip_dir}", f"data.train={data}",
+              "data.classnames=cat,dog,Cat", "student.arch=test-tiny", "optim.batch_size=4", "progress=false",
+              f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}"])
+    assert not (tmp_path / "cache").exists()  # no teacher target was computed
