@@ -76,10 +76,24 @@ def garbage(path):
     path.write_text("{not json")
 
 
+def nan_row(path):  # same size, same header: only a checksum (or a finiteness check) sees it
+    arr = np.load(path, mmap_mode="r+")
+    arr[3] = np.nan
+    arr.flush()
+
+
+def flip_row(path):  # same size, finite: only a checksum sees it
+    arr = np.load(path, mmap_mode="r+")
+    arr[3] = -arr[3]
+    arr.flush()
+
+
 @pytest.mark.parametrize("damage, target", [
     (truncate, "images-r0.npy"),  # was: "mmap length is greater than file size"
     (reshape, "images-r0.npy"),  # a shard of another shape
     (garbage, "meta.json"),
+    (nan_row, "images-r0.npy"),  # issue 28 item 11: was served as a cache hit
+    (flip_row, "images-r0.npy"),  # issue 28 item 11: was served as a cache hit
     (truncate, "texts"),
 ])
 def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage, target):

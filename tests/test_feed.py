@@ -77,3 +77,53 @@ def test_workers_carry_the_epoch_of_augmented_views(setup, tmp_path):
 def test_forced_pixel_store_says_why_it_cannot_be_used(setup, tmp_path):
     with pytest.raises(ConfigError, match="cache.enabled=false"):
         main(_args(setup, tmp_path / "x", "optim.max_steps=1", "data.pixel_store=true", "cache.enabled=false"))
+
+
+class _OneProcess:
+    """What get_or_build needs of an Accelerator, for one process."""
+
+    is_local_main_process = True
+
+    def local_main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _flip(path):
+    import numpy as np
+
+    arr = np.load(path, mmap_mode="r+")
+    arr[5] = 255 - arr[5]
+    arr.flush()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip])
+def test_a_damaged_pixel_store_is_rebuilt_with_a_warning(setup, tmp_path, caplog, damage):
+    """Issue 28 item 11: a truncated pixels.npy failed every later run (`mmap length is greater than
+    file size`, no path); a same-size corrupted one was used."""
+    import logging
+
+    import numpy as np
+
+    from clipcore.data import DataSpec, load_hf_dataset
+    from clipcore.imaging import ImageTransform
+    from distill import pixel_store
+
+    ds = load_hf_dataset(DataSpec(str(setup[2]), split="train"))
+    transform = ImageTransform(size=16, crop_size=(16, 16))
+    first = pixel_store.get_or_build(ds, "image", transform, tmp_path, "data", _OneProcess())
+    want = np.array(first.pixels)
+    damage(first.path / "pixels.npy")
+    with caplog.at_level(logging.WARNING, logger="distill.train"):
+        again = pixel_store.get_or_build(ds, "image", transform, tmp_path, "data", _OneProcess())
+    assert f"pixel store {first.path}: " in caplog.text and "rebuilding it" in caplog.text, caplog.text
+    np.testing.assert_array_equal(again.pixels, want)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distill.train"):
+        pixel_store.get_or_build(ds, "image", transform, tmp_path, "data", _OneProcess())
+    assert "rebuilding" not in caplog.text  # healthy again
