@@ -1,15 +1,17 @@
-"""Render a parity report's HTML in headless Chromium and check what a reader would see.
+"""Render a report's HTML (parity.html, benchmark.html) in headless Chromium and check what a reader would see.
 
     apt-get install -y chromium                                    # Debian's package
     python scripts/check_report_html.py outputs/default/export/parity.html [--png shot.png]
+    python scripts/check_report_html.py outputs/benchmark/benchmark.html
 
 Checks, in a real browser: the page loads without a script or resource error; every ``<img>``
 (the flipped images' inline thumbnails) decoded and has a size on screen; every inline ``<svg>``
 (the accuracy/latency, agreement and KL/cosine histogram plots) is laid out with a non-zero size;
 and the screenshot is not blank. Prints a JSON summary; exits 0 when all pass, 1 when one fails,
-2 when Chromium is missing. ``tests/test_flips.py`` runs it on a fresh report and skips without
-Chromium. Nothing is fetched: the report is self-contained and Chromium runs with networking
-features off.
+2 when Chromium is missing. ``tests/test_flips.py`` (parity) and ``tests/test_benchmark_html.py``
+run it on fresh reports; they skip without Chromium, except in CI (.ci/run installs it and sets
+CLIP_DISTILL_REQUIRE_CHROMIUM=1, which makes a missing browser a failure). Nothing is fetched: the
+reports are self-contained and Chromium runs with networking features off.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def _blank(png: Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("html", help="parity.html")
+    p.add_argument("html", help="parity.html or benchmark.html")
     p.add_argument("--png", default=None, help="also keep the screenshot here")
     p.add_argument("--chromium", default=None, help="browser binary (default: chromium on PATH)")
     args = p.parse_args(argv)

@@ -10,6 +10,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def require_chromium() -> str:
+    """The Chromium binary for the real-browser report checks, or skip the test saying so; with
+    CLIP_DISTILL_REQUIRE_CHROMIUM=1 (.ci/run, which installs it) a missing browser fails instead."""
+    from scripts.check_report_html import find_chromium
+
+    binary = find_chromium()
+    if binary is None:
+        message = "needs Chromium (Debian: apt-get install -y chromium); absent here"
+        if os.environ.get("CLIP_DISTILL_REQUIRE_CHROMIUM", "") not in ("", "0"):
+            pytest.fail(message + ", and CLIP_DISTILL_REQUIRE_CHROMIUM is set")
+        pytest.skip(message)
+    return binary
+
+
 def require_shared(sub: str = "") -> Path:
     """Path into ../shared/data, or skip the test with a clear message when it is absent."""
     path = SHARED_DATA / sub

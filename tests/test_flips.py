@@ -21,6 +21,7 @@ from exports.onnx_export import export_image_encoder
 from exports.parity import DEFAULT_GATES, Gate, ParitySettings, run_parity
 from exports.providers import ProviderInfo
 from students import build_student
+from tests.conftest import require_chromium
 from tests.datagen import write_labelled
 
 CPU_ONLY = ProviderInfo(ort_providers=("CPUExecutionProvider",), cuda_devices=0, torch_cuda=False, tensorrt_version=None)
@@ -108,11 +109,10 @@ def test_flips_in_json_markdown_and_html(report_dir):
 
 
 def test_report_renders_in_headless_chromium(report_dir, tmp_path):
-    from scripts.check_report_html import check, find_chromium
+    from scripts.check_report_html import check
 
-    if find_chromium() is None:
-        pytest.skip("needs Chromium (Debian: apt-get install -y chromium); absent here")
-    result = check(report_dir / "parity.html", tmp_path / "shot.png")
+    binary = require_chromium()
+    result = check(report_dir / "parity.html", tmp_path / "shot.png", binary)
     assert result["errors"] == [] and not result["screenshot_blank"], result
     assert result["images"] == result["images_decoded"] == 3  # the thumbnails decoded and are on screen
     assert result["plots"] == result["plots_laid_out"] == 3  # accuracy/latency, agreement, histograms
