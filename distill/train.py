@@ -117,7 +117,9 @@ def check_weights_finite(task: torch.nn.Module, step: int, last_checkpoint: Path
 
 @torch.no_grad()
 def check_student_finite(student: DualEncoder, step: int, last_checkpoint: Path | None) -> None:
-    """One image and one text forward pass of the student to be saved must give finite embeddings."""
+    """One image and one text forward pass of the student to be saved, on a fixed probe input, must
+    give finite embeddings: finite weights can still give NaN outputs (an overflow, BatchNorm
+    statistics), and a checkpoint is only ever called good once its outputs were checked."""
     height, width = student.image_transform.output_size
     pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0)).to(student.device)
     was_training = student.training
@@ -129,8 +131,8 @@ def check_student_finite(student: DualEncoder, step: int, last_checkpoint: Path 
     bad = [name for name, emb in outputs.items() if not torch.isfinite(emb).all()]
     if bad:
         raise NonFiniteWeightsError(
-            f"step {step}: training diverged: the student's {' and '.join(bad)} embeddings are NaN or inf; "
-            f"final/ is not written. Last good checkpoint: {last_checkpoint or 'none yet'}")
+            f"step {step}: training diverged: the student's {' and '.join(bad)} embeddings are NaN or inf (its "
+            f"weights are finite); nothing is saved from it. Last good checkpoint: {last_checkpoint or 'none yet'}")
 
 
 def evaluate_student(cfg: TrainConfig, student: DualEncoder, classnames: list[str] | None) -> dict:
@@ -392,6 +394,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 metrics = _evaluate(cfg, accelerator, task, data)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.optim.max_steps:
                 check_weights_finite(task, state["step"], last_ckpt)
+                check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
                 last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
             if state["step"] >= cfg.optim.max_steps:
                 break

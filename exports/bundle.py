@@ -77,6 +77,9 @@ def write_bundle(
     if head.shape != (len(names), model.embed_dim):
         raise ValueError(f"class_embeddings shape {tuple(head.shape)}; expected ({len(names)}, {model.embed_dim})")
     head = torch.nn.functional.normalize(head, dim=-1).numpy()
+    if not np.isfinite(head).all():
+        raise ValueError(f"the zero-shot head of {model.name} holds NaN or inf (its text embeddings are not finite); "
+                         f"no bundle is written to {out_dir}")
 
     with tempfile.TemporaryDirectory(prefix="clip-export-") as work:
         fp32 = export_image_encoder(model, Path(work) / "image_encoder.fp32.onnx", opset=opset)
@@ -142,6 +145,7 @@ def assemble_bundle(out_dir: str | Path, encoder: str | Path, head: np.ndarray |
     """
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
+    check_encoder_outputs(encoder, config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -162,6 +166,25 @@ def assemble_bundle(out_dir: str | Path, encoder: str | Path, head: np.ndarray |
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_encoder_outputs(encoder: str | Path, config: dict[str, Any]) -> None:
+    """One forward pass of the image encoder on a fixed probe input must give finite embeddings:
+    finite weights can still overflow to NaN, and a bundle is a promise that the model works.
+
+    Raises:
+        ValueError: naming the encoder file; nothing is written.
+    """
+    from clipcore.imaging import ImageTransform
+    from exports.runtime import OnnxGraph
+
+    size = ImageTransform.from_dict(config["preprocess"]).output_size
+    pixels = np.random.default_rng(0).standard_normal((2, 3, *size)).astype(np.float32)
+    out = OnnxGraph(encoder, IMAGE_ENCODER, threads=1).run({IMAGE_ENCODER.inputs[0].name: pixels})
+    emb = out[IMAGE_ENCODER.outputs[0].name]
+    if not np.isfinite(emb).all():
+        raise ValueError(f"{encoder}: gives NaN or inf image embeddings for a probe input (the model diverged or "
+                         "overflows); no bundle is written")
 
 
 def text_encoder_config(precision: str, source: str | None, **extra: Any) -> dict[str, Any]:

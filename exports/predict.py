@@ -22,7 +22,8 @@ import numpy as np
 
 from clipcore.imaging import ImageDecodeError, decode_image
 from clipcore.templates import get_templates
-from exports.runtime import BundleClassifier, BundleError, InvalidModelError, Prediction, load_bundle
+from exports.runtime import (BundleClassifier, BundleError, InvalidModelError, NonFiniteOutputError, Prediction,
+                             load_bundle)
 from exports.text_runtime import DEFAULT_CACHE, classifier_for_classes
 
 
@@ -94,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.images:
             return 0
 
-    predictions, errors = predict_files(classifier, args.images, args.top_k, args.batch_size, args.max_pixels)
+    try:
+        predictions, errors = predict_files(classifier, args.images, args.top_k, args.batch_size, args.max_pixels)
+    except NonFiniteOutputError as exc:  # a broken model: nothing is printed rather than NaN for every class
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         results = [
             {"image": p, "error": errors[i]} if i in errors

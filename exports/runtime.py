@@ -58,6 +58,10 @@ class BundleError(ValueError):
     """A bundle directory is missing, incomplete, tampered with or inconsistent; the message names the file."""
 
 
+class NonFiniteOutputError(BundleError):
+    """The image encoder gave NaN or inf: no probability is made up from it; the message names the file."""
+
+
 # ----------------------------------------------------------------------------- sessions
 
 
@@ -340,7 +344,15 @@ class BundleClassifier:
             pixels = self.preprocess(images[i : i + batch_size])
             out.append(self.image_encoder.run({IMAGE_ENCODER.inputs[0].name: pixels}, [name])[name])
         # renormalise in float32: fp16 / int8 graphs return embeddings a hair off unit length
-        return l2_normalize(np.concatenate(out).astype(np.float32))
+        return l2_normalize(self._finite(np.concatenate(out)).astype(np.float32))
+
+    def _finite(self, embeddings: np.ndarray) -> np.ndarray:
+        bad = ~np.isfinite(embeddings).all(axis=-1)
+        if bad.any():
+            raise NonFiniteOutputError(
+                f"{self.image_encoder.path}: gives NaN or inf embeddings for {int(bad.sum())} of {len(bad)} images; "
+                "this model is broken (it diverged or overflowed), its probabilities would be NaN")
+        return embeddings
 
     def logits(self, images: Any, batch_size: int = 32) -> np.ndarray:
         """``logit_scale * cos(image, class)``, shape (N, C)."""
@@ -367,7 +379,7 @@ class BundleClassifier:
         """:meth:`predict` for one batch of preprocessed pixels (N, 3, H, W)."""
         _check_count("top_k", top_k)
         name = self.image_encoder.spec.outputs[0].name
-        emb = self.image_encoder.run({IMAGE_ENCODER.inputs[0].name: pixels}, [name])[name]
+        emb = self._finite(self.image_encoder.run({IMAGE_ENCODER.inputs[0].name: pixels}, [name])[name])
         probs = softmax(np.float32(self.logit_scale) * l2_normalize(emb.astype(np.float32)) @ self.text_embeddings.T)
         order = np.argsort(-probs, axis=1, kind="stable")[:, : min(int(top_k), probs.shape[1])]
         return [

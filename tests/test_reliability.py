@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,37 @@ def test_divergence_in_the_last_update_is_caught_before_final(setup, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: step 2: training diverged") and "Traceback" not in "\n".join(err)
     assert not (out / "final").exists() and not (out / "checkpoints" / "step-2").exists()
+
+
+def test_finite_weights_with_nan_outputs_are_never_a_good_checkpoint(setup, tmp_path, capsys, monkeypatch):
+    """Issue 28, item 5: the update of step 2 leaves finite weights whose outputs overflow to NaN.
+    Before, step-2 was saved and the NaN loss of step 3 called it the last good checkpoint."""
+    from distill import train as train_mod
+
+    build = train_mod.build_optimizer
+
+    def poisoning(task, cfg):
+        optimizer = build(task, cfg)
+        step, calls = optimizer.step, []
+
+        def step_then_poison(self, *args, **kwargs):
+            result = step(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                with torch.no_grad():
+                    task.export_student().model.visual_projection.weight.fill_(3e38)  # finite; outputs are not
+            return result
+
+        optimizer.step = types.MethodType(step_then_poison, optimizer)  # the LR scheduler wraps a bound method
+        return optimizer
+
+    monkeypatch.setattr(train_mod, "build_optimizer", poisoning)
+    out = tmp_path / "out"
+    assert cli(_args(setup, out, *RUN)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: step 2: training diverged: the student's image embeddings are NaN or inf"), err
+    assert "Last good checkpoint: none yet" in err
+    assert not (out / "checkpoints" / "step-2").exists() and not (out / "final").exists()
 
 
 def test_metrics_refuse_non_finite_inputs():

@@ -273,3 +273,31 @@ def test_runtime_works_without_torch_or_transformers(tiny_clip, bundle, image_fi
     np.testing.assert_allclose(np.array(data["probs"]), torch_probs(tiny_clip, image_files), atol=1e-5)
     cli = json.loads(proc.stdout)
     assert [r["image"] for r in cli["results"]] == [str(p) for p in image_files]
+
+
+def test_a_model_with_nan_outputs_is_never_bundled_and_never_printed(tiny_clip_dir, bundle, image_files, tmp_path,
+                                                                      capsys):
+    """Issue 28, item 5: finite weights that overflow to NaN outputs were bundled, and predict printed
+    ``nan`` for every class with exit 0 (``--json``: bare ``NaN``, not JSON)."""
+    from clipcore.loading import load_teacher
+    from exports.onnx_export import export_image_encoder
+    from exports.runtime import NonFiniteOutputError
+
+    model = load_teacher(str(tiny_clip_dir))
+    with torch.no_grad():
+        model.model.visual_projection.weight.fill_(3e38)  # finite, but every image embedding overflows
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"image_encoder.onnx: gives NaN or inf image embeddings for a probe input"):
+        write_bundle(model, CLASSES, "simple", tmp_path / "nan")
+    assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan*"))
+    # the runtime refuses such an encoder rather than printing NaN probabilities
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    export_image_encoder(model, broken / "image_encoder.onnx")
+    write_manifest(broken, json.loads((broken / "manifest.json").read_text())["files"])
+    clf = load_bundle(broken, threads=1)
+    with pytest.raises(NonFiniteOutputError, match=r"image_encoder.onnx: gives NaN or inf embeddings for 5 of 5"):
+        clf.predict(image_files)
+    assert predict_main([str(broken), *map(str, image_files), "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ") and "image_encoder.onnx: gives NaN or inf" in out.err
