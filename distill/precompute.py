@@ -103,6 +103,7 @@ def precompute(cfg: TrainConfig) -> dict:
     state = PartialState(cpu=cfg.cpu)
     targets = Path(cfg.data.targets)
     urls = shards.expand_urls(cfg.data.train)
+    shards.check_shards(urls, None)  # a truncated shard is refused now, not after the shards before it
     torch.manual_seed(cfg.seed + 1)  # as the trainer seeds a random-init teacher
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=state.device)
     if state.is_main_process:

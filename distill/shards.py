@@ -130,7 +130,80 @@ def sidecar_done(targets: Path, name: str) -> bool:
     manifest, tar = manifest_path(targets, name), targets / name
     if not manifest.is_file() or not tar.is_file():
         return False
-    return json.loads(manifest.read_text()).get("sha256") == file_sha256(tar)
+    try:
+        return read_manifest(targets, name)["sha256"] == file_sha256(tar)
+    except ShardError:  # a garbage manifest: the sidecar is rewritten
+        return False
+
+
+def read_manifest(targets: Path, name: str) -> dict:
+    """The manifest of sidecar ``name``: a JSON object with its ``sha256`` and ``bytes``.
+
+    Raises:
+        ShardError: missing, unreadable, not JSON or without those fields (naming the file).
+    """
+    path = manifest_path(Path(targets), name)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing, so the sidecar of shard {name} is unfinished; run "
+                         "`python -m distill.precompute` (it resumes where it stopped)") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ShardError(f"{path}: not a sidecar manifest ({type(exc).__name__}: {exc}); delete it and its "
+                         "sidecar and re-run precompute") from exc
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("sha256"), str)
+            and isinstance(manifest.get("bytes"), int)):
+        raise ShardError(f"{path}: not a sidecar manifest (expected a JSON object with sha256 and bytes); "
+                         "delete it and its sidecar and re-run precompute")
+    return manifest
+
+
+def check_tar(path: Path, what: str) -> int:
+    """Walk ``path``'s member headers to its end-of-archive marker; returns the member count.
+
+    Only the 512-byte headers are read (member data is seeked over), so the walk costs a small
+    fraction of reading the shard: a truncated tar is refused here, not after hours of training.
+
+    Raises:
+        ShardError: unreadable, truncated (mid-member, or at a member boundary: no end marker).
+    """
+    import tarfile
+
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            members = sum(1 for _ in tar)
+            f.seek(tar.offset)
+            end = f.read(1024)
+    except (OSError, tarfile.TarError) as exc:
+        raise ShardError(f"{what} {path}: not a readable tar ({type(exc).__name__}: {exc}; truncated?)") from exc
+    if end != bytes(1024):  # tar writers close an archive with two zero blocks
+        raise ShardError(f"{what} {path}: ends after {members} members without the end-of-archive marker "
+                         "(truncated?)")
+    return members
+
+
+def check_shards(urls: Sequence[str], targets: Path | None) -> None:
+    """Before a stream starts: every local corpus shard is a complete tar and, with ``targets``,
+    every shard has its sidecar, with a manifest that parses and a size that matches it, itself a
+    complete tar (its checksum is verified when it is read). ``pipe:`` shards cannot be checked
+    without reading them; their sidecars are.
+
+    Raises:
+        ShardError: naming the first file that fails.
+    """
+    for url in urls:
+        if not url.startswith("pipe:"):
+            check_tar(Path(url).expanduser(), "shard")
+        if targets is None:
+            continue
+        name = shard_name(url)
+        tar, manifest = Path(targets) / name, read_manifest(targets, name)
+        if not tar.is_file():
+            raise ShardError(f"{tar}: the sidecar of shard {url} is missing; run `python -m distill.precompute`")
+        if tar.stat().st_size != manifest["bytes"]:
+            raise ShardError(f"{tar}: {tar.stat().st_size} bytes, its manifest {manifest_path(Path(targets), name).name} "
+                             f"records {manifest['bytes']} (truncated?); delete both and re-run precompute")
+        check_tar(tar, "sidecar")
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -204,7 +277,7 @@ def read_sidecar(targets: Path, name: str) -> Iterator[dict]:
     if not manifest.is_file() or not tar.is_file():
         raise ShardError(f"{tar}: no finished sidecar for shard {name}; run `python -m distill.precompute` "
                          "(it resumes where it stopped)")
-    want = json.loads(manifest.read_text())["sha256"]
+    want = read_manifest(Path(targets), name)["sha256"]
     if file_sha256(tar) != want:
         raise ShardError(f"{tar}: checksum does not match {manifest.name}; delete both and re-run precompute")
     for sample in read_samples(str(tar)):

@@ -212,6 +212,7 @@ def build_stream_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, te
                 raise ConfigError("cache.views > 1 on shards needs precomputed targets (data.targets)")
             views = ViewSpec(views=1, seed=seed)
             transforms["teacher"] = teacher.image_transform
+        shards.check_shards(urls, targets)  # now, not when the stream reaches a bad shard after checkpoints
         names = _classnames(data)
         stream = ShardStream(urls, targets, views, transforms, seed, data.shuffle_buffer, rank, world)
         log.info("streaming %d WebDataset shards (%s), %s", len(urls), data.train,

@@ -276,3 +276,55 @@ def test_datasets_stream_splits_shards_over_processes_and_workers(tmp_path, tiny
         it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
         texts += [next(it)["text"] for _ in range(10)]
     assert sorted(texts) == sorted(f"row {i}" for i in range(20))  # one pass, each row once
+
+
+def _break(case: str, corpus_dir: Path, targets: Path) -> Path:
+    """Damage one file of a copied corpus / sidecar directory; returns the file the error must name."""
+    if case == "truncated-shard":
+        path = corpus_dir / "shard-00003.tar"
+        path.write_bytes(path.read_bytes()[:3000])
+    elif case == "shard-cut-at-a-member":  # what a copy that stopped between members leaves: no end marker
+        import tarfile
+
+        path = corpus_dir / "shard-00003.tar"
+        with tarfile.open(path) as tar:
+            end = tar.getmembers()[2].offset
+        path.write_bytes(path.read_bytes()[:end])
+    elif case == "missing-sidecar":
+        path = targets / "shard-00004.tar"
+        path.unlink()
+    elif case == "missing-manifest":
+        path = targets / "shard-00004.json"
+        path.unlink()
+    elif case == "garbage-manifest":
+        path = targets / "shard-00001.json"
+        path.write_text("{not json")
+    else:  # a truncated sidecar whose manifest still records the full size
+        path = targets / "shard-00005.tar"
+        path.write_bytes(path.read_bytes()[:4096])
+    return path
+
+
+@pytest.mark.parametrize("case", ["truncated-shard", "shard-cut-at-a-member", "missing-sidecar", "missing-manifest",
+                                  "garbage-manifest", "truncated-sidecar"])
+def test_shards_and_sidecars_are_checked_before_training(corpus, one_process_targets, tmp_path, capsys, case):
+    """Issue 28 item 12: a truncated shard failed mid-stream (exit 1 ReadError), a missing sidecar only
+    when the stream reached it (after checkpoints), a garbage manifest named no file."""
+    import shutil
+
+    from distill.train import cli
+
+    root, _, names, teacher, spec = corpus
+    shutil.copytree(Path(spec).parent, tmp_path / "corpus")
+    shutil.copytree(one_process_targets, tmp_path / "targets")
+    bad = _break(case, tmp_path / "corpus", tmp_path / "targets")
+    copied = str(tmp_path / "corpus" / Path(spec).name)
+    evals = write_parquet(source_rows(8)[0], names, tmp_path / "ev")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli(_train_args(root, teacher, out, f"data.train={copied}", f"data.targets={tmp_path / 'targets'}",
+                           "cache.views=2", f"data.eval={evals}", f"data.classnames={','.join(names)}",
+                           "data.shuffle_buffer=0", "optim.max_steps=50", "save_every=1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [x for x in err if x.startswith("error: ")] == err[-1:] and str(bad) in err[-1], err[-3:]
+    assert not (out / "checkpoints").exists()  # refused before the first step
