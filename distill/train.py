@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -176,6 +177,9 @@ def eval_spec(cfg: TrainConfig, limit: int | None) -> DataSpec:
 def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder, out: Path) -> bool:
     """``export.enabled``: ONNX variants, parity report against the teacher, edge bundle. Returns passed."""
     names = cfg.data.eval_classnames if (_other_eval_data(cfg) or cfg.data.eval_classnames) else cfg.data.classnames
+    # final/ now holds this run's student: an earlier export certifies another one, and must not
+    # survive beside it even if this export fails (the new one is renamed into place whole)
+    shutil.rmtree(out / "export", ignore_errors=True)
     result = export_and_check(teacher, student, eval_spec(cfg, cfg.export.parity_limit), out / "export",
                               variants=cfg.export.variants,
                               templates=cfg.data.eval_templates or cfg.data.templates, classnames=names,

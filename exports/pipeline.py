@@ -5,14 +5,20 @@ Outputs, under ``<output_dir>/export``:
 
     onnx/                  the student's ONNX graphs that passed their gates (rejected ones are deleted)
     parity.json|md|html    the parity report (see ``python -m exports.parity``)
-    bundle-<precision>/    the torch-free edge bundle (``python -m exports.predict``), when that
-                           precision passed its gate: assembled from the gated file and class head
-                           themselves, with the report as its certificate (exports.gated_bundle)
+    bundle-<precision>/    the torch-free edge bundle (``python -m exports.predict``), when every
+                           gate passed: assembled from the gated file and class head themselves,
+                           with the report as its certificate (exports.gated_bundle)
+
+The whole directory is built beside it (``.tmp-export``) and renamed into place, replacing the
+previous export whole: a report never sits next to an earlier run's bundle, and a failed gate
+leaves no bundle at all.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -54,21 +60,51 @@ def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec,
                                           "calibration_seed": calibration.shuffle_seed or 0}
     settings = ParitySettings(templates=templates, classnames=classnames, calibration_limit=calibration_limit,
                               text_encoder=bundle_text, **cal)
-    report = run_parity(teacher, student, data, out_dir, variants=variants, settings=settings,
-                        gates=load_gates(gates))
-    paths = report.write(out_dir)
-    bundle = None
-    if bundle_precision:
-        row = next((r for r in report.subjects if r.name == bundle_precision), None)
-        if row is not None and row.status == "kept":
-            text = _text_variant(report) if bundle_text else None
-            if bundle_text and text is None:
-                log.warning("no text encoder in the bundle: neither text-int8 nor text-fp32 passed its gate")
-            bundle = bundle_from_parity(out_dir, bundle_precision, out_dir / f"bundle-{bundle_precision}",
-                                        text_variant=text, overwrite=True)
-        else:
-            log.warning("no %s bundle: that variant was %s", bundle_precision, row.status if row else "not built")
-    return ExportResult(report.passed, paths, bundle, summary_table(report))
+    # Everything is built in a directory beside out_dir and renamed into place at the end: the
+    # previous export (its report, ONNX files and bundle) never survives next to this one's
+    staging = out_dir.parent / f".tmp-{out_dir.name}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run: never read
+    try:
+        report = run_parity(teacher, student, data, staging, variants=variants, settings=settings,
+                            gates=load_gates(gates))
+        for row in report.subjects:  # the report names the files where they will be, not where they were built
+            if row.path and Path(row.path).is_relative_to(staging):
+                row.path = str(out_dir / Path(row.path).relative_to(staging))
+        paths = report.write(staging)
+        bundle = _bundle(report, staging, bundle_precision, bundle_text)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    paths = {k: out_dir / p.name for k, p in paths.items()}
+    return ExportResult(report.passed, paths, bundle and out_dir / bundle.name, summary_table(report))
+
+
+def _bundle(report, parity_dir: Path, precision: str | None, text: bool) -> Path | None:
+    """The gated bundle of ``precision``, only when every gate of the report passed."""
+    if not precision:
+        return None
+    if not report.passed:
+        log.warning("no %s bundle: the parity report failed (%s)", precision, "; ".join(report.failures()))
+        return None
+    row = next((r for r in report.subjects if r.name == precision), None)
+    if row is None or row.status != "kept":
+        log.warning("no %s bundle: that variant was %s", precision, row.status if row else "not built")
+        return None
+    text_variant = _text_variant(report) if text else None
+    if text and text_variant is None:
+        log.warning("no text encoder in the bundle: neither text-int8 nor text-fp32 passed its gate")
+    return bundle_from_parity(parity_dir, precision, parity_dir / f"bundle-{precision}", text_variant=text_variant)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; a previous ``target`` is moved aside first and deleted after."""
+    old = target.parent / f".old-{target.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _text_variant(report) -> str | None:

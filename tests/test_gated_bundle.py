@@ -184,3 +184,27 @@ def test_the_certificate_binds_the_shipped_encoder(run, tmp_path, capsys):
     assert predict_main([str(bundle), "--info"]) == 2
     err = capsys.readouterr()
     assert "image_encoder.onnx" in err.err and "certificate" not in err.out
+
+
+def test_an_export_replaces_the_whole_directory_and_a_failed_gate_leaves_no_bundle(run, tmp_path, monkeypatch):
+    """Issue 28, item 2: run A's bundle stayed beside run B's failed parity.json (a deploy script
+    would ship A). The export is built beside export/ and renamed into place whole."""
+    from exports import pipeline
+
+    monkeypatch.setattr(pipeline, "ParitySettings", lambda **kw: FAST.__class__(**{**FAST.__dict__, **kw}))
+    monkeypatch.setattr(pipeline, "run_parity", lambda *a, **kw: run_parity(*a, **kw, provider_info=CPU_ONLY))
+    spec, out = DataSpec(str(run["root"] / "data"), split="test"), tmp_path / "export"
+
+    def export(**gates):
+        return pipeline.export_and_check(run["teacher"], run["student"], spec, out, variants=["fp32"],
+                                         templates="simple", bundle_precision="fp32", gates=gates)
+
+    first = export()
+    assert first.passed and first.bundle == out / "bundle-fp32" and load_bundle(first.bundle, threads=1)
+    (out / "onnx" / "left-by-run-a.onnx").write_bytes(b"x")
+    second = export(fp32={"min_emb_cosine": 1.5})  # no export reaches a cosine above 1: the gate fails
+    assert not second.passed and second.bundle is None
+    assert not json.loads((out / "parity.json").read_text())["passed"]
+    assert not list(out.glob("bundle-*")) and not (out / "onnx" / "left-by-run-a.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no .tmp-export or .old-export left
+    assert all(str(out) in (s["path"] or str(out)) for s in json.loads((out / "parity.json").read_text())["subjects"])
