@@ -31,6 +31,7 @@ RESUMABLE_KEYS = ("optim.max_steps", "log_every", "eval_every", "save_every", "k
 RESUMABLE_SECTIONS = ("export.",)
 # What a run writes into output_dir besides config.yaml; overwrite=true deletes these first.
 RUN_OUTPUTS = ("checkpoints", "final", "export", "tb", LOG_FILE, "metrics.json")
+FINAL_CONFIG = "training_config.yaml"  # the resolved config saved inside final/
 
 
 class RunDirError(ValueError):
@@ -109,12 +110,12 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(recorded: dict, current: dict) -> list[str]:
+def config_differences(recorded: dict, current: dict, what: str = "checkpoint") -> list[str]:
     """``key (checkpoint X, this run Y)`` for every key that shapes training and differs."""
     old, new = flatten(recorded), flatten(current)
     keys = sorted(k for k in old.keys() | new.keys()
                   if k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS) and old.get(k) != new.get(k))
-    return [f"{k} (checkpoint {old.get(k, '<absent>')!r}, this run {new.get(k, '<absent>')!r})" for k in keys]
+    return [f"{k} ({what} {old.get(k, '<absent>')!r}, this run {new.get(k, '<absent>')!r})" for k in keys]
 
 
 def check_resumable(checkpoint: Path, manifest: dict, current: dict) -> None:
@@ -127,8 +128,9 @@ def check_resumable(checkpoint: Path, manifest: dict, current: dict) -> None:
 
 
 def check_fresh_start(output_dir: Path, current: dict, overwrite: bool) -> None:
-    """A fresh run (no resume) refuses a directory holding checkpoints of another config, unless
-    ``overwrite`` is set (then :func:`clear_outputs` deletes the earlier run's outputs)."""
+    """A fresh run (no resume) refuses a directory holding checkpoints or a ``final/`` of another
+    config (or of an unknown one), unless ``overwrite`` is set (then :func:`clear_outputs` deletes
+    the earlier run's outputs)."""
     if overwrite:
         return
     foreign = []
@@ -139,11 +141,36 @@ def check_fresh_start(output_dir: Path, current: dict, overwrite: bool) -> None:
             diff = [f"unknown config: {exc}"]
         if diff:
             foreign.append(f"{ckpt.name}: {'; '.join(diff)}")
+    final = Path(output_dir) / "final"
+    if final.exists():  # the finished model of an earlier run: replacing it is as final as pruning a checkpoint
+        try:
+            diff = config_differences(_final_config(final), current, "final")
+        except RunDirError as exc:
+            diff = [f"unknown config: {exc}"]
+        if diff:
+            foreign.append(f"final/: {'; '.join(diff)}")
     if foreign:
         raise RunDirError(
-            f"output_dir {output_dir} holds checkpoints of a run with another config ({' | '.join(foreign)}); "
+            f"output_dir {output_dir} holds checkpoints or a final/ model of a run with another config "
+            f"({' | '.join(foreign)}); "
             "choose another output_dir, resume that run with its own config (--resume latest), or pass "
             f"overwrite=true to delete its {', '.join(RUN_OUTPUTS)}")
+
+
+def _final_config(final: Path) -> dict:
+    """The config recorded in ``final/training_config.yaml`` (written by distill.final.save_final)."""
+    import yaml
+
+    path = final / FINAL_CONFIG
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RunDirError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path}: not a mapping of config keys")
+    return config
 
 
 def clear_outputs(output_dir: Path) -> None:

@@ -78,6 +78,23 @@ def test_fresh_run_refuses_checkpoints_of_another_config_unless_overwrite(setup,
     assert _ckpts(out) == ["step-1"] and _steps(out) == [1]
 
 
+def test_a_final_model_of_another_config_is_not_replaced_unless_overwrite(setup, finished, tmp_path):
+    """Issue 28, item 3: with checkpoints/ deleted, a run of another config and architecture replaced
+    final/ silently (exit 0)."""
+    out = _copy(finished, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    recorded = (out / "final" / "training_config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"final/: .*optim\.lr \(final 0\.0005, this run 0\.001\); "
+                                         r"student\.arch \(final 'test-tiny', this run 'test-tiny-vision'\)"):
+        main(_args(setup, out, "optim.max_steps=1", "optim.lr=1e-3", "student.arch=test-tiny-vision"))
+    assert (out / "final" / "training_config.yaml").read_text() == recorded  # untouched
+    (out / "final" / "training_config.yaml").unlink()  # a final/ whose config is unknown is refused too
+    with pytest.raises(ValueError, match=r"final/: unknown config: .*training_config.yaml is missing"):
+        main(_args(setup, out, "optim.max_steps=1"))
+    main(_args(setup, out, "optim.max_steps=1", "optim.lr=1e-3", "student.arch=test-tiny-vision", "overwrite=true"))
+    assert "test-tiny-vision" in (out / "final" / "training_config.yaml").read_text()
+
+
 def test_resume_refuses_another_config_naming_the_keys(setup, finished, tmp_path):
     out = _copy(finished, tmp_path)
     with pytest.raises(ValueError, match=r"cannot resume .*step-4.*loss\.kl_weight \(checkpoint 1\.0, this run 0\.5\); "
