@@ -183,7 +183,7 @@ class TeacherTargetCache:
             view_dim = view_dim or part.shape[1:]
             parts.append(part)
         images = np.concatenate(parts).astype(np.float32)
-        bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        bad = ~np.isfinite(images).all(axis=tuple(range(1, images.ndim)))  # (0, 1, 0) for a texts-only entry
         if bad.any():
             raise DamagedEntry(f"image targets of {int(bad.sum())} rows hold NaN/inf (first: row {int(bad.argmax())})")
         return images

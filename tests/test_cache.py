@@ -129,3 +129,13 @@ def test_an_entry_written_before_texts_had_their_own_key_is_still_read(tmp_path)
     np.testing.assert_array_equal(again.texts, Teacher().texts(A))
     build(tmp_path, teacher, B)
     assert teacher.image_passes == 0 and teacher.text_passes == 1
+
+
+def test_a_texts_only_entry_is_a_hit_when_read_again(tmp_path):
+    """The vocabulary of a mixture is cached as an entry of 0 image rows; reading it back must not
+    trip the finiteness check of the (empty) image targets."""
+    embed = lambda t: np.ones((len(t), 4), np.float32)  # noqa: E731
+    no_rows = lambda s, e: np.zeros((e - s, 1, 0), np.float32)  # noqa: E731
+    first = TeacherTargetCache(tmp_path, "texts").get_or_build(0, no_rows, ["a", "b"], embed)
+    again = TeacherTargetCache(tmp_path, "texts").get_or_build(0, no_rows, ["a", "b"], embed)
+    assert not first.hit and again.hit and again.texts.shape == (2, 4)
