@@ -33,6 +33,7 @@ from PIL import Image
 
 from clipcore.data import ImageDataset, make_loader
 from clipcore.metrics import chance_score
+from distill.cli import output_path_problem
 from distill.evaluate import EmbeddedImages, embed_images, retrieval_eval, zeroshot_eval
 from distill.suite import PreparedEntry, describe, load_suite, prepare_suite
 from students import load_model
@@ -328,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in ("distill", "students"):
         logging.getLogger(name).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    problem = output_path_problem(args.out, "dir")
+    if problem:  # the report is written after every model ran on every dataset
+        raise ValueError(f"--out {args.out}: {problem}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     if args.ceiling_side and not args.reference:

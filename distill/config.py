@@ -436,7 +436,11 @@ def apply_override(data: dict, dotted: str, value: str, cls: type = TrainConfig)
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(hint):
                 raise ConfigError(f"{dotted} is a section; set one of its keys: {field_names(hint)}")
-            node[part] = yaml.safe_load(value) if value != "" else ""
+            try:
+                node[part] = yaml.safe_load(value) if value != "" else ""
+            except yaml.YAMLError as exc:  # e.g. optim.lr=[ : one line naming the key, exit 2
+                problem = getattr(exc, "problem", None) or type(exc).__name__
+                raise ConfigError(f"{dotted}={value!r}: not a valid YAML value ({problem})") from None
             if isinstance(node[part], (int, float)) and hint is str:
                 node[part] = value  # keep "007"-like strings verbatim
             return

@@ -28,7 +28,7 @@ from clipcore.metrics import classification_metrics, retrieval_metrics
 from clipcore.prompts import load_templates
 from clipcore.templates import get_templates
 from clipcore.zeroshot import build_classifier, validate_zeroshot_inputs
-from distill.cli import debug_requested, run_cli
+from distill.cli import debug_requested, output_path_problem, run_cli
 from students import load_model
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} {value}: expected an integer >= {minimum}")
+    problem = args.output and output_path_problem(args.output, "file")
+    if problem:  # the report is written after every task ran
+        raise ValueError(f"--output {args.output}: {problem}")
     return args
 
 

@@ -8,9 +8,11 @@ joins several lists), local files or ``pipe:`` commands (``pipe:curl -s https://
 Sidecar shards (``data.targets=DIR``, written by ``python -m distill.precompute``) hold the
 teacher's targets keyed by the same sample keys, one sidecar per corpus shard with the same file
 name: ``DIR/00003.tar`` holds ``KEY.teacher.npy`` (K views x D, float16), ``KEY.views.json`` (each
-view's crop box and flip in the image's pixels) and ``KEY.captions.npy`` (C captions x D, float16),
-in the order of the corpus shard, and ``DIR/00003.json``, the manifest with its sha256, written
-last: a sidecar without a matching manifest is unfinished. ``DIR/meta.json`` records the teacher,
+view's crop box and flip in the image's pixels), ``KEY.captions.npy`` (C captions x D, float16) and
+``KEY.source.sha256`` (the hash of the image bytes and captions the targets were computed from),
+in the order of the corpus shard, and ``DIR/00003.json``, the manifest with its sha256 and the
+``source`` shard's sha256 and size, written last: a sidecar without a matching manifest is
+unfinished, and one whose shard changed since is stale (precompute redoes it, training refuses it). ``DIR/meta.json`` records the teacher,
 its preprocessing, the views and the seed the sidecars were made with.
 
 Each shard is read by exactly one DataLoader worker of one process: shard ``i`` goes to global
@@ -78,11 +80,77 @@ def assigned(urls: Sequence[str], rank: int, world: int, worker: int = 0, worker
     return [u for i, u in enumerate(urls) if i % total == me]
 
 
-def read_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard: ``{"__key__": ..., "jpg": bytes, ...}`` (local file or ``pipe:``)."""
-    from webdataset.tariterators import tarfile_samples
+def read_samples(url: str, digest=None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard: ``{"__key__": ..., "jpg": bytes, ...}`` (local file or ``pipe:``).
 
-    yield from tarfile_samples([{"url": url}])
+    Args:
+        digest: a :class:`ContentHash` fed every byte of the shard as it is read (to its very end),
+            so that what was read is hashed, not the file as it may be later.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples, url_opener
+
+    if digest is None:
+        yield from tarfile_samples([{"url": url}])
+        return
+    stream = next(url_opener([{"url": url}]))["stream"]
+    reader = _HashingReader(stream, digest)
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": reader}]))
+        while reader.read(1 << 20):  # the padding after the end-of-archive marker
+            pass
+    finally:
+        stream.close()
+
+
+class ContentHash:
+    """sha256 and byte count of a shard's content, fed as it is read."""
+
+    def __init__(self):
+        self.sha256, self.bytes = hashlib.sha256(), 0
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.bytes += len(data)
+
+    def source(self) -> dict:
+        """What a sidecar manifest records of the shard it was computed from."""
+        return {"sha256": self.sha256.hexdigest(), "bytes": self.bytes}
+
+
+class _HashingReader:
+    """A read-only stream that feeds what is read through it to a :class:`ContentHash`."""
+
+    def __init__(self, stream, digest):
+        self.stream, self.digest = stream, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+
+def shard_sha256(url: str) -> dict:
+    """``{"sha256", "bytes"}`` of a corpus shard's content (a ``pipe:`` shard is read to hash it)."""
+    if not url.startswith("pipe:"):
+        path = Path(url).expanduser()
+        return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    from webdataset.tariterators import url_opener
+
+    stream = next(url_opener([{"url": url}]))["stream"]
+    digest = ContentHash()
+    try:
+        while data := stream.read(1 << 20):
+            digest.update(data)
+    finally:
+        stream.close()
+    return digest.source()
+
+
+def sample_digest(sample: dict, url: str) -> str:
+    """sha256 of what a sample's teacher targets are computed from: its image bytes and captions."""
+    h = hashlib.sha256(image_bytes(sample, url))
+    h.update(json.dumps(captions_of(sample, url), ensure_ascii=False).encode())
+    return h.hexdigest()
 
 
 def image_bytes(sample: dict, url: str) -> bytes:
@@ -125,15 +193,54 @@ def manifest_path(targets: Path, name: str) -> Path:
     return targets / (name[: -len(".tar")] + ".json")
 
 
-def sidecar_done(targets: Path, name: str) -> bool:
-    """A sidecar counts as written when its manifest exists and its checksum matches."""
+def sidecar_done(targets: Path, name: str, url: str | None = None) -> bool:
+    """A sidecar counts as written when its manifest exists and its checksum matches and, given the
+    corpus shard's ``url``, when the shard's content is still the one the sidecar was computed from."""
+    return sidecar_problem(targets, name, url) is None
+
+
+def sidecar_problem(targets: Path, name: str, url: str | None = None) -> str | None:
+    """Why sidecar ``name`` must be (re)written, or None when it is finished (see :func:`sidecar_done`)."""
     manifest, tar = manifest_path(targets, name), targets / name
     if not manifest.is_file() or not tar.is_file():
-        return False
+        return "not written"
     try:
-        return read_manifest(targets, name)["sha256"] == file_sha256(tar)
+        recorded = read_manifest(targets, name)
     except ShardError:  # a garbage manifest: the sidecar is rewritten
-        return False
+        return f"{manifest.name} is not a sidecar manifest"
+    if recorded["sha256"] != file_sha256(tar):
+        return f"{tar.name} does not match the checksum in {manifest.name}"
+    if url is None:
+        return None
+    source = recorded.get("source")
+    if not isinstance(source, dict):
+        return "written before sidecars recorded the content hash of their shard"
+    local = None if url.startswith("pipe:") else Path(url).expanduser()
+    if local is not None and local.stat().st_size != source.get("bytes"):
+        return f"shard {url} changed since (its size differs)"
+    if shard_sha256(url)["sha256"] != source.get("sha256"):
+        return f"shard {url} changed since (its sha256 differs)"
+    return None
+
+
+def check_sources(urls: Sequence[str], targets: Path) -> None:
+    """Before a stream starts: every sidecar records the content hash of the shard it was computed
+    from, and a local shard still has that size. (Each sample is then checked against its own
+    recorded hash as it is read, see :func:`sample_digest`.)
+
+    Raises:
+        ShardError: naming the shard and its sidecar.
+    """
+    for url in urls:
+        name = shard_name(url)
+        source = read_manifest(targets, name).get("source")
+        sidecar = Path(targets) / name
+        if not isinstance(source, dict):
+            raise ShardError(f"{sidecar}: written before sidecars recorded the content hash of their shard, so it "
+                             f"cannot be checked against {url}; re-run `python -m distill.precompute`")
+        if not url.startswith("pipe:") and Path(url).expanduser().stat().st_size != source.get("bytes"):
+            raise ShardError(f"shard {url} changed after its targets {sidecar} were computed ({source.get('bytes')} "
+                             "bytes then); re-run `python -m distill.precompute` (it redoes changed shards)")
 
 
 def read_manifest(targets: Path, name: str) -> dict:
@@ -216,10 +323,11 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def write_sidecar(targets: Path, name: str, records: Iterable[dict]) -> dict:
+def write_sidecar(targets: Path, name: str, records: Iterable[dict], source: dict | None = None) -> dict:
     """Write one sidecar atomically (temporary name, fsync, rename), then its manifest (last).
 
-    ``records``: ``{"key", "teacher": (K, D), "views": [...], "captions": (C, D) or None}``.
+    ``records``: ``{"key", "teacher": (K, D), "views": [...], "captions": (C, D) or None, "source":
+    sample_digest}``; ``source``: ``{"sha256", "bytes"}`` of the corpus shard they were computed from.
     """
     from webdataset import TarWriter
 
@@ -232,12 +340,16 @@ def write_sidecar(targets: Path, name: str, records: Iterable[dict]) -> dict:
                       "views.json": json.dumps(rec["views"]).encode()}
             if rec.get("captions") is not None:
                 sample["captions.npy"] = encode_npy(np.asarray(rec["captions"], np.float16))
+            if rec.get("source") is not None:
+                sample["source.sha256"] = rec["source"].encode()
             writer.write(sample)
             count += 1
         writer.close()
         f.flush()
         os.fsync(f.fileno())
     manifest = {"shard": name, "samples": count, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
+    if source is not None:
+        manifest["source"] = dict(source)
     os.replace(tmp, targets / name)
     _atomic_text(manifest_path(targets, name), json.dumps(manifest, indent=1))
     return manifest
@@ -253,14 +365,24 @@ def read_meta(targets: Path) -> dict:
     path = Path(targets) / META
     if not path.is_file():
         raise ShardError(f"data.targets={targets}: no {META}; write the targets with `python -m distill.precompute`")
-    return json.loads(path.read_text())
+    return _json_object(path)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise ShardError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def write_or_check_meta(targets: Path, meta: dict) -> None:
     """Create ``meta.json``, or check that an existing one (a resumed precompute) matches."""
     path = targets / META
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = _json_object(path)
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         if diff:
             raise ShardError(f"{path} was written with other settings ({', '.join(diff)} differ); "
@@ -283,7 +405,8 @@ def read_sidecar(targets: Path, name: str) -> Iterator[dict]:
     for sample in read_samples(str(tar)):
         yield {"key": sample["__key__"], "teacher": decode_npy(sample["teacher.npy"]),
                "views": json.loads(sample["views.json"]),
-               "captions": decode_npy(sample["captions.npy"]) if "captions.npy" in sample else None}
+               "captions": decode_npy(sample["captions.npy"]) if "captions.npy" in sample else None,
+               "source": sample["source.sha256"].decode() if "source.sha256" in sample else None}
 
 
 def apply_view(image, view: dict):

@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from clipcore.imaging import ImageDecodeError, decode_image
-from clipcore.templates import get_templates
+from clipcore.templates import check_template, get_templates
+from distill.cli import output_path_problem
 from exports.runtime import (BundleClassifier, BundleError, InvalidModelError, NonFiniteOutputError, Prediction,
                              load_bundle)
 from exports.text_runtime import DEFAULT_CACHE, classifier_for_classes
@@ -82,11 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {flag} must be a positive integer, got {value}", file=sys.stderr)
             return 2
     try:
+        names = requested_classes(args)  # the flags first: a wrong one fails before the bundle loads
+        templates = requested_templates(args.templates)
+        problem = names is not None and output_path_problem(args.cache_dir, "dir")
+        if problem:
+            raise BundleError(f"--cache-dir {args.cache_dir}: {problem}")
         classifier = load_bundle(args.bundle, threads=args.threads)
-        names = requested_classes(args)
         if names is not None:
-            classifier = classifier_for_classes(classifier, names, requested_templates(args.templates),
-                                                cache_dir=args.cache_dir, threads=args.threads)
+            templates = templates or bundled_templates(classifier)
+            classifier = classifier_for_classes(classifier, names, templates, cache_dir=args.cache_dir,
+                                                threads=args.threads)
     except (BundleError, InvalidModelError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -130,7 +136,7 @@ def requested_classes(args: argparse.Namespace) -> list[str] | None:
     if args.classes is not None and args.classes_file is not None:
         raise BundleError("give --classes or --classes-file, not both")
     if args.classes is not None:
-        return [c.strip() for c in args.classes.split(",") if c.strip()]
+        return distinct([c.strip() for c in args.classes.split(",") if c.strip()], "--classes")
     if args.classes_file is None:
         return None
     path = Path(args.classes_file)
@@ -138,25 +144,57 @@ def requested_classes(args: argparse.Namespace) -> list[str] | None:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"--classes-file {path}: unreadable ({type(exc).__name__}: {exc})") from exc
-    if text.lstrip().startswith("["):
+    if text.lstrip().startswith(("[", "{", '"')):  # JSON (an object would otherwise be one class named '{"a":1}')
         try:
             names = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BundleError(f"--classes-file {path}: invalid JSON ({exc})") from exc
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise BundleError(f"--classes-file {path}: a JSON file must hold a list of strings")
+            raise BundleError(f"--classes-file {path}: a JSON file must hold a list of strings, got a "
+                              f"{type(names).__name__}")
     else:
         names = text.splitlines()
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise BundleError(f"--classes-file {path}: no class names")
+    return distinct(names, f"--classes-file {path}")
+
+
+def distinct(names: list[str], source: str) -> list[str]:
+    """``names``, refused when two are equal ignoring case and spacing: the tokenizers lower-case, so
+    they would get identical head rows and split every vote (as clipcore.zeroshot.validate_classnames)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = " ".join(name.lower().split())
+        if key in seen:
+            raise BundleError(f"{source}: {seen[key]!r} and {name!r} are the same class name (case and spacing "
+                              "ignored); class names must be distinct")
+        seen[key] = name
     return names
+
+
+def bundled_templates(classifier: BundleClassifier) -> list[str]:
+    """The templates the bundle's head was built with, each with exactly one ``{}``.
+
+    Raises:
+        BundleError: naming ``config.json`` and the template (a second slot would fail in ``str.format``).
+    """
+    templates = list(classifier.config.get("templates") or ["{}"])
+    for i, template in enumerate(templates):
+        try:
+            check_template(template)
+        except ValueError as exc:
+            raise BundleError(f"{classifier.path / 'config.json'}: templates[{i}]: {exc}") from None
+    return templates
 
 
 def requested_templates(items: list[str] | None) -> list[str] | None:
     if not items:
         return None
-    return [t for item in items for t in get_templates(item)]
+    try:
+        return [t for item in items for t in get_templates(item)]
+    except ValueError as exc:
+        raise BundleError(f"--templates: {exc}") from None
 
 
 def print_info(classifier: BundleClassifier, as_json: bool) -> None:

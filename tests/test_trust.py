@@ -54,3 +54,140 @@ def test_contrastive_labels_outside_the_class_names_are_refused_before_any_tower
     assert cli(argv) == 2
     err = error_line(capsys.readouterr().err)
     assert str(data) in err and f"label {bad} is outside [0, 3) for 3 class names" in err, err
+
+
+# ------------------------------------------------------------ item 13: the CLI convention everywhere
+
+
+def test_an_override_that_is_not_yaml_names_its_key(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    assert cli(["--config", str(tmp_path / "empty.yaml"), "teacher.name_or_path=t", "data.train=d", "optim.lr=["]) == 2
+    assert error_line(capsys.readouterr().err).startswith("error: optim.lr='[': not a valid YAML value")
+
+
+def one_shard(path):
+    from webdataset import TarWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with TarWriter(str(path), encoder=False) as w:
+        w.write({"__key__": "r0", "jpg": png(0, size=(32, 32)), "cls": b"0"})
+    return path
+
+
+@pytest.mark.parametrize("case", ["unknown-key", "empty-targets", "other-settings", "garbage-meta"])
+def test_precompute_mistakes_are_one_error_line_and_exit_2(model_dir, tmp_path, capsys, case):
+    from distill.precompute import cli as precompute
+
+    shard = one_shard(tmp_path / "corpus" / "00000.tar")
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    args = [f"teacher.name_or_path={model_dir}", f"data.train={shard}", f"data.targets={targets}", "cpu=true"]
+    extra, expected = {
+        "unknown-key": (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        "empty-targets": (["data.targets="], "data.targets is empty"),
+        "other-settings": ([], f"{targets / 'meta.json'} was written with other settings"),
+        "garbage-meta": ([], f"{targets / 'meta.json'}: unreadable"),
+    }[case]
+    if case == "other-settings":
+        (targets / "meta.json").write_text('{"format": "clip-distill-targets-v1", "views": 7}')
+    if case == "garbage-meta":
+        (targets / "meta.json").write_text("{not json")
+    capsys.readouterr()
+    assert precompute([*args, *extra]) == 2
+    assert expected in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("tool", ["predict", "parity", "evaluate", "benchmark"])
+def test_output_paths_are_checked_before_any_model_loads(tmp_path, capsys, tool):
+    """Every other argument names nothing that exists: the output path's error must come first."""
+    a_file, a_dir, nowhere = tmp_path / "a-file", tmp_path / "a-dir", str(tmp_path / "nowhere")
+    a_file.write_text("x")
+    a_dir.mkdir()
+    if tool == "predict":
+        from exports.predict import main as run
+
+        argv, flag = [nowhere, nowhere, "--classes", "cat,dog", "--cache-dir", str(a_file)], "--cache-dir"
+    elif tool == "parity":
+        from exports.parity import main as run
+
+        argv, flag = ["--teacher", nowhere, "--student", nowhere, "--data", nowhere, "--out", str(a_file)], "--out"
+    elif tool == "evaluate":
+        from distill.evaluate import cli as run
+
+        argv, flag = ["--model", nowhere, "--data", nowhere, "--output", str(a_dir)], "--output"
+    else:
+        from distill.benchmark import cli as run
+
+        argv, flag = ["--suite", nowhere, "--model", nowhere, "--out", str(a_file)], "--out"
+    assert run(argv) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {flag} {a_dir if tool == 'evaluate' else a_file}: is a "), line
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tiny_clip, tmp_path_factory):
+    from exports.bundle import write_bundle
+
+    return write_bundle(tiny_clip, ["cat", "dog", "car"], "simple", tmp_path_factory.mktemp("tb") / "b",
+                        text_encoder=True)
+
+
+def rewritten(bundle, dst, **files):
+    """A copy of ``bundle`` with ``files`` ({name: text}) replaced and the manifest re-hashed, so
+    that only their content is wrong."""
+    import hashlib
+    import json
+    import shutil
+
+    shutil.copytree(bundle, dst)
+    for name, text in files.items():
+        (dst / name).write_text(text)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for name in {*manifest["files"], *files}:
+        data = (dst / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_predict_class_lists_and_bundle_templates_are_checked(text_bundle, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from exports.predict import main as predict
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(image)
+    (tmp_path / "object.json").write_text('{"a": 1}')
+    (tmp_path / "list.json").write_text('["cat", "dog"]')
+    config = json.loads((text_bundle / "config.json").read_text())
+    two_slots = rewritten(text_bundle, tmp_path / "two-slots", **{"config.json": json.dumps(
+        {**config, "templates": ["a {} of a {}"]})})
+    cases = [
+        ([str(text_bundle), "--classes", "cat,Cat,dog"], "error: --classes: 'cat' and 'Cat' are the same class name"),
+        ([str(text_bundle), "--classes-file", str(tmp_path / "object.json")],
+         f"error: --classes-file {tmp_path / 'object.json'}: a JSON file must hold a list of strings, got a dict"),
+        ([str(two_slots), "--classes", "cat,dog"], f"error: {two_slots / 'config.json'}: templates[0]: template "),
+        ([str(text_bundle), "--classes", "cat,dog", "--templates", "a {} {}"], "error: --templates: template 'a {} {}'"),
+    ]
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert predict([argv[0], str(image), *argv[1:], "--cache-dir", str(tmp_path / "heads")]) == 2, argv
+        assert error_line(capsys.readouterr().err).startswith(expected), argv
+    assert predict([str(text_bundle), str(image), "--classes-file", str(tmp_path / "list.json"), "--json",
+                    "--cache-dir", str(tmp_path / "heads")]) == 0  # a JSON list is still a class list
+    assert {p["label"] for p in json.loads(capsys.readouterr().out)["results"][0]["predictions"]} == {"cat", "dog"}
+
+
+def test_a_garbage_certificate_is_one_error_line(text_bundle, tmp_path, capsys):
+    import json
+
+    from exports.predict import main as predict
+
+    config = json.loads((text_bundle / "config.json").read_text())
+    bad = rewritten(text_bundle, tmp_path / "bad-cert", **{"certificate.json": "{not json",
+                                                           "config.json": json.dumps({**config, "certificate": "certificate.json"})})
+    capsys.readouterr()
+    assert predict([str(bad), "--info"]) == 2
+    assert str(bad / "certificate.json") in error_line(capsys.readouterr().err)

@@ -17,6 +17,7 @@ import torch
 from clipcore.data import DatasetUnavailableError, DataSpec, DataSpecError
 from clipcore.dual_encoder import DualEncoder, ModelNotFoundError
 from clipcore.loading import load_teacher
+from distill.cli import output_path_problem
 from exports.parity.gates import DEFAULT_GATES, GATE_FIELDS, ParityInputError, load_gates
 from exports.parity.results import ParitySettings, summary_table
 from exports.parity.run import run_parity
@@ -134,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # everything cheap is validated before the models load
+        problem = output_path_problem(args.out, "dir")
+        if problem:
+            raise ParityInputError(f"--out {args.out}: {problem}")
         gates = load_gates(args.gates, args.gate, names=[name for name, _ in args.onnx])
         try:
             variants = check_variant_names([v.strip() for v in args.variants.split(",") if v.strip()])
