@@ -77,3 +77,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_wordpiece_tokenizer(directory: str | Path):
+    """Write a BERT WordPiece tokenizer over single characters (printable ASCII, with and without
+    ``##``) to ``directory`` and return it loaded: a few KB, offline, any text tokenises."""
+    from transformers import BertTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # from_pretrained reads vocab.txt in both majors (5.x's constructor takes a dict, 4.x's a path)
+    tok = BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True)
+    tok.save_pretrained(directory)
+    return tok
+
+
+def make_tiny_tower_teacher(directory: str | Path, seed: int = 0, embed_dim: int = 16, layers: int = 4) -> Path:
+    """Save a tiny random tower teacher (``clipcore.towers``) into ``directory``: EfficientNet-Lite0 at
+    32 px, a 4-layer width-32 BERT over :func:`write_wordpiece_tokenizer`, MLP heads. Needs the
+    ``efficientnet-lite-pytorch`` package (the ``reference`` extra); no weight wheels."""
+    from transformers import BertConfig, BertModel
+
+    from clipcore.towers import TowerDualEncoder, TowerSpec, efficientnet
+
+    directory = Path(directory)
+    tok = write_wordpiece_tokenizer(directory / "tokenizer")
+    torch.manual_seed(seed)
+    spec = TowerSpec(image_variant="lite0", image_size=32, head="mlp", embed_dim=embed_dim, head_hidden=24,
+                     text_max_length=24)
+    text = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=64))  # with the pooler: the loader expects it
+    TowerDualEncoder(spec, efficientnet(spec), text, tok).save_directory(directory)
+    return directory

@@ -84,7 +84,44 @@ class ImageStudentConfig:
     kind: ClassVar[str] = "frozen_text"
 
 
-StudentConfig = Union[ClipStudentConfig, ImageStudentConfig]
+@dataclass(frozen=True)
+class TextStudentConfig:
+    """A text-only student inherited from a tower teacher's BERT text tower (``students.text_student``).
+
+    Attributes:
+        name: registry name.
+        layers: the teacher layers copied, in order (negative: from the end; ``(0, -1)`` = first and
+            last); their count is the student's depth.
+        rank: rank of the factorised token table (``vocab x rank`` + ``rank x width``); None keeps the
+            full table.
+        intermediate: feed-forward width; None keeps the teacher's, smaller keeps its strongest neurons.
+        head: ``"teacher"`` (an MLP head of the teacher's text head's shape, copied from it) or
+            ``"linear"`` (bias-free, random).
+        max_length: context in tokens; None takes the teacher's (``text_max_length``).
+        description: one line for listings.
+    """
+
+    name: str
+    layers: tuple[int, ...]
+    rank: int | None = None
+    intermediate: int | None = None
+    head: str = "teacher"
+    max_length: int | None = None
+    description: str = ""
+    kind: ClassVar[str] = "text"
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError(f"{self.name}: layers is empty; name at least one teacher layer")
+        if self.head not in ("teacher", "linear"):
+            raise ValueError(f"{self.name}: head={self.head!r}; expected teacher or linear")
+        for key in ("rank", "intermediate", "max_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{self.name}: {key}={value}; expected an integer >= 1 or None")
+
+
+StudentConfig = Union[ClipStudentConfig, ImageStudentConfig, TextStudentConfig]
 
 # CLIP's text towers are narrower than its image towers at small scale (TinyCLIP, MobileCLIP-S0
 # use 4-layer text encoders): captions are short and the text side is cheap to run once per class.
@@ -185,5 +222,28 @@ BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
         "test-tiny-resnet", backbone="resnet",
         backbone_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
         image_size=32, description="unit-test size ResNet; teacher text",
+    ),
+)
+
+# Text students of the reference teacher's all-MiniLM-L6-v2 (22.7M parameters; issue 27): each at most
+# a quarter of it, projection head included (tests/test_text_student.py counts them). The token table
+# is most of MiniLM (11.7M of 22.7M) and each full layer 1.77M, so depth, feed-forward width and
+# table rank trade against each other within the 5.68M budget.
+BUILTIN_TEXT_STUDENTS: tuple[TextStudentConfig, ...] = (
+    TextStudentConfig(
+        "minilm-text-L2-r64", layers=(0, -1), rank=64, intermediate=768,
+        description="MiniLM's first and last layers, feed-forward 768 of 1536, token table rank 64; 5.29M",
+    ),
+    TextStudentConfig(
+        "minilm-text-L3-r32", layers=(0, 3, -1), rank=32, intermediate=768,
+        description="MiniLM layers 0, 3 and 5, feed-forward 768 of 1536, token table rank 32; 5.51M",
+    ),
+    TextStudentConfig(
+        "minilm-text-L2-r32-ffn", layers=(0, -1), rank=32,
+        description="MiniLM's first and last layers with their full feed-forward blocks, token table rank 32; 5.51M",
+    ),
+    TextStudentConfig(
+        "test-tiny-text", layers=(0, -1), rank=8, intermediate=16,
+        description="unit-test size: first and last teacher layers, rank 8, feed-forward 16",
     ),
 )

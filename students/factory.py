@@ -10,7 +10,7 @@ from clipcore.dual_encoder import DualEncoder
 from clipcore.imaging import ImageTransform
 from students.backbones import backbone_config, build_image_tower
 from students.clip_student import build_clip_student
-from students.configs import ClipStudentConfig, ImageStudentConfig, StudentConfig
+from students.configs import ClipStudentConfig, ImageStudentConfig, StudentConfig, TextStudentConfig
 from students.image_only import FrozenTextStudent
 from students.inherit import inherit_from_teacher
 from students.registry import get_student_config
@@ -125,8 +125,12 @@ def build_student(
     Raises:
         UnknownStudentError: the name is not registered.
         ValueError: inconsistent arguments, e.g. a tokenizer for an image-only student.
+        TypeError: the name is a text student's (:func:`students.text_student.build_text_student`).
     """
     cfg = get_student_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    if isinstance(cfg, TextStudentConfig):
+        raise TypeError(f"{cfg.name} is a text student (no image side): build it with "
+                        "students.build_text_student(cfg, teacher) and pair it with an image model (distill.pair)")
     if head not in HEADS:
         raise ValueError(f"student.head={head!r}; expected one of {', '.join(HEADS)}")
     if head != "linear" and not isinstance(cfg, ImageStudentConfig):

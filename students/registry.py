@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from students.configs import BUILTIN_STUDENTS, StudentConfig
+from students.configs import BUILTIN_STUDENTS, BUILTIN_TEXT_STUDENTS, StudentConfig
 
 
 class UnknownStudentError(ValueError):
@@ -16,7 +16,7 @@ def register_student(cfg: StudentConfig, *, overwrite: bool = False) -> StudentC
     """Add a named student config.
 
     Args:
-        cfg: a :class:`ClipStudentConfig` or :class:`ImageStudentConfig`.
+        cfg: a :class:`ClipStudentConfig`, :class:`ImageStudentConfig` or :class:`TextStudentConfig`.
         overwrite: replace an entry of the same name instead of raising.
 
     Returns:
@@ -32,7 +32,7 @@ def register_student(cfg: StudentConfig, *, overwrite: bool = False) -> StudentC
 
 
 def list_students(kind: str | None = None) -> list[str]:
-    """Sorted registered names, optionally only those of one kind (``"clip"`` or ``"frozen_text"``)."""
+    """Sorted registered names, optionally only those of one kind (``"clip"``, ``"frozen_text"`` or ``"text"``)."""
     return sorted(name for name, cfg in _REGISTRY.items() if kind is None or cfg.kind == kind)
 
 
@@ -50,5 +50,5 @@ def get_student_config(name: str) -> StudentConfig:
         ) from None
 
 
-for _cfg in BUILTIN_STUDENTS:
+for _cfg in (*BUILTIN_STUDENTS, *BUILTIN_TEXT_STUDENTS):
     register_student(_cfg)

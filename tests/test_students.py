@@ -74,7 +74,7 @@ def test_register_rejects_duplicate_names():
 # --- every registered student builds ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list_students())
+@pytest.mark.parametrize("name", list_students("clip") + list_students("frozen_text"))  # text: test_text_student.py
 def test_every_student_builds_and_embeds(name, tiny_clip):
     # 32 px keeps every entry fast; the native sizes are checked on the meta device below
     student = build_student(name, teacher=tiny_clip, image_size=32).eval()
