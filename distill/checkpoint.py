@@ -6,6 +6,9 @@ id of the run that wrote it and that run's resolved config. A checkpoint is writ
 ``.tmp-*`` directory and renamed into place once its manifest is written, so a run killed mid-write
 leaves no ``step-N``; a file damaged afterwards (truncated, a flipped byte, a disk that lost the
 last writes) no longer matches its checksum, and ``latest`` falls back to an older checkpoint.
+
+``checkpoints/step-*`` holds the checkpoints of one run (the current one, or the one it resumes):
+a run first moves those of other runs into ``checkpoints/previous-<run id>/``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ log = logging.getLogger("distill.train")
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+PREVIOUS_PREFIX = "previous-"  # checkpoints/previous-<run id>/: earlier runs' checkpoints, set aside
 
 
 class CheckpointError(ValueError):
@@ -159,6 +164,38 @@ def _run_id(path: Path) -> str | None:
         return read_manifest(path)["run_id"]
     except CheckpointError:
         return None
+
+
+def earlier_runs_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoints set aside by :func:`set_aside_other_runs` (``checkpoints/previous-<run id>/step-N``)."""
+    root = checkpoint_dir(output_dir)
+    found = root.glob(f"{PREVIOUS_PREFIX}*/step-*") if root.is_dir() else []
+    return sorted(p for p in found if p.is_dir() and _step_of(p) is not None)
+
+
+def set_aside_other_runs(output_dir: str | Path, run_id: str) -> list[Path]:
+    """Move every ``checkpoints/step-N`` that run ``run_id`` did not write into
+    ``checkpoints/previous-<its run id>/step-N`` (``previous-unknown`` without a readable manifest).
+
+    Then ``checkpoints/step-*`` holds this run's checkpoints only: ``--resume latest`` can only
+    continue this run, a checkpoint name is never shared by two runs, and pruning never sees another
+    run's checkpoint. Called by the main process at the start of a run. Returns the new paths.
+    """
+    moved = []
+    for ckpt in list_checkpoints(output_dir):
+        other = _run_id(ckpt)
+        if other == run_id:
+            continue
+        name = other if isinstance(other, str) and re.fullmatch(r"[0-9A-Za-z_-]{1,64}", other) else "unknown"
+        dest = checkpoint_dir(output_dir) / f"{PREVIOUS_PREFIX}{name}" / ckpt.name
+        dest.parent.mkdir(exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)  # the same run's same step, written again by its resumption
+        os.replace(ckpt, dest)
+        moved.append(dest)
+    if moved:
+        log.info("set aside %d checkpoints of earlier runs: %s", len(moved),
+                 ", ".join(str(p.relative_to(checkpoint_dir(output_dir))) for p in moved))
+    return moved
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:

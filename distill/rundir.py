@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from distill.checkpoint import CheckpointError, list_checkpoints, read_manifest
+from distill.checkpoint import CheckpointError, checkpoint_dir, earlier_runs_checkpoints, list_checkpoints, read_manifest
 
 log = logging.getLogger("distill.train")
 LOCK_FILE = ".lock"
@@ -134,13 +134,14 @@ def check_fresh_start(output_dir: Path, current: dict, overwrite: bool) -> None:
     if overwrite:
         return
     foreign = []
-    for ckpt in list_checkpoints(output_dir):
+    root = checkpoint_dir(output_dir)
+    for ckpt in list_checkpoints(output_dir) + earlier_runs_checkpoints(output_dir):
         try:
             diff = config_differences(read_manifest(ckpt)["config"], current)
         except CheckpointError as exc:
             diff = [f"unknown config: {exc}"]
         if diff:
-            foreign.append(f"{ckpt.name}: {'; '.join(diff)}")
+            foreign.append(f"{ckpt.relative_to(root)}: {'; '.join(diff)}")
     final = Path(output_dir) / "final"
     if final.exists():  # the finished model of an earlier run: replacing it is as final as pruning a checkpoint
         try:

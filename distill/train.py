@@ -36,7 +36,8 @@ from clipcore.dual_encoder import DualEncoder
 from clipcore.loading import load_teacher
 from clipcore.metrics import NonFiniteError
 from clipcore.zeroshot import build_classifier
-from distill.checkpoint import RunInfo, load_state, read_manifest, resolve_resume, save_checkpoint
+from distill.checkpoint import (RunInfo, load_state, read_manifest, resolve_resume, save_checkpoint,
+                               set_aside_other_runs)
 from distill.cli import debug_requested, run_cli
 from distill.config import TrainConfig, dump_config, load_config, to_dict
 from distill.contrastive import build_contrastive
@@ -312,12 +313,17 @@ def start_run(cfg: TrainConfig, accelerator) -> tuple[RunInfo, Path | None]:
     if resume is not None:
         manifest = read_manifest(resume)
         check_resumable(resume, manifest, config)
-        return RunInfo(manifest["run_id"], config), resume
-    check_fresh_start(out, config, cfg.overwrite)
-    if cfg.overwrite and accelerator.is_main_process:
-        clear_outputs(out)
+        run = RunInfo(manifest["run_id"], config)
+    else:
+        check_fresh_start(out, config, cfg.overwrite)
+        run = RunInfo(uuid.uuid4().hex, config)  # only the main process's id is written
+    accelerator.wait_for_everyone()  # every process has found its checkpoint before any is moved
+    if accelerator.is_main_process:
+        if resume is None and cfg.overwrite:
+            clear_outputs(out)
+        set_aside_other_runs(out, run.run_id)  # checkpoints/step-* is now this run's alone
     accelerator.wait_for_everyone()
-    return RunInfo(uuid.uuid4().hex, config), None
+    return run, resume
 
 
 def train(cfg: TrainConfig) -> dict:

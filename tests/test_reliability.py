@@ -105,14 +105,38 @@ def test_resume_refuses_another_config_naming_the_keys(setup, finished, tmp_path
     assert _steps(out) == [1, 2, 3, 4, 5]
 
 
+def _run_id(ckpt):
+    return json.loads((ckpt / "manifest.json").read_text())["run_id"]
+
+
 def test_pruning_keeps_other_runs_checkpoints_and_a_fresh_run_restarts_the_log(setup, finished, tmp_path):
     out = _copy(finished, tmp_path)
-    # same config (only run-length keys differ), fresh: allowed, and it prunes only its own checkpoints
+    first = _run_id(out / "checkpoints" / "step-4")
+    # same config (only run-length keys differ), fresh: allowed; the first run's checkpoints are set
+    # aside whole (never overwritten by a same-named one, never pruned), and it prunes only its own
     main(_args(setup, out, "optim.max_steps=3", "save_every=1"))
-    assert _ckpts(out) == ["step-2", "step-3", "step-4"]  # step-1 pruned (keep 2); the first run's step-4 stays
-    run_ids = {p.name: json.loads((p / "manifest.json").read_text())["run_id"] for p in (out / "checkpoints").iterdir()}
-    assert run_ids["step-2"] == run_ids["step-3"] != run_ids["step-4"]
+    assert _ckpts(out) == [f"previous-{first}", "step-2", "step-3"]  # step-1 pruned (keep 2)
+    aside = out / "checkpoints" / f"previous-{first}"
+    assert sorted(p.name for p in aside.iterdir()) == ["step-2", "step-4"]
+    assert {_run_id(p) for p in aside.iterdir()} == {first}
+    assert _run_id(out / "checkpoints" / "step-2") == _run_id(out / "checkpoints" / "step-3") != first
     assert _steps(out) == [1, 2, 3]
+
+
+def test_resume_latest_never_splices_an_earlier_run(setup, finished, tmp_path, caplog):
+    """Issue 28, item 4: an earlier run's step-4 and a fresh same-config run's step-2 in one directory;
+    `--resume latest` took the earlier run's step-4 (a log of [1, 2, 5, ...]), and the fresh run
+    overwrote the earlier run's step-2 with its own."""
+    out = _copy(finished, tmp_path)  # the earlier run: step-2 and step-4
+    first = _run_id(out / "checkpoints" / "step-4")
+    main(_args(setup, out, "optim.max_steps=2", "save_every=1"))  # a fresh run (as if killed after step 2)
+    assert _run_id(out / "checkpoints" / f"previous-{first}" / "step-2") == first  # not overwritten
+    with caplog.at_level(logging.INFO, logger="distill.train"):
+        main(_args(setup, out, "optim.max_steps=3", "--resume", "latest"))
+    assert "at step 2" in caplog.text and _steps(out) == [1, 2, 3]
+    assert _run_id(out / "checkpoints" / "step-3") != first
+
+
 
 
 def test_a_second_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(setup, tmp_path, caplog):
