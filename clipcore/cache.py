@@ -38,6 +38,10 @@ class DamagedEntry(ValueError):
     """A cache file is missing, truncated or does not hold what its marker says."""
 
 
+class NonFiniteTargets(ValueError):
+    """The model that builds the targets (the teacher) gives NaN/inf: bad input, not a failed run."""
+
+
 def cache_key(teacher_fp: str, dataset_fp: str, preprocess: str, views: int, seed: int) -> str:
     blob = json.dumps(
         {"teacher": teacher_fp, "data": dataset_fp, "pre": preprocess, "views": views, "seed": seed}, sort_keys=True
@@ -263,6 +267,16 @@ class TeacherTargetCache:
         shard = np.asarray(embed_rows(start, end), np.float16)
         _atomic_save(self.path / f"images-r{self.rank}.npy", shard)
         self.barrier()
+        # every rank reads every shard (as load_images will), so all raise together and none waits at a barrier;
+        # without meta.json the shards are an unfinished entry, never read
+        bad = 0
+        for r in range(self.world):
+            part = np.load(self.path / f"images-r{r}.npy", mmap_mode="r")
+            bad += int((~np.isfinite(part.reshape(len(part), -1))).any(axis=1).sum())
+        if bad:
+            raise NonFiniteTargets(f"teacher-target cache {self.path}: the teacher gives NaN/inf image embeddings for "
+                                   f"{bad} of {num_rows} rows; nothing was cached (check the teacher's weights and "
+                                   "preprocessing)")
         if self.rank == 0:  # rank 0's (K, D) stands for every shard: load_images checks each against it
             meta = {"num_rows": num_rows, "world": self.world, "views": shard.shape[1], "dim": shard.shape[2],
                     "shards": [file_digest(self.path / f"images-r{r}.npy") for r in range(self.world)]}
@@ -277,7 +291,13 @@ class TeacherTargetCache:
             self.path.mkdir(parents=True, exist_ok=True)
             marker, array = self.path / f"texts-{key}.json", self.path / f"texts-{key}.npy"
             marker.unlink(missing_ok=True)
-            _atomic_save(array, np.asarray(embed_texts(texts), np.float16))
+            embedded = np.asarray(embed_texts(texts), np.float16)
+            bad = ~np.isfinite(embedded).reshape(len(embedded), -1).all(axis=1)
+            if bad.any():  # (one process embeds the texts: with several, the others then wait for it)
+                raise NonFiniteTargets(f"teacher-target cache {self.path}: the teacher gives NaN/inf text embeddings "
+                                       f"for {int(bad.sum())} of {len(texts)} texts (first: {texts[int(bad.argmax())]!r}); "
+                                       "nothing was cached (check the teacher's weights)")
+            _atomic_save(array, embedded)
             meta = {"texts_sha256": _full_texts_sha(texts), "num_texts": len(texts), "sha256": _sha256_bytes(array)}
             _atomic_write_text(marker, json.dumps(meta))
         self.barrier()

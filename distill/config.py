@@ -308,6 +308,7 @@ _BOUNDS = (
     ("data.mix.share", lambda v: 0 <= v <= 1, "a fraction of the batch in [0, 1] (0: no mixes)"),
     ("data.mix.cutmix", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("export.parity_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32) (numpy's and the DataLoader's seeds)"),
 )
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipcore.cache import check_digest, file_digest
+from clipcore.data import DataSpecError
 from clipcore.imaging import ImageDecodeError, ImageTransform, decode_image, to_rgb
 
 log = logging.getLogger("distill.train")
@@ -86,7 +87,7 @@ class PixelStore:
         rows = self.substitute[index]
         if (rows < 0).any():
             bad = int(index[rows < 0][0])
-            raise RuntimeError(f"{self.path}: row {bad} and the rows after it all failed to decode")
+            raise DataSpecError(f"{self.path}: row {bad} and the rows after it all failed to decode")  # bad data: exit 2
         return rows
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:

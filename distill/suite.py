@@ -113,13 +113,16 @@ def _parse_entry(raw: Any, where: str) -> SuiteEntry:
     classnames = raw.get("classnames")
     if classnames is not None and not isinstance(classnames, (str, list)):
         raise SuiteError(f"{where}: classnames must be a file, a comma list or a list, got {classnames!r}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise SuiteError(f"{where}: seed={seed!r}; expected an integer in [0, 2**32)")
     where_rows = raw.get("where")
     if where_rows is not None and not isinstance(where_rows, Mapping):
         raise SuiteError(f"{where}: 'where' must map column names to values, got {where_rows!r}")
     return SuiteEntry(name=raw["name"], data=raw["data"], split=raw.get("split"), task=task, classnames=classnames,
                       templates=raw.get("templates", "openai_cifar"), limit=limit, metric=metric,
                       image_column=raw.get("image_column"), label_column=raw.get("label_column"),
-                      caption_column=raw.get("caption_column"), where=where_rows, seed=int(raw.get("seed", 0)))
+                      caption_column=raw.get("caption_column"), where=where_rows, seed=seed)
 
 
 def parse_suite(data: Any, source: str = "suite") -> list[SuiteEntry]:

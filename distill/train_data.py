@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from clipcore.augment import ViewSpec
 from clipcore.cache import TeacherTargetCache, cache_key
 from clipcore.classnames import classnames_for
-from clipcore.data import DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
+from clipcore.data import DataSpec, DataSpecError, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
 from clipcore.distill_loss import LossConfig
 from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
@@ -70,7 +70,8 @@ class TrainRows(Dataset):
             if item["valid"]:
                 item["substituted"] = attempt
                 return item
-        raise RuntimeError(f"{self.images.name}: rows {index}..{index + self.max_tries - 1} all failed to decode")
+        # unusable data, not a failed run: exit 2 (distill/cli.py)
+        raise DataSpecError(f"{self.images.name}: rows {index}..{index + self.max_tries - 1} all failed to decode")
 
 
 def epoch_batches(num_rows: int, batch_size: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:

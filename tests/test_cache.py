@@ -139,3 +139,28 @@ def test_a_texts_only_entry_is_a_hit_when_read_again(tmp_path):
     first = TeacherTargetCache(tmp_path, "texts").get_or_build(0, no_rows, ["a", "b"], embed)
     again = TeacherTargetCache(tmp_path, "texts").get_or_build(0, no_rows, ["a", "b"], embed)
     assert not first.hit and again.hit and again.texts.shape == (2, 4)
+
+
+def test_a_nan_teacher_is_named_and_nothing_is_cached(tmp_path):
+    """Issue 28 item 14: NaN targets were cached and the run then blamed training ("non-finite loss")."""
+    from clipcore.cache import NonFiniteTargets
+
+    class NanTeacher(Teacher):
+        def rows(self, start, end):
+            out = super().rows(start, end)
+            out[2] = np.nan
+            return out
+
+    with pytest.raises(NonFiniteTargets, match=r"the teacher gives NaN/inf image embeddings for 1 of 10 rows"):
+        build(tmp_path, NanTeacher())
+    assert not (tmp_path / "entry" / "meta.json").exists()  # an unfinished entry: never read
+
+    class NanTexts(Teacher):
+        def texts(self, texts):
+            return super().texts(texts) * np.nan
+
+    with pytest.raises(NonFiniteTargets, match=r"the teacher gives NaN/inf text embeddings for 2 of 2 texts"):
+        build(tmp_path, NanTexts())
+    assert not list((tmp_path / "entry").glob("texts-*"))
+    teacher = Teacher()
+    assert not build(tmp_path, teacher).hit and build(tmp_path, teacher).hit  # a good teacher then builds it

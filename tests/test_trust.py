@@ -191,3 +191,32 @@ def test_a_garbage_certificate_is_one_error_line(text_bundle, tmp_path, capsys):
     capsys.readouterr()
     assert predict([str(bad), "--info"]) == 2
     assert str(bad / "certificate.json") in error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------ item 14: the rest
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_an_all_undecodable_training_set_is_exit_2(model_dir, tmp_path, capsys, cache):
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "car"])})
+    rows = {"image": [{"bytes": b"not an image", "path": f"b{i}.png"} for i in range(16)],
+            "label": [i % 3 for i in range(16)]}
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    capsys.readouterr()
+    assert cli(["--config", str(tmp_path / "empty.yaml"), f"teacher.name_or_path={model_dir}",
+                f"data.train={tmp_path / 'data'}", "student.arch=test-tiny", "optim.batch_size=4", "optim.max_steps=1",
+                "progress=false", f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}",
+                f"cache.enabled={cache}"]) == 2  # was 1: a RuntimeError, "unexpected"
+    assert "all failed to decode" in error_line(capsys.readouterr().err)
+
+
+def test_seeds_out_of_range_name_their_key():
+    from distill.config import ConfigError, load_config
+    from distill.suite import SuiteError, parse_suite
+
+    with pytest.raises(ConfigError, match=r"^seed=-1; expected an integer in \[0, 2\*\*32\)"):
+        load_config(None, ["teacher.name_or_path=t", "data.train=d", "seed=-1"])
+    with pytest.raises(SuiteError, match=r"suite entry 1 \(a\): seed='abc'; expected an integer"):
+        parse_suite([{"name": "a", "data": "x", "seed": "abc"}])
