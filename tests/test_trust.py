@@ -220,3 +220,31 @@ def test_seeds_out_of_range_name_their_key():
         load_config(None, ["teacher.name_or_path=t", "data.train=d", "seed=-1"])
     with pytest.raises(SuiteError, match=r"suite entry 1 \(a\): seed='abc'; expected an integer"):
         parse_suite([{"name": "a", "data": "x", "seed": "abc"}])
+
+
+def test_int8_dynamic_outputs_of_an_image_depend_on_its_batch(tiny_clip, tmp_path):
+    """Issue 28 item 14, documented rather than fixed: dynamic int8 quantises each activation with a
+    scale taken from the whole batch, so an image's embedding moves with the other images of its
+    batch. This measures the size of the effect (docs/reliability.md) and that fp32 has none."""
+    import numpy as np
+
+    from exports.interface import IMAGE_ENCODER
+    from exports.onnx_export import export_image_encoder
+    from exports.precision import make_variant
+    from exports.runtime import OnnxGraph, l2_normalize
+
+    fp32 = export_image_encoder(tiny_clip, tmp_path / "fp32.onnx")
+    int8 = make_variant(fp32, tmp_path / "int8.onnx", "int8-dynamic")
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    batches = [np.concatenate([image, scale * rng.standard_normal((7, 3, 32, 32)).astype(np.float32)])
+               for scale in (0.1, 1.0, 4.0)]  # its batch-mates: low, normal and high contrast
+    shift = {}
+    for path in (fp32, int8):
+        graph = OnnxGraph(path, IMAGE_ENCODER, threads=1)
+        inp, out = IMAGE_ENCODER.inputs[0].name, IMAGE_ENCODER.outputs[0].name
+        alone = l2_normalize(graph.run({inp: image}, [out])[out])[0]
+        shift[path.name] = max(float(1 - l2_normalize(graph.run({inp: b}, [out])[out])[0] @ alone) for b in batches)
+    print(f"1 - cosine(alone, in a batch): {shift}")
+    assert shift["fp32.onnx"] < 1e-6
+    assert 1e-6 < shift["int8.onnx"] < 1e-3  # there, and small: the cosine stays above 0.999
