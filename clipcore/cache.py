@@ -272,7 +272,8 @@ class TeacherTargetCache:
         bad = 0
         for r in range(self.world):
             part = np.load(self.path / f"images-r{r}.npy", mmap_mode="r")
-            bad += int((~np.isfinite(part.reshape(len(part), -1))).any(axis=1).sum())
+            # (an explicit row width: a texts-only entry has 0 rows, and numpy cannot infer -1 from 0 elements)
+            bad += int((~np.isfinite(part.reshape(len(part), int(np.prod(part.shape[1:]))))).any(axis=1).sum())
         if bad:
             raise NonFiniteTargets(f"teacher-target cache {self.path}: the teacher gives NaN/inf image embeddings for "
                                    f"{bad} of {num_rows} rows; nothing was cached (check the teacher's weights and "
