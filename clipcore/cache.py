@@ -293,7 +293,7 @@ class TeacherTargetCache:
             marker, array = self.path / f"texts-{key}.json", self.path / f"texts-{key}.npy"
             marker.unlink(missing_ok=True)
             embedded = np.asarray(embed_texts(texts), np.float16)
-            bad = ~np.isfinite(embedded).reshape(len(embedded), -1).all(axis=1)
+            bad = ~np.isfinite(embedded).all(axis=tuple(range(1, embedded.ndim)))  # no reshape: 0 rows must work too
             if bad.any():  # (one process embeds the texts: with several, the others then wait for it)
                 raise NonFiniteTargets(f"teacher-target cache {self.path}: the teacher gives NaN/inf text embeddings "
                                        f"for {int(bad.sum())} of {len(texts)} texts (first: {texts[int(bad.argmax())]!r}); "
