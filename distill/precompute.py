@@ -12,8 +12,10 @@ corpus shard, a sidecar of the same file name in ``data.targets``: for each samp
 teacher's embeddings of K augmented views (view 0 the plain image, then seeded crops and flips,
 whose boxes are stored with them) and of each of its captions. Shards are dealt round-robin to
 the processes of all machines; each sidecar is written under a temporary name, fsynced, renamed,
-and only then given its manifest (sha256, samples), so a killed run resumes shard by shard:
-finished shards (manifest present, checksum matching) are skipped, others are redone whole.
+and only then given its manifest (sha256, samples, and the sha256 and size of the corpus shard
+as it was read), so a killed run resumes shard by shard: finished shards (manifest present,
+checksum matching, corpus shard unchanged) are skipped, others are redone whole. Checking that a
+corpus shard is unchanged reads it once (a ``pipe:`` shard is streamed for it).
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ def sidecar_meta(cfg: TrainConfig, teacher: DualEncoder) -> dict:
             "embed_dim": teacher.embed_dim}
 
 
-def _samples(url: str, views: ViewSpec) -> Iterator[dict]:
-    """Decoded samples with their K views (PIL images) and view parameters."""
-    for sample in shards.read_samples(url):
+def _samples(url: str, views: ViewSpec, digest=None) -> Iterator[dict]:
+    """Decoded samples with their K views (PIL images), view parameters and content hash."""
+    for sample in shards.read_samples(url, digest):
         key = sample["__key__"]
         try:
             image = decode_image(shards.image_bytes(sample, url), source=f"{url} {key}")
@@ -62,14 +64,15 @@ def _samples(url: str, views: ViewSpec) -> Iterator[dict]:
             box, flip = views.box(key, k, *image.size)
             params.append({"box": list(box), "flip": bool(flip)})
         yield {"key": key, "views": params, "images": [shards.apply_view(image, v) for v in params],
-               "captions": shards.captions_of(sample, url)}
+               "captions": shards.captions_of(sample, url), "source": shards.sample_digest(sample, url)}
 
 
 @torch.no_grad()
-def embed_shard(teacher: DualEncoder, url: str, views: ViewSpec, batch_size: int, device) -> list[dict]:
-    """Sidecar records of one shard, in its order; batches never cross shards (so any process
-    count gives the same bytes)."""
+def embed_shard(teacher: DualEncoder, url: str, views: ViewSpec, batch_size: int, device) -> tuple[list[dict], dict]:
+    """Sidecar records of one shard, in its order, and ``{"sha256", "bytes"}`` of the shard as it was
+    read; batches never cross shards (so any process count gives the same bytes)."""
     records, pending = [], []
+    digest = shards.ContentHash()
 
     def flush():
         pixels = torch.stack([torch.from_numpy(teacher.image_transform(im)) for s in pending for im in s["images"]])
@@ -82,16 +85,17 @@ def embed_shard(teacher: DualEncoder, url: str, views: ViewSpec, batch_size: int
             if s["captions"]:
                 caps = text_emb[start:start + len(s["captions"])].numpy()
                 start += len(s["captions"])
-            records.append({"key": s["key"], "teacher": e.numpy(), "views": s["views"], "captions": caps})
+            records.append({"key": s["key"], "teacher": e.numpy(), "views": s["views"], "captions": caps,
+                            "source": s["source"]})
         pending.clear()
 
-    for sample in _samples(url, views):
+    for sample in _samples(url, views, digest):  # read, and hashed, to the shard's last byte
         pending.append(sample)
         if len(pending) * views.views >= batch_size:
             flush()
     if pending:
         flush()
-    return records
+    return records, digest.source()
 
 
 def precompute(cfg: TrainConfig) -> dict:
@@ -115,14 +119,20 @@ def precompute(cfg: TrainConfig) -> dict:
     for url in mine:  # what a killed run was writing: never read, redone below
         for stale in targets.glob(f".{shards.shard_name(url)}.*.tmp"):
             stale.unlink(missing_ok=True)
-    todo = [u for u in mine if not shards.sidecar_done(targets, shards.shard_name(u))]
+    todo = []
+    for url in mine:
+        problem = shards.sidecar_problem(targets, shards.shard_name(url), url)
+        if problem is not None:
+            todo.append(url)
+            if problem != "not written":
+                log.info("process %d: redoing the sidecar of %s: %s", state.process_index, url, problem)
     log.info("process %d/%d: %d shards, %d finished earlier (skipped), %d to write",
              state.process_index, state.num_processes, len(mine), len(mine) - len(todo), len(todo))
     samples = 0
     for i, url in enumerate(todo):
         t0 = time.perf_counter()
-        manifest = shards.write_sidecar(targets, shards.shard_name(url),
-                                        embed_shard(teacher, url, views, cfg.optim.batch_size, state.device))
+        records, source = embed_shard(teacher, url, views, cfg.optim.batch_size, state.device)
+        manifest = shards.write_sidecar(targets, shards.shard_name(url), records, source)
         samples += manifest["samples"]
         log.info("process %d: %s: %d samples in %.1f s (%d/%d)", state.process_index, manifest["shard"],
                  manifest["samples"], time.perf_counter() - t0, i + 1, len(todo))

@@ -108,6 +108,11 @@ class ShardStream(_Stream):
                 if rec is None or rec["key"] != key:
                     raise shards.ShardError(f"{self.targets / shards.shard_name(url)}: expected targets for {key}, "
                                             f"found {rec and rec['key']}; the sidecar does not match {url}")
+                if rec["source"] != shards.sample_digest(sample, url):  # never train on another image's targets
+                    raise shards.ShardError(
+                        f"shard {url}: sample {key} is not the one its targets in {self.targets / shards.shard_name(url)} "
+                        "were computed from (the shard was rewritten after precompute); re-run "
+                        "`python -m distill.precompute` (it redoes changed shards)")
                 view = self.views.view_for(key, p)
                 image = shards.apply_view(image, rec["views"][view])
                 item["teacher_image"] = torch.from_numpy(rec["teacher"][view].astype("float32"))
@@ -213,6 +218,8 @@ def build_stream_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, te
             views = ViewSpec(views=1, seed=seed)
             transforms["teacher"] = teacher.image_transform
         shards.check_shards(urls, targets)  # now, not when the stream reaches a bad shard after checkpoints
+        if targets is not None:
+            shards.check_sources(urls, targets)  # sidecars of a rewritten shard: stale targets
         names = _classnames(data)
         stream = ShardStream(urls, targets, views, transforms, seed, data.shuffle_buffer, rank, world)
         log.info("streaming %d WebDataset shards (%s), %s", len(urls), data.train,

@@ -328,3 +328,64 @@ def test_shards_and_sidecars_are_checked_before_training(corpus, one_process_tar
     err = capsys.readouterr().err.strip().splitlines()
     assert [x for x in err if x.startswith("error: ")] == err[-1:] and str(bad) in err[-1], err[-3:]
     assert not (out / "checkpoints").exists()  # refused before the first step
+
+
+def _rewrite(path: Path, change) -> None:
+    """Rewrite a corpus shard with the same keys, in order, after ``change(samples)``."""
+    from webdataset import TarWriter
+
+    samples = [{k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")}
+               for s in shards.read_samples(str(path))]
+    change(samples)
+    with TarWriter(str(path), encoder=False) as w:
+        for s in samples:
+            w.write(s)
+
+
+def _swap_first_images(samples):
+    samples[0]["jpg"], samples[1]["jpg"] = samples[1]["jpg"], samples[0]["jpg"]  # same size, other content
+
+
+def test_a_rewritten_shard_gets_new_targets_and_stale_ones_are_refused(corpus, one_process_targets, tmp_path, capsys):
+    """Issue 28, item 1: a shard rewritten with the same keys and new images was skipped by precompute
+    ("finished earlier") and training ran on the old targets, exit 0."""
+    import shutil
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    from distill.precompute import main as precompute
+    from distill.train import cli
+
+    root, _, names, teacher, spec = corpus
+    shutil.copytree(Path(spec).parent, tmp_path / "corpus")
+    shutil.copytree(one_process_targets, tmp_path / "targets")
+    copied, targets = str(tmp_path / "corpus" / Path(spec).name), tmp_path / "targets"
+    shard = tmp_path / "corpus" / "shard-00002.tar"
+    size = shard.stat().st_size
+    _rewrite(shard, _swap_first_images)
+    assert shard.stat().st_size == size  # only the content tells
+    key = next(shards.read_samples(str(shard)))["__key__"]
+    evals = write_parquet(source_rows(8)[0], names, tmp_path / "ev")
+    train = _train_args(root, teacher, tmp_path / "out", f"data.train={copied}", f"data.targets={targets}",
+                        "cache.views=2", f"data.eval={evals}", f"data.classnames={','.join(names)}",
+                        "data.shuffle_buffer=0", "optim.max_steps=8")
+    capsys.readouterr()
+    assert cli(train) == 2  # the stale sidecar is refused, naming the shard and the sample
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"shard {shard}: sample {key} is not the one its targets" in err, err
+    _rewrite(shard, lambda samples: samples[0].update(jpg=png(99, size=(200, 200))))  # 120 kB more
+    capsys.readouterr()
+    assert cli(train + ["output_dir=" + str(tmp_path / "out2")]) == 2  # refused before the first step
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"shard {shard} changed after its targets {targets / 'shard-00002.tar'} were computed" in err, err
+    assert not (tmp_path / "out2" / "checkpoints").exists()
+    AcceleratorState._reset_state()
+    PartialState._reset_state()
+    before = _sidecars(targets)
+    counts = precompute(_precompute_args(corpus, targets, f"data.train={copied}"))
+    AcceleratorState._reset_state()
+    PartialState._reset_state()
+    assert counts == {"shards": 6, "skipped": 5, "written": 1, "samples": 8}
+    after = _sidecars(targets)
+    assert [n for n in after if after[n] != before[n]] == ["shard-00002.tar"]
+    assert shards.sidecar_done(targets, "shard-00002.tar", str(shard))  # and training takes it (checked above)
