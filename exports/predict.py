@@ -21,11 +21,11 @@ from typing import Sequence
 import numpy as np
 
 from clipcore.imaging import ImageDecodeError, decode_image
-from clipcore.templates import check_template, get_templates
-from distill.cli import output_path_problem
+from clipcore.templates import get_templates
+from clipcore.paths import output_path_problem
 from exports.runtime import (BundleClassifier, BundleError, InvalidModelError, NonFiniteOutputError, Prediction,
                              load_bundle)
-from exports.text_runtime import DEFAULT_CACHE, classifier_for_classes
+from exports.text_runtime import DEFAULT_CACHE, bundled_templates, classifier_for_classes
 
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; past that, refuse the image
@@ -171,21 +171,6 @@ def distinct(names: list[str], source: str) -> list[str]:
                               "ignored); class names must be distinct")
         seen[key] = name
     return names
-
-
-def bundled_templates(classifier: BundleClassifier) -> list[str]:
-    """The templates the bundle's head was built with, each with exactly one ``{}``.
-
-    Raises:
-        BundleError: naming ``config.json`` and the template (a second slot would fail in ``str.format``).
-    """
-    templates = list(classifier.config.get("templates") or ["{}"])
-    for i, template in enumerate(templates):
-        try:
-            check_template(template)
-        except ValueError as exc:
-            raise BundleError(f"{classifier.path / 'config.json'}: templates[{i}]: {exc}") from None
-    return templates
 
 
 def requested_templates(items: list[str] | None) -> list[str] | None:

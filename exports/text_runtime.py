@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clipcore.templates import check_template
 from exports.interface import TEXT_ENCODER
 from exports.runtime import MANIFEST, BundleClassifier, BundleError, OnnxGraph, l2_normalize
 
@@ -111,6 +112,25 @@ def _read_cached_head(path: Path, num_classes: int, embed_dim: int) -> np.ndarra
     return None
 
 
+def bundled_templates(clf: BundleClassifier) -> list[str]:
+    """The templates the bundle's head was built with, each with exactly one ``{}``.
+
+    Raises:
+        BundleError: naming ``config.json`` and the template (a second slot would fail in ``str.format``).
+    """
+    templates = list(clf.config.get("templates") or ["{}"])
+    _check_templates(templates, f"{clf.path / 'config.json'}: templates")
+    return templates
+
+
+def _check_templates(templates: Sequence[str], source: str) -> None:
+    for i, template in enumerate(templates):
+        try:
+            check_template(template)
+        except ValueError as exc:
+            raise BundleError(f"{source}[{i}]: {exc}") from None
+
+
 def classifier_for_classes(clf: BundleClassifier, classnames: Sequence[str], templates: Sequence[str] | None = None,
                            *, cache_dir: str | Path | None = DEFAULT_CACHE, threads: int | None = None) -> BundleClassifier:
     """``clf`` with its head replaced by one for ``classnames`` built by the bundle's text encoder.
@@ -120,7 +140,8 @@ def classifier_for_classes(clf: BundleClassifier, classnames: Sequence[str], tem
         cache_dir: where heads are kept between calls (None: no cache).
 
     Raises:
-        BundleError: the bundle has no text encoder, or the class names are empty or repeated.
+        BundleError: the bundle has no text encoder, the class names are empty or repeated, or a
+            template has other than one ``{}`` (naming ``config.json`` or ``templates``).
     """
     text = clf.config.get("text_encoder")
     if not text or clf.path is None:
@@ -129,7 +150,11 @@ def classifier_for_classes(clf: BundleClassifier, classnames: Sequence[str], tem
     names = [str(c).strip() for c in classnames]
     if not names or any(not n for n in names) or len(set(names)) != len(names):
         raise BundleError(f"class names must be non-empty and distinct, got {list(classnames)}")
-    temps = list(templates or clf.config.get("templates") or ["{}"])
+    if templates:
+        temps = list(templates)
+        _check_templates(temps, "templates")
+    else:
+        temps = bundled_templates(clf)
     manifest = json.loads((clf.path / MANIFEST).read_text())["files"]
     key = head_key(names, temps, manifest[text["file"]]["sha256"], manifest[text["tokenizer"]]["sha256"])
     cached = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None

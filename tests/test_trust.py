@@ -180,6 +180,22 @@ def test_predict_class_lists_and_bundle_templates_are_checked(text_bundle, tmp_p
     assert {p["label"] for p in json.loads(capsys.readouterr().out)["results"][0]["predictions"]} == {"cat", "dog"}
 
 
+def test_the_runtime_api_checks_bundle_templates_too(text_bundle, tmp_path):
+    """Not only predict's CLI: classifier_for_classes itself names the bad template, never an IndexError."""
+    import json
+
+    from exports.runtime import BundleError, load_bundle
+    from exports.text_runtime import classifier_for_classes
+
+    config = json.loads((text_bundle / "config.json").read_text())
+    two_slots = rewritten(text_bundle, tmp_path / "two-slots", **{"config.json": json.dumps(
+        {**config, "templates": ["a {} of a {}"]})})
+    with pytest.raises(BundleError, match=r"config.json: templates\[0\]: template 'a \{\} of a \{\}'"):
+        classifier_for_classes(load_bundle(two_slots), ["cat", "dog"], cache_dir=None)
+    with pytest.raises(BundleError, match=r"^templates\[1\]: template"):
+        classifier_for_classes(load_bundle(text_bundle), ["cat", "dog"], ["a {}", "{} and {}"], cache_dir=None)
+
+
 def test_a_garbage_certificate_is_one_error_line(text_bundle, tmp_path, capsys):
     import json
 

@@ -17,7 +17,7 @@ import torch
 from clipcore.data import DatasetUnavailableError, DataSpec, DataSpecError
 from clipcore.dual_encoder import DualEncoder, ModelNotFoundError
 from clipcore.loading import load_teacher
-from distill.cli import output_path_problem
+from clipcore.paths import output_path_problem
 from exports.parity.gates import DEFAULT_GATES, GATE_FIELDS, ParityInputError, load_gates
 from exports.parity.results import ParitySettings, summary_table
 from exports.parity.run import run_parity
