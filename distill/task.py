@@ -15,9 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcore.augment import MixSpec, StudentJitter, normalise, preprocess_tensor, unnormalise
+from clipcore.cache import NonFiniteTargets
 from clipcore.distill_loss import DistillLoss, LossConfig
 from clipcore.dual_encoder import DualEncoder
 from clipcore.losses import clamp_log_scale_, make_feature_projection, total_loss
+
+
+def finite_teacher(targets: torch.Tensor, what: str, step: int) -> torch.Tensor:
+    """``targets`` the teacher computed online this step, refused when not finite: a NaN teacher is bad
+    input to name, not a diverged student (the cached path checks them once, in clipcore.cache)."""
+    bad = ~torch.isfinite(targets).flatten(1).all(dim=1)
+    if bad.any():
+        raise NonFiniteTargets(f"the teacher gives NaN/inf {what} embeddings for {int(bad.sum())} of {len(targets)} "
+                               f"rows of the batch at step {step} (cache.enabled=false: the teacher runs online)")
+    return targets
 
 
 class TrainingTask(Protocol):
@@ -62,6 +73,7 @@ class DistillTask(nn.Module):
         self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
         self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
+        self._step = 0  # the step of the batch in hand, for error messages
         self.bank = bank
         self.register_buffer("teacher_class_head", teacher_class_head, persistent=False)
         s_dim, t_dim = student.embed_dim, teacher.embed_dim
@@ -116,7 +128,7 @@ class DistillTask(nn.Module):
         t_txt = batch.get("teacher_text")
         if t_txt is None:
             with torch.no_grad():
-                t_txt = self.teacher.encode_text(texts)
+                t_txt = finite_teacher(self.teacher.encode_text(texts), "text", self._step)
         if not self.student.has_own_text_tower:
             return t_txt, None
         tokens = self.student.tokenize(texts)
@@ -148,7 +160,8 @@ class DistillTask(nn.Module):
         if rows.numel() == 0:
             return pixels, teacher_image
         with torch.no_grad():
-            target = self.teacher.encode_image(preprocess_tensor(mixes, self.teacher.image_transform))
+            target = finite_teacher(self.teacher.encode_image(preprocess_tensor(mixes, self.teacher.image_transform)),
+                                    "image (mix)", self._step)
         student_in = normalise(mixes, self.student.image_transform).to(pixels.dtype)
         return (pixels.index_copy(0, rows, student_in),
                 teacher_image.index_copy(0, rows, target.to(teacher_image.dtype)))
@@ -157,10 +170,11 @@ class DistillTask(nn.Module):
         # a generator seeded by (seed, step) makes text sampling identical after a resume
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         device = batch["pixel_values_student"].device
+        self._step = step
         teacher_image = batch.get("teacher_image")
         if teacher_image is None:
             with torch.no_grad():
-                teacher_image = self.teacher.encode_image(batch["pixel_values_teacher"])
+                teacher_image = finite_teacher(self.teacher.encode_image(batch["pixel_values_teacher"]), "image", step)
         pixels = batch["pixel_values_student"]
         if self.training and self.mix:
             pixels, teacher_image = self._mix(pixels, teacher_image,

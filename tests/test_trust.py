@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datasets
 import pytest
+import torch
 
 from clipcore.testing import make_tiny_clip
 from distill.train import cli
@@ -226,6 +227,32 @@ def test_an_all_undecodable_training_set_is_exit_2(model_dir, tmp_path, capsys, 
                 "progress=false", f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}",
                 f"cache.enabled={cache}"]) == 2  # was 1: a RuntimeError, "unexpected"
     assert "all failed to decode" in error_line(capsys.readouterr().err)
+
+
+def test_a_nan_teacher_online_is_named_not_blamed_on_training(model_dir, tmp_path, capsys):
+    """With cache.enabled=false the teacher runs every step; NaN embeddings from it are bad input
+    (exit 2, "the teacher gives NaN/inf"), not a diverged student (exit 1, "non-finite loss")."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.datagen import write_labelled
+
+    nan_teacher = tmp_path / "nan-teacher"
+    shutil.copytree(model_dir, nan_teacher)
+    weights = load_file(nan_teacher / "model.safetensors")
+    weights["visual_projection.weight"] = torch.full_like(weights["visual_projection.weight"], float("nan"))
+    save_file(weights, nan_teacher / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "data").mkdir()
+    write_labelled(tmp_path / "data", n=8)
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    capsys.readouterr()
+    assert cli(["--config", str(tmp_path / "empty.yaml"), f"teacher.name_or_path={nan_teacher}",
+                f"data.train={tmp_path / 'data'}", "data.train_split=test", "student.arch=test-tiny",
+                "optim.batch_size=4", "optim.max_steps=1", "progress=false", f"output_dir={tmp_path / 'out'}",
+                "cache.enabled=false", "eval_every=0"]) == 2
+    assert "the teacher gives NaN/inf image embeddings for 4 of 4 rows of the batch at step 0" in error_line(
+        capsys.readouterr().err)
 
 
 def test_seeds_out_of_range_name_their_key():
