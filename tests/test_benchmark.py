@@ -200,7 +200,9 @@ def test_benchmark_cli_subprocess_on_shared_data(tiny_clip_dir, tmp_path):
     assert cifar["num_images"] == 64 and 0 <= cifar["score"] <= 1
     assert report["datasets"][0]["num_classes"] == 10 and report["datasets"][0]["num_templates"] == 18
     assert report["models"][1]["results"]["coco-mini"]["metrics"]["num_images"] == 64
-    assert report["models"][1]["mean_retention"] == pytest.approx(1.0)
+    kept = [d for d in report["datasets"] if d["in_mean"]]  # a random tiny model may sit under twice chance
+    assert report["models"][1]["mean_retention"] == (pytest.approx(1.0) if kept else None)
+    assert all(d["left_out"].startswith("the reference scores") for d in report["datasets"] if not d["in_mean"])
 
 
 # ------------------------------------------------------------------ chance, means, cosine, ceiling
