@@ -86,7 +86,14 @@ def one_process_targets(corpus):
     from distill.precompute import main as precompute
 
     targets = corpus[0] / "targets-1"
-    counts = precompute(_precompute_args(corpus, targets))
+    # one thread, as the torchrun workers of the comparisons run (OMP_NUM_THREADS=1): a float16 target
+    # can differ in its last bit between thread counts, which "byte for byte" would read as a difference
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        counts = precompute(_precompute_args(corpus, targets))
+    finally:
+        torch.set_num_threads(threads)
     AcceleratorState._reset_state()
     PartialState._reset_state()
     assert counts == {"shards": 6, "skipped": 0, "written": 6, "samples": 48}
