@@ -148,7 +148,8 @@ def test_mixture_trains_on_images_only_with_the_vocabulary(mixture, tmp_path, mo
     assert entries == {16, 12, 0}
 
 
-def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp_path, monkeypatch):
+def _train_with_source_b(mixture, tmp_path, monkeypatch, *extra, **source_b):
+    """Train the mixture recipe with ``source_b`` set on its second source; the TrainData it built."""
     from distill import train as train_mod
 
     seen = {}
@@ -159,13 +160,18 @@ def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp
         return seen["data"]
 
     monkeypatch.setattr(train_mod, "build_mixture_data", spy)
-    args = _general_args(mixture, tmp_path, "optim.max_steps=1")
+    args = _general_args(mixture, tmp_path, *extra)
     recipe = Path(args[1])
     data = yaml.safe_load(recipe.read_text())
-    data["data"]["train"][1]["repeat"] = 3
+    data["data"]["train"][1].update(source_b)
     recipe.write_text(yaml.safe_dump(data))
     main(args)
-    rows, targets = seen["data"].rows, seen["data"].teacher_images
+    return seen["data"]
+
+
+def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp_path, monkeypatch):
+    data = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=1", repeat=3)
+    rows, targets = data.rows, data.teacher_images
     assert len(rows) == len(targets) == 16 + 3 * 12  # source a: 16 rows; source b: 12 rows, three times
     b = targets[16:]
     assert torch.equal(b[:12], b[12:24]) and torch.equal(b[:12], b[24:])
@@ -176,23 +182,8 @@ def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp
 
 
 def test_a_captioned_source_teaches_its_own_captions_as_affinity_texts(mixture, tmp_path, monkeypatch):
-    from distill import train as train_mod
-
-    seen = {}
-    real = train_mod.build_mixture_data
-
-    def spy(*args, **kwargs):
-        seen["data"] = real(*args, **kwargs)
-        return seen["data"]
-
-    monkeypatch.setattr(train_mod, "build_mixture_data", spy)
-    args = _general_args(mixture, tmp_path, "optim.max_steps=2")
-    recipe = Path(args[1])
-    data = yaml.safe_load(recipe.read_text())
-    data["data"]["train"][1].update(repeat=2, caption_column="captions")
-    recipe.write_text(yaml.safe_dump(data))
-    main(args)
-    bank = seen["data"].bank
+    bank = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=2", repeat=2,
+                                caption_column="captions").bank
     prompts = 6
     captions = [[f"picture number {i}", f"another view {i}"][: 1 + i % 2] for i in range(12)]
     assert bank.texts[prompts:] == [c for row in captions for c in row]  # each caption once, whatever the repeat
