@@ -26,12 +26,11 @@ from clipcore.templates import get_templates
 from exports.int8_scheme import resolve_precision
 from exports.interface import TEXT_ENCODER
 from exports.onnx_export import export_text_encoder
+from exports.parity.names import TEXT_VARIANTS
 from exports.precision import make_variant
 from exports.runtime import OnnxGraph, sha256_file
 from exports.text_bundle import save_device_tokenizer, text_model
 from exports.text_runtime import TOKENIZER_FILE, DeviceTokenizer, build_head, prompts_for, text_embeddings
-
-TEXT_VARIANTS = ("text-fp32", "text-int8")
 
 
 def torch_prompt_embeddings(model, prompts: Sequence[str], batch_size: int = 256) -> np.ndarray:

@@ -43,7 +43,8 @@ from exports.parity.gates import (
 from exports.parity.measure import mean_kl
 from exports.parity.results import ParityReport, ParitySettings, SubjectResult, summary_table
 from exports.parity.run import run_parity
-from exports.parity.variants import DEFAULT_VARIANTS, check_variant_names
+from exports.parity.names import DEFAULT_VARIANTS
+from exports.parity.variants import check_variant_names
 
 __all__ = [
     "DEFAULT_GATES",

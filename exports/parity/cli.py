@@ -22,7 +22,8 @@ from exports.parity.gates import DEFAULT_GATES, GATE_FIELDS, ParityInputError, l
 from exports.parity.results import ParitySettings, summary_table
 from exports.parity.run import run_parity
 from exports.parity.subjects import error_text
-from exports.parity.variants import DEFAULT_VARIANTS, check_variant_names
+from exports.parity.names import DEFAULT_VARIANTS
+from exports.parity.variants import check_variant_names
 from exports.runtime import InvalidModelError
 from students import load_model
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from exports.parity.names import KNOWN_VARIANTS, TEXT_VARIANTS
 from exports.report import format_metric
 
 _EPS = 1e-9  # gate comparisons: 0.95 - 0.94 must not count as a drop of more than 1 point
@@ -155,9 +156,6 @@ GATE_FAMILIES = ("fp32", "fp16", "int8")
 
 def gate_keys(names: Iterable[str] = ()) -> tuple[str, ...]:
     """Every key a gate may have: the precision families, the built-in variants (image and text) and ``names``."""
-    from exports.parity.variants import KNOWN_VARIANTS
-    from exports.text_parity import TEXT_VARIANTS
-
     keys = (*GATE_FAMILIES, *KNOWN_VARIANTS, *TEXT_VARIANTS, *names)
     return tuple(dict.fromkeys(keys))
 

@@ -29,7 +29,8 @@ from exports.parity.measure import (
 )
 from exports.parity.results import ParityReport, ParitySettings, SubjectResult, apply_gate
 from exports.parity.subjects import Subject, error_text, torch_subject
-from exports.parity.variants import DEFAULT_VARIANTS, build_variants, check_onnx_files, check_variant_names
+from exports.parity.names import DEFAULT_VARIANTS
+from exports.parity.variants import build_variants, check_onnx_files, check_variant_names
 from exports.runtime import sha256_file
 
 

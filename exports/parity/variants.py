@@ -13,24 +13,19 @@ from exports.interface import IMAGE_ENCODER
 from exports.onnx_export import export_image_encoder
 from exports.parity.eval_data import EvalData, calibration_reader
 from exports.parity.gates import ParityInputError, precision_from_name
+from exports.parity.names import KNOWN_VARIANTS
 from exports.parity.results import ParitySettings
 from exports.parity.subjects import Subject, error_text, failed_subject, onnx_subject, ort_embed
 from exports.int8_scheme import AUTO_INT8, choose_int8_scheme
 from exports.precision import (
     CALIBRATED,
-    PRECISIONS,
     VARIANT_PRECISIONS,
-    W8A16,
     ArrayCalibrationReader,
     load_onnx_model,
     make_variant,
 )
 from exports.runtime import OnnxGraph, image_io_mismatch
 
-DEFAULT_VARIANTS = (*PRECISIONS, *prov.ACCELERATED_VARIANTS)
-# also accepted: "int8", the int8 scheme that suits the student's graph (exports.int8_scheme), and
-# "w8a16" (int8 weights, 16-bit activations: for transformers where dynamic int8 loses agreement)
-KNOWN_VARIANTS = (*DEFAULT_VARIANTS, W8A16, AUTO_INT8)
 
 
 def cpu_variant(name: str, fp32: Path, student: Subject, head: np.ndarray, onnx_dir: Path,
