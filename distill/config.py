@@ -33,7 +33,9 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     arch: str = "vit-tiny-cifar"
-    init: str | None = None  # None | "teacher" | hub id / directory of a pretrained checkpoint
+    # None | "teacher" | hub id / directory of a pretrained checkpoint | a saved student (student.json) to go on
+    # training from (fine-tuning, qat.enabled): its weights and logit scale, its arch must be student.arch
+    init: str | None = None
     image_size: int | None = None  # None: the registry default for arch
     tokenizer: str | None = None  # None: the teacher's tokenizer
     head: str = "linear"  # image-only students: linear | mlp | teacher (copy a tower teacher's MLP image head)
@@ -165,6 +167,9 @@ class ExportConfig:
     calibration_limit: int = 128  # static int8: seeded random training images (seed = the run's seed)
     bundle_precision: str | None = "int8"  # edge bundle of this variant (one of `variants`) if it passed its gate
     bundle_text: bool = False  # open vocabulary: gate and ship the text encoder + tokenizer (predict --classes)
+    # an image-only student's text side for the export: a text student directory (python -m distill.text_student)
+    # paired with it (students.PairedStudent) instead of the teacher's text tower; None: the teacher's
+    text_student: str | None = None
     # changes to the default gates, {KEY: {FIELD: VALUE}}, e.g. {int8: {min_agreement: 0.98}}; on the
     # command line also "KEY.FIELD=VALUE,...", e.g. export.gates=int8.min_agreement=0.98
     gates: dict[str, dict[str, float | None]] = field(default_factory=dict)
@@ -180,6 +185,15 @@ class ExportConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantisation-aware training (students/qat.py): the image tower's convolutions and linears run with
+    int8-rounded weights and uint8-rounded activations where static int8 export rounds them."""
+
+    enabled: bool = False  # image-only students; usually with student.init = a trained student directory
+    momentum: float = 0.01  # of the activation ranges' moving average of batch min/max
+
+
+@dataclass
 class TrainConfig:
     mode: str = "distill"  # distill | contrastive
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -190,6 +204,7 @@ class TrainConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     output_dir: str = "outputs/run"
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16, handed to Accelerate
@@ -256,6 +271,10 @@ class TrainConfig:
             raise ConfigError(str(exc)) from exc
         self.export.validate()
         self._validate_sources()
+        if self.qat.enabled and self.mode != "distill":
+            raise ConfigError("qat.enabled=true fine-tunes a distilled image-only student (mode=distill)")
+        if not 0.0 < self.qat.momentum <= 1.0:
+            raise ConfigError(f"qat.momentum={self.qat.momentum}; expected a fraction in (0, 1]")
         return self
 
     def _validate_sources(self) -> None:

@@ -50,7 +50,7 @@ from distill.mixture import build_mixture_data
 from distill.train_data import TrainData, build_train_data, check_path, is_mixture
 from exports.pipeline import export_and_check
 from distill.final import save_final
-from students import build_student, freeze_early_blocks
+from distill.student_init import attach_qat, finish_qat, initial_student, with_text_student
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -185,12 +185,19 @@ def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder,
                               variants=cfg.export.variants,
                               templates=cfg.data.eval_templates or cfg.data.templates, classnames=names,
                               bundle_precision=cfg.export.bundle_precision, gates=cfg.export.gates,
-                              calibration=DataSpec(path=cfg.data.train, split=cfg.data.train_split,
-                                                   shuffle_seed=cfg.seed),
+                              calibration=calibration_spec(cfg),
                               calibration_limit=cfg.export.calibration_limit, bundle_text=cfg.export.bundle_text)
     log.info("parity %s; report: %s%s\n%s", "PASSED" if result.passed else "FAILED", result.report_paths["html"],
              f"; edge bundle: {result.bundle}" if result.bundle else "", result.summary)
     return result.passed
+
+
+def calibration_spec(cfg: TrainConfig) -> DataSpec:
+    """Static int8 calibrates on seeded training images: of ``data.train``, or a mixture's first source."""
+    if isinstance(cfg.data.train, str):
+        return DataSpec(path=cfg.data.train, split=cfg.data.train_split, shuffle_seed=cfg.seed)
+    first = cfg.data.train[0]
+    return DataSpec(path=first.path, split=first.split, shuffle_seed=cfg.seed)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -262,14 +269,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     torch.manual_seed(cfg.seed + 1)  # a random-init teacher must not equal a same-shape student seeded below
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
     torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
-    student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
-                            init=cfg.student.init, tokenizer=_load_tokenizer(cfg.student.tokenizer),
-                            head=cfg.student.head)
-    if cfg.student.freeze_blocks:
-        freeze_early_blocks(student, cfg.student.freeze_blocks)
-    if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
-        with torch.no_grad():
-            student.log_logit_scale.fill_(cfg.optim.init_logit_scale)
+    student = initial_student(cfg, teacher, tokenizer=_load_tokenizer(cfg.student.tokenizer))
+    qat = attach_qat(cfg, student)
     if is_mixture(cfg.data):  # image-only: several sources, a vocabulary
         data = build_mixture_data(cfg.data, cfg.cache, teacher, student, accelerator, seed=cfg.seed,
                                   batch_size=cfg.optim.batch_size)
@@ -284,7 +285,9 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift, cfg.data.student_lowres,
                            cfg.data.student_lowres_min)
     mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
-    return DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix), data
+    task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix)
+    task.qat = qat  # removed before the student is saved (finish_qat)
+    return task, data
 
 
 def build_task(cfg: TrainConfig, accelerator):
@@ -415,6 +418,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     check_weights_finite(task, state["step"], last_ckpt)
     check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
     last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
+    finish_qat(getattr(accelerator.unwrap_model(task), "qat", None))
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:
         final = save_final(cfg, accelerator.unwrap_model(task).export_student(), out, metrics, state["step"])
@@ -422,7 +426,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         if cfg.export.enabled:
             unwrapped: TrainingTask = accelerator.unwrap_model(task)
             metrics["export/parity_passed"] = export_student(cfg, unwrapped.parity_reference(),
-                                                             unwrapped.export_student(), out)
+                                                             with_text_student(cfg, unwrapped.export_student()), out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()  # `final/` exists for every process once train() returns
     accelerator.end_training()

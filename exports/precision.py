@@ -211,11 +211,14 @@ def quantize_int8_dynamic(
     op_types: Sequence[str] = ("MatMul", "Gemm"),
     nodes_to_exclude: Sequence[str] = (),
     per_channel: bool = False,
+    embedding_tables: bool = True,
 ) -> Path:
     """Weights int8, activations quantised on the fly; no calibration data.
 
     Only matmuls with a constant weight are quantised: the attention score / context matmuls
     multiply two activations, and quantising those costs most of the accuracy for little speed.
+    ``embedding_tables``: also store token-embedding tables in int8 per row
+    (:func:`quantize_embedding_tables`), which onnxruntime's quantiser leaves fp32.
     """
     with _quantization_input(src) as pre:
         quantize_dynamic(
@@ -226,7 +229,62 @@ def quantize_int8_dynamic(
             nodes_to_exclude=list(nodes_to_exclude),
             extra_options={"MatMulConstBOnly": True},
         )
+    if embedding_tables:
+        model = onnx.load(str(dst))
+        if quantize_embedding_tables(model):
+            check_model(model, source=f"{dst} (int8 embedding tables)")
+            onnx.save(model, str(dst))
     return Path(dst)
+
+
+EMBEDDING_MIN_ELEMENTS = 1 << 16  # smaller Gather tables (positions, token types) stay fp32: a few KB
+
+
+def quantize_embedding_tables(model: onnx.ModelProto, min_elements: int = EMBEDDING_MIN_ELEMENTS) -> list[str]:
+    """Store each large float table read by a row ``Gather`` (axis 0) as int8 with one scale per row; in place.
+
+    A text encoder's token table is most of its weights (MiniLM: 30,522 x 384, 47 MB of 87) and no
+    onnxruntime quantiser touches it: ``Gather`` has no integer kernel to route it through. Here
+    ``Gather(table, ids)`` becomes ``Gather(int8 table, ids) * Gather(row scales, ids)``: a quarter
+    of the bytes, and each looked-up row is its own symmetric int8 (``max|row| / 127``), so a rare
+    token with small values keeps its precision. Returns the names of the replaced tables.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    done, nodes = [], []
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or axis != 0
+                or int(np.prod(table.dims)) < min_elements or uses.get(table.name, 0) != 1):
+            nodes.append(node)
+            continue
+        nodes.extend(_int8_gather(model, node, numpy_helper.to_array(table)))
+        model.graph.initializer.remove(table)
+        done.append(table.name)
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return done
+
+
+def _int8_gather(model: onnx.ModelProto, node: onnx.NodeProto, table: np.ndarray) -> list[onnx.NodeProto]:
+    from onnx import helper
+
+    name, ids, out = node.input[0], node.input[1], node.output[0]
+    label = node.name or f"{name}_gather"
+    scale = (np.abs(table).max(axis=1, keepdims=True) / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+    model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                    numpy_helper.from_array(scale, f"{name}_row_scale")])
+    return [helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_int8"], axis=0, name=f"{label}_int8"),
+            helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{out}_scale"], axis=0, name=f"{label}_scale"),
+            helper.make_node("Cast", [f"{out}_int8"], [f"{out}_float"], to=TensorProto.FLOAT, name=f"{label}_cast"),
+            helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out], name=f"{label}_dequant")]
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
@@ -270,13 +328,22 @@ class ImageCalibrationReader(ArrayCalibrationReader):
         super().__init__(batches)
 
 
+# The ops whose inputs and outputs static int8 quantises. Clip and Relu are listed not to run them
+# in int8 but so that onnxruntime takes a convolution's output range from *after* its activation
+# and drops the activation (QDQRemovableActivation): quantising a Conv's output before ReLU6 spends
+# the 256 levels on a range of maybe [-30, 40] of which only [0, 6] survives. On the general student
+# (EfficientNet-Lite0, 64 px, 500 Tiny-ImageNet validation images, 200-way zero-shot) that alone
+# moved top-1 agreement with fp32 from 70.0 % to 94.0 % (CHANGELOG.md, 2026-12-02).
+STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "Clip", "Relu")
+
+
 def quantize_int8_static(
     src: str | Path,
     dst: str | Path,
     calibration: CalibrationDataReader,
     *,
     per_channel: bool = True,
-    op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"),
+    op_types: Sequence[str] = STATIC_OP_TYPES,
     activation_type: str = "quint8",
     weight_type: str = "qint8",
     method: str = "minmax",

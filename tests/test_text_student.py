@@ -282,3 +282,42 @@ def test_frozen_layers_are_not_trained_by_accident(teacher):
     student = build_text_student(get_student_config("test-tiny-text"), teacher)
     assert all(p.requires_grad for p in student.parameters())
     assert isinstance(student.head, nn.Sequential)
+
+
+def test_qat_fine_tune_exports_a_bundle_with_the_text_student(job, teacher_dir, tmp_path):
+    """student.init = a saved image student, qat.enabled, export.text_student: the whole edge path."""
+    from safetensors.torch import load_file
+
+    from distill.train import main as train
+
+    start = job.root / "image-student"
+    out = tmp_path / "qat"
+    train(["--config", str(_empty(tmp_path)),
+           f"teacher.name_or_path={teacher_dir}", f"data.train={job.root / 'images'}", "data.templates=simple",
+           "student.arch=test-tiny-resnet", f"student.init={start}", "qat.enabled=true", "optim.batch_size=8",
+           "optim.warmup_steps=1", "optim.max_steps=2", "optim.lr=1e-3", "progress=false", f"output_dir={out}",
+           f"cache.dir={tmp_path / 'cache'}", "export.enabled=true", "export.parity_limit=8",
+           "export.variants=fp32,int8", "export.bundle_precision=int8", "export.bundle_text=true",
+           f"export.text_student={job.out / 'final'}", "export.calibration_limit=8",
+           "export.gates=int8.min_agreement=0,int8.max_top1_drop=1,text-int8.min_agreement=0,text-int8.max_top1_drop=1"])
+    before, after = load_file(str(start / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert set(before) == set(after)  # QAT left no parametrisations or observers behind
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # folded and fine-tuned
+    report = json.loads((out / "export" / "parity.json").read_text())
+    rows = {s["name"]: s for s in report["subjects"]}
+    assert rows["int8"]["precision"] == "int8-static" and rows["text-int8"]["status"] == "kept"
+    bundle = out / "export" / "bundle-int8"
+    manifest = json.loads((bundle / "manifest.json").read_text())["files"]
+    assert manifest["text_encoder.onnx"]["sha256"] == rows["text-int8"]["sha256"]  # the gated file ships
+    text = json.loads((bundle / "config.json").read_text())["text_encoder"]
+    assert text["source"] == "test-tiny-text" and text["precision"] == "int8-dynamic"  # the text student's
+    import onnx
+
+    tables = [t for t in onnx.load(str(bundle / "text_encoder.onnx")).graph.initializer if t.name.endswith("_int8")]
+    assert tables and all(t.data_type == onnx.TensorProto.INT8 for t in tables)  # its token table in int8
+
+
+def _empty(root):
+    path = root / "empty.yaml"
+    path.write_text("{}\n")
+    return path

@@ -1,0 +1,90 @@
+"""Where a distilled student starts, and what rides on it: a saved student to go on from, QAT, a text student.
+
+* ``student.init`` naming a saved student directory (``student.json``) continues from its weights and
+  logit scale: a fine-tune, or the quantisation-aware fine-tune of ``configs/general_qat.yaml``.
+* ``qat.enabled`` folds the image tower's batch norms and fake-quantises it (:mod:`students.qat`);
+  :func:`finish_qat` removes that before the student is saved, leaving fp32 weights.
+* ``export.text_student`` pairs the trained image-only student with a text student for the export
+  (:func:`with_text_student`), so an open-vocabulary bundle ships a small text encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from clipcore.dual_encoder import DualEncoder
+from distill.config import ConfigError, TrainConfig
+from students import PairedStudent, build_student, freeze_early_blocks, load_student
+from students.checkpoint import STUDENT_FILE, load_text_student
+from students.qat import QATHandle, prepare_qat
+
+log = logging.getLogger("distill.student_init")
+
+
+def is_saved_student(init: str | None) -> bool:
+    return bool(init) and (Path(init) / STUDENT_FILE).is_file()
+
+
+def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> DualEncoder:
+    """The student to train, in train mode: built from ``student.arch`` or loaded from ``student.init``.
+
+    Raises:
+        ConfigError: ``student.init`` is a saved student of another architecture.
+    """
+    if is_saved_student(cfg.student.init):
+        student = load_student(cfg.student.init, teacher=teacher)
+        if student.name != cfg.student.arch:
+            raise ConfigError(f"student.init={cfg.student.init} is a {student.name!r} student; "
+                              f"student.arch={cfg.student.arch!r} must name the same architecture")
+        student = student.to(model_device(teacher)).train()
+    else:
+        student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
+                                init=cfg.student.init, tokenizer=tokenizer, head=cfg.student.head)
+        if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
+            with torch.no_grad():
+                student.log_logit_scale.fill_(cfg.optim.init_logit_scale)
+    if cfg.student.freeze_blocks:
+        freeze_early_blocks(student, cfg.student.freeze_blocks)
+    return student
+
+
+def model_device(model: DualEncoder) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+def attach_qat(cfg: TrainConfig, student: DualEncoder) -> QATHandle | None:
+    """``qat.enabled``: fake-quantise the student's image tower in place (students/qat.py).
+
+    Raises:
+        ConfigError: the student has no image tower to quantise (CLIP students).
+    """
+    if not cfg.qat.enabled:
+        return None
+    tower = getattr(student, "image_tower", None)
+    if tower is None:
+        raise ConfigError(f"qat.enabled=true: {student.name} has no image_tower (QAT covers image-only students)")
+    side = student.image_transform.output_size
+    device = next(iter(tower.parameters())).device
+    example = torch.randn(2, 3, *side, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    handle = prepare_qat(tower, lambda: tower(example), momentum=cfg.qat.momentum)
+    handle.reset_ranges()  # the first training batch sets them: random pixels are not images
+    log.info("%s", handle.summary())
+    return handle
+
+
+def finish_qat(handle: QATHandle | None) -> None:
+    """Leave the plain fp32 weights the fine-tune learnt (what is saved and exported)."""
+    if handle is not None:
+        handle.strip()
+        log.info("QAT removed: the saved student holds fp32 weights (batch norms folded)")
+
+
+def with_text_student(cfg: TrainConfig, student: DualEncoder) -> DualEncoder:
+    """The model to export: ``student`` itself, or paired with ``export.text_student``."""
+    if not cfg.export.text_student:
+        return student
+    text = load_text_student(cfg.export.text_student).to(model_device(student))
+    return PairedStudent(student, text, name=f"{student.name}+{text.name}").eval()

@@ -1,0 +1,125 @@
+"""Quantisation-aware training (students/qat.py) and where static int8 puts its ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from exports.precision import ArrayCalibrationReader, quantize_int8_static
+from exports.runtime import load_session
+from students.qat import conv_norm_pairs, fold_batchnorm, prepare_qat, trace_calls
+
+
+class TinyBlockNet(nn.Module):
+    """EfficientNet-Lite's shape in miniature: conv-BN-ReLU6 twice through one shared ReLU6 module,
+    a projection conv-BN, a residual add, pooling and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.proj, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act(self.bn0(self.stem(x)))
+        y = self.act(self.bn1(self.dw(x)))
+        x = x + self.bn2(self.proj(y))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _net(seed: int = 0) -> TinyBlockNet:
+    torch.manual_seed(seed)
+    net = TinyBlockNet()
+    for bn in (net.bn0, net.bn1, net.bn2):  # non-trivial statistics, as a trained network has
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def _pixels(n: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+
+
+def test_folding_keeps_the_function_and_the_state_dict_keys():
+    net, x = _net(), _pixels()
+    before, keys = net(x), set(net.state_dict())
+    pairs = conv_norm_pairs(trace_calls(net, lambda: net(x)))
+    assert [(c, n) for c, n in pairs] == [(net.stem, net.bn0), (net.dw, net.bn1), (net.proj, net.bn2)]
+    for conv, norm in pairs:
+        fold_batchnorm(conv, norm)
+    torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
+    assert set(net.state_dict()) == keys
+    assert torch.all(net.bn1.running_mean == 0) and torch.all(net.bn1.weight == 1)
+
+
+def test_trace_does_not_touch_running_statistics():
+    net, x = _net().train(), _pixels()
+    mean = net.bn0.running_mean.clone()
+    trace_calls(net, lambda: net(x))
+    assert torch.equal(net.bn0.running_mean, mean) and net.training
+
+
+def test_qat_rounds_forward_trains_the_fp32_weights_and_strips_clean():
+    net, x = _net(), _pixels()
+    reference = net(x).detach()
+    keys = set(net.state_dict())
+    handle = prepare_qat(net, lambda: net(x))
+    # 5 layers: an input range each; outputs after stem+ReLU6, dw+ReLU6 (the shared ReLU6, one range
+    # per call), proj+BN, head
+    assert len(handle.layers) == 4 and handle.folded == 3 and len(handle.observers) == 8
+    net.train()
+    out = net(x)
+    assert not torch.allclose(out, reference, atol=1e-6)  # rounded
+    assert (out - reference).abs().max() < 0.2 * reference.abs().max()  # but close
+    out.sum().backward()
+    original = net.stem.parametrizations.weight.original
+    assert original.grad is not None and original.grad.abs().sum() > 0  # straight-through
+    net.bn0.train()
+    assert torch.equal(net.bn0(torch.ones(2, 8, 3, 3)), net.bn0(torch.ones(2, 8, 3, 3) * 1))  # folded norms stay eval
+    handle.strip()
+    net.eval()
+    assert set(net.state_dict()) == keys
+    torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)  # plain fp32 again (weights unchanged)
+
+
+def test_prepare_qat_refuses_a_model_without_layers():
+    net = nn.Sequential(nn.ReLU())
+    with pytest.raises(ValueError, match="no Conv2d/Linear"):
+        prepare_qat(net, lambda: net(torch.ones(2)))
+
+
+class _Head(nn.Module):
+    """The exported graph: pixel_values -> image_embeds (what quantize_int8_static expects)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values):
+        return self.net(pixel_values)
+
+
+def test_qat_simulation_matches_onnxruntime_static_int8(tmp_path):
+    """With the ranges of one batch on both sides, the fake-quantised torch forward is what
+    onnxruntime's static int8 graph computes: QAT rounds where the export does."""
+    net, x = _net(), _pixels(32)
+    fp32_path = tmp_path / "fp32.onnx"
+    torch.onnx.export(_Head(net), (x,), str(fp32_path), input_names=["pixel_values"], output_names=["image_embeds"],
+                      dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17, dynamo=False)
+    int8_path = quantize_int8_static(fp32_path, tmp_path / "int8.onnx",
+                                     ArrayCalibrationReader([{"pixel_values": x.numpy()}]))
+    graph = onnx.load(str(int8_path))
+    assert not any(n.op_type == "Clip" for n in graph.graph.node)  # ReLU6 folded into the ranges
+    int8 = load_session(int8_path).run(None, {"pixel_values": x.numpy()})[0]
+    fp32 = net(x).detach().numpy()
+    prepare_qat(net, lambda: net(x))  # first ranges from this same batch: what calibration saw
+    with torch.no_grad():
+        simulated = net(x).numpy()
+    assert np.abs(simulated - int8).max() < 0.25 * np.abs(fp32 - int8).max()
