@@ -60,7 +60,7 @@ def trace_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
                 calls.append(Call(name, module, id(args[0]), id(output)))
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook(n)) for n, m in traced_modules(model)]
     was_training = model.training
     model.eval()  # a train-mode norm would update its running statistics from the example
     try:
@@ -71,6 +71,21 @@ def trace_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
             h.remove()
         model.train(was_training)
     return calls
+
+
+def traced_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules, and every conv/linear/norm/activation even with children (EfficientNet's
+    ``Conv2dStaticSamePadding`` holds its padding as a child), but nothing inside a conv or linear."""
+    kinds = (*QUANT_LAYERS, nn.BatchNorm2d, *ACTIVATIONS)
+    out, inside = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, QUANT_LAYERS):
+            inside.append(name)
+        if isinstance(module, kinds) or not list(module.children()):
+            out.append((name, module))
+    return out
 
 
 def _consumers(calls: list[Call]) -> dict[int, list[Call]]:

@@ -13,6 +13,17 @@ from exports.runtime import load_session
 from students.qat import conv_norm_pairs, fold_batchnorm, prepare_qat, trace_calls
 
 
+class PaddedConv(nn.Conv2d):
+    """EfficientNet-Lite's Conv2dStaticSamePadding: a conv with its padding as a child module."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        return super().forward(self.pad(x))
+
+
 class TinyBlockNet(nn.Module):
     """EfficientNet-Lite's shape in miniature: conv-BN-ReLU6 twice through one shared ReLU6 module,
     a projection conv-BN, a residual add, pooling and a linear head."""
@@ -20,7 +31,7 @@ class TinyBlockNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.dw, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn1 = PaddedConv(8, 8, 3, groups=8, bias=False), nn.BatchNorm2d(8)
         self.proj, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
         self.act = nn.ReLU6()
         self.head = nn.Linear(8, 5)
@@ -123,3 +134,24 @@ def test_qat_simulation_matches_onnxruntime_static_int8(tmp_path):
     with torch.no_grad():
         simulated = net(x).numpy()
     assert np.abs(simulated - int8).max() < 0.25 * np.abs(fp32 - int8).max()
+
+
+def test_every_convolution_of_efficientnet_lite_is_found(tiny_clip):
+    """The real student: its convs are Conv2dStaticSamePadding (a padding child); all 49 and the head
+    are quantised and all 49 norms folded, and the folded fp32 network computes what it did."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs the reference extra")
+    from students import build_student
+
+    student = build_student("efficientnet-lite0-64", teacher=tiny_clip).eval()
+    tower, x = student.image_tower, torch.randn(2, 3, 64, 64)
+    convs = sum(isinstance(m, nn.Conv2d) for m in tower.modules())
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in tower.modules())
+    with torch.no_grad():
+        before = tower(x)
+    handle = prepare_qat(tower, lambda: tower(x))
+    assert convs == 49 and len(handle.layers) == convs + 1 and handle.folded == norms
+    handle.strip()
+    with torch.no_grad():
+        after = tower(x)
+    torch.testing.assert_close(getattr(after, "pooler_output", after), getattr(before, "pooler_output", before),
+                               atol=1e-4, rtol=1e-4)
