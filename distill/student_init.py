@@ -3,7 +3,7 @@
 * ``student.init`` naming a saved student directory (``student.json``) continues from its weights and
   logit scale: a fine-tune, or the quantisation-aware fine-tune of ``configs/general_qat.yaml``.
 * ``qat.enabled`` folds the image tower's batch norms and fake-quantises it (:mod:`students.qat`);
-  :func:`finish_qat` removes that before the student is saved, leaving fp32 weights.
+  :func:`finish_qat` removes that before the student is saved, leaving fp32 weights on their int8 grids.
 * ``export.text_student`` pairs the trained image-only student with a text student for the export
   (:func:`with_text_student`), so an open-vocabulary bundle ships a small text encoder.
 """
@@ -79,7 +79,7 @@ def finish_qat(handle: QATHandle | None) -> None:
     """Leave the plain fp32 weights the fine-tune learnt (what is saved and exported)."""
     if handle is not None:
         handle.strip()
-        log.info("QAT removed: the saved student holds fp32 weights (batch norms folded)")
+        log.info("QAT removed: the saved student holds fp32 weights on their int8 grids (batch norms folded)")
 
 
 def with_text_student(cfg: TrainConfig, student: DualEncoder) -> DualEncoder:

@@ -281,10 +281,12 @@ def _int8_gather(model: onnx.ModelProto, node: onnx.NodeProto, table: np.ndarray
     q = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
     model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
                                     numpy_helper.from_array(scale, f"{name}_row_scale")])
-    return [helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_int8"], axis=0, name=f"{label}_int8"),
-            helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{out}_scale"], axis=0, name=f"{label}_scale"),
-            helper.make_node("Cast", [f"{out}_int8"], [f"{out}_float"], to=TensorProto.FLOAT, name=f"{label}_cast"),
-            helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out], name=f"{label}_dequant")]
+    # names of their own: onnxruntime's dynamic quantiser already names a MatMul input's scale "<input>_scale"
+    q_out, s_out, f_out = f"{out}_rowq_int8", f"{out}_rowq_scale", f"{out}_rowq_float"
+    return [helper.make_node("Gather", [f"{name}_int8", ids], [q_out], axis=0, name=f"{label}_int8"),
+            helper.make_node("Gather", [f"{name}_row_scale", ids], [s_out], axis=0, name=f"{label}_scale"),
+            helper.make_node("Cast", [q_out], [f_out], to=TensorProto.FLOAT, name=f"{label}_cast"),
+            helper.make_node("Mul", [f_out, s_out], [out], name=f"{label}_dequant")]
 
 
 class ArrayCalibrationReader(CalibrationDataReader):

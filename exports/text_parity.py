@@ -42,8 +42,9 @@ def torch_prompt_embeddings(model, prompts: Sequence[str], batch_size: int = 256
 
 def text_results(student, classnames: Sequence[str], subjects: Sequence[Any], labels: np.ndarray,
                  embs: Mapping[str, np.ndarray], gates: Mapping[str, Any], settings: Any,
-                 onnx_dir: Path) -> tuple[list[Any], dict[str, Any]]:
-    """The ``text-*`` subject results and the tokenizer record (``{file, sha256, source}``)."""
+                 onnx_dir: Path, image_results: Sequence[Any] = ()) -> tuple[list[Any], dict[str, Any]]:
+    """The ``text-*`` subject results, the whole-pipeline rows of ``image_results``' kept variants
+    (:func:`pipeline_results`), and the tokenizer record (``{file, sha256, source}``)."""
     from exports.parity.measure import References, zero_shot_logprobs
     from exports.parity.results import SubjectResult
     from exports.parity.results import apply_gate
@@ -59,7 +60,7 @@ def text_results(student, classnames: Sequence[str], subjects: Sequence[Any], la
     reference = torch_prompt_embeddings(model, prompts)
     fp32 = export_text_encoder(model, onnx_dir / "text_encoder.fp32.onnx")
     params = sum(p.numel() for p in model.parameters())  # the whole dual encoder's: an upper bound
-    results = []
+    results, heads = [], {}
     for name in TEXT_VARIANTS:
         precision = name.removeprefix("text-")
         scheme = resolve_precision(precision, fp32)
@@ -71,8 +72,8 @@ def text_results(student, classnames: Sequence[str], subjects: Sequence[Any], la
             if path != fp32:
                 make_variant(fp32, path, scheme)
             graph = OnnxGraph(path, TEXT_ENCODER, threads=settings.threads)
-            result.metrics = text_metrics(graph, tokenizer, prompts, reference, classnames, temps, ref,
-                                          student_s.logit_scale)
+            result.metrics, heads[name] = text_metrics(graph, tokenizer, prompts, reference, classnames, temps, ref,
+                                                       student_s.logit_scale)
             result.latency = text_latency(graph, tokenizer, classnames, temps, settings)
             result.size_bytes = path.stat().st_size
         except Exception as exc:  # a converter or runtime failure is this subject's error, not the run's
@@ -84,12 +85,55 @@ def text_results(student, classnames: Sequence[str], subjects: Sequence[Any], la
         elif path.exists():
             result.sha256 = sha256_file(path)
         results.append(result)
+    results += pipeline_results(image_results, results, heads, embs, ref, student_s.logit_scale, gates)
     return results, {"file": f"{onnx_dir.name}/{TOKENIZER_FILE}", "sha256": sha256_file(tokenizer_path),
                      "source": model.name}
 
 
+def shipped_text_variant(text_results: Sequence[Any]) -> Any | None:
+    """The text encoder a bundle ships: ``text-int8`` when kept, else ``text-fp32`` when kept."""
+    kept = {r.name: r for r in text_results if r.status == "kept"}
+    return kept.get("text-int8") or kept.get("text-fp32")
+
+
+def pipeline_results(image_results: Sequence[Any], text_results: Sequence[Any], heads: Mapping[str, np.ndarray],
+                     embs: Mapping[str, np.ndarray], ref: Any, logit_scale: float,
+                     gates: Mapping[str, Any]) -> list[Any]:
+    """One row per kept image variant: the whole zero-shot pipeline an open-vocabulary bundle runs.
+
+    Its image encoder's embeddings classified with the head that the shipped text encoder builds
+    from the class names (:func:`shipped_text_variant`), against the torch student's own
+    probabilities: what each file's own row cannot show, their errors compounding. Named
+    ``IMAGE+TEXT`` (``int8+text-int8``); gate key ``pipeline`` (as int8 by default), or the row's name.
+    """
+    from exports.parity.measure import subject_metrics, zero_shot_logprobs
+    from exports.parity.results import SubjectResult, apply_gate
+
+    text = shipped_text_variant(text_results)
+    if text is None or text.name not in heads:
+        return []
+    rows = []
+    for image in image_results:
+        if image.role != "variant" or image.status != "kept" or image.name not in embs:
+            continue
+        row = SubjectResult(f"{image.name}+{text.name}", image.runtime, f"{image.precision}+{text.precision}",
+                            "variant", "kept",
+                            f"the whole pipeline: the {image.name} image encoder, class head from {text.name}",
+                            size_of="image + text encoder files", params=None)
+        if image.size_bytes is not None and text.size_bytes is not None:
+            row.size_bytes = image.size_bytes + text.size_bytes
+        logp = zero_shot_logprobs(embs[image.name], heads[text.name], logit_scale)
+        row.metrics = subject_metrics(logp, embs[image.name], ref, compare_emb=True,
+                                      teacher_finite=bool(np.isfinite(ref.teacher_logp).all()))
+        apply_gate(row, gates)
+        rows.append(row)
+    return rows
+
+
 def text_metrics(graph: OnnxGraph, tokenizer: DeviceTokenizer, prompts: Sequence[str], reference: np.ndarray,
-                 classnames: Sequence[str], templates: Sequence[str], ref: Any, logit_scale: float) -> dict[str, float | None]:
+                 classnames: Sequence[str], templates: Sequence[str], ref: Any,
+                 logit_scale: float) -> tuple[dict[str, float | None], np.ndarray]:
+    """The text subject's metrics, and the class head it builds (for the whole-pipeline rows)."""
     from exports.parity.measure import subject_metrics, zero_shot_logprobs
     from exports.runtime import l2_normalize
 
@@ -101,7 +145,7 @@ def text_metrics(graph: OnnxGraph, tokenizer: DeviceTokenizer, prompts: Sequence
                               teacher_finite=bool(np.isfinite(ref.teacher_logp).all()))
     metrics.update(emb_cos_min=float(cos.min()), emb_cos_mean=float(cos.mean()),
                    emb_max_abs_diff=float(np.abs(emb - reference).max()))
-    return metrics
+    return metrics, head
 
 
 def text_latency(graph: OnnxGraph, tokenizer: DeviceTokenizer, classnames: Sequence[str], templates: Sequence[str],

@@ -10,7 +10,7 @@ from exports.precision import quantize_embedding_tables, quantize_int8_dynamic
 from exports.runtime import load_session
 
 
-def _embedding_graph(tmp_path, vocab=2000, dim=64, small=(16, 64)):
+def _embedding_graph(tmp_path, vocab=2000, dim=64, small=(16, 64), direct=False):
     """ids -> token table lookup + position table lookup -> MatMul: a text encoder's first steps."""
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((vocab, dim)) * rng.uniform(0.01, 2.0, (vocab, 1))).astype(np.float32)
@@ -20,6 +20,10 @@ def _embedding_graph(tmp_path, vocab=2000, dim=64, small=(16, 64)):
              helper.make_node("Gather", ["positions", "pos_ids"], ["pos"], axis=0, name="embed_pos"),
              helper.make_node("Add", ["tok", "pos"], ["h"]),
              helper.make_node("MatMul", ["h", "proj"], ["out"])]
+    if direct:  # the looked-up rows go straight into the MatMul (the position rows are added after it)
+        nodes[2:] = [helper.make_node("MatMul", ["tok", "proj"], ["t8"]),
+                     helper.make_node("MatMul", ["pos", "proj"], ["pos8"]),
+                     helper.make_node("Add", ["t8", "pos8"], ["out"])]
     graph = helper.make_graph(
         nodes, "emb",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"]),
@@ -59,7 +63,9 @@ def test_token_table_becomes_int8_per_row_and_stays_close(tmp_path):
 
 
 def test_int8_dynamic_quantises_the_table_and_can_leave_it(tmp_path):
-    path, _ = _embedding_graph(tmp_path)
+    """Here the looked-up rows feed a quantised MatMul directly, as a factorised table's do: the
+    dynamic quantiser's own "<tensor>_scale" names must not collide with the table's."""
+    path, _ = _embedding_graph(tmp_path, direct=True)
     with_tables = quantize_int8_dynamic(path, tmp_path / "a.onnx")
     without = quantize_int8_dynamic(path, tmp_path / "b.onnx", embedding_tables=False)
     names = lambda p: {t.name for t in onnx.load(str(p)).graph.initializer}  # noqa: E731

@@ -94,10 +94,21 @@ def test_qat_rounds_forward_trains_the_fp32_weights_and_strips_clean():
     assert original.grad is not None and original.grad.abs().sum() > 0  # straight-through
     net.bn0.train()
     assert torch.equal(net.bn0(torch.ones(2, 8, 3, 3)), net.bn0(torch.ones(2, 8, 3, 3) * 1))  # folded norms stay eval
-    handle.strip()
+    handle.strip(rounded=False)
     net.eval()
     assert set(net.state_dict()) == keys
     torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)  # plain fp32 again (weights unchanged)
+
+
+def test_strip_leaves_weights_on_their_int8_grid():
+    net, x = _net(), _pixels()
+    handle = prepare_qat(net, lambda: net(x))
+    handle.strip()  # rounded: what static int8 export will quantise without loss
+    for layer in (net.stem, net.dw, net.proj, net.head):
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        steps = w / (w.abs().amax(dim=1, keepdim=True) / 127)
+        torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+    assert not hasattr(net.stem, "parametrizations")
 
 
 def test_prepare_qat_refuses_a_model_without_layers():
@@ -150,7 +161,7 @@ def test_every_convolution_of_efficientnet_lite_is_found(tiny_clip):
         before = tower(x)
     handle = prepare_qat(tower, lambda: tower(x))
     assert convs == 49 and len(handle.layers) == convs + 1 and handle.folded == norms
-    handle.strip()
+    handle.strip(rounded=False)
     with torch.no_grad():
         after = tower(x)
     torch.testing.assert_close(getattr(after, "pooler_output", after), getattr(before, "pooler_output", before),

@@ -128,6 +128,18 @@ def test_text_encoders_are_gated_like_image_variants(gated):
     assert tok["sha256"] == sha256_file(gated["out"] / tok["file"]) and tok["source"] == gated["teacher"].name
 
 
+def test_the_whole_pipeline_is_a_gated_row(gated):
+    """Image variant embeddings x the head of the text encoder a bundle ships, against the torch student."""
+    subjects = by_name(gated["report"])
+    shipped = "text-int8" if subjects["text-int8"]["status"] == "kept" else "text-fp32"
+    row = subjects[f"fp32+{shipped}"]
+    assert row["gate"] == "pipeline" and row["precision"] == f"fp32+{subjects[shipped]['precision']}"
+    assert row["size_bytes"] == subjects["fp32"]["size_bytes"] + subjects[shipped]["size_bytes"]
+    # the fp32 graph's embeddings are the torch student's: the pipeline agrees as the text head alone does
+    assert abs(row["metrics"]["agreement_student"] - subjects[shipped]["metrics"]["agreement_student"]) <= 1 / 24
+    assert "pipeline" in gated["report"]["gates"]
+
+
 def test_open_vocabulary_bundle_builds_and_caches_heads_on_the_device(gated, tmp_path, capsys):
     bundle = bundle_from_parity(gated["out"], "fp32", tmp_path / "bundle", text_variant="text-fp32")
     manifest = json.loads((bundle / "manifest.json").read_text())["files"]

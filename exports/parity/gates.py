@@ -78,15 +78,21 @@ class Gate:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+PIPELINE = "pipeline"  # the gate key (and family) of whole-pipeline rows
 DEFAULT_GATES: dict[str, Gate] = {
     "fp32": Gate(min_agreement=1.0, max_emb_abs_diff=1e-4),
     "fp16": Gate(min_agreement=0.995),
     "int8": Gate(min_agreement=0.99, max_top1_drop=0.01),
+    # the whole open-vocabulary pipeline (IMAGE+TEXT rows, exports.text_parity.pipeline_results): as int8
+    PIPELINE: Gate(min_agreement=0.99, max_top1_drop=0.01),
 }
 
 
 def gate_family(precision: str) -> str:
-    """``fp32``, ``fp16`` or ``int8`` (every int8-weight scheme, w8a16 included, shares a gate by default)."""
+    """``fp32``, ``fp16`` or ``int8`` (every int8-weight scheme, w8a16 included, shares a gate by default);
+    ``pipeline`` for the ``IMAGE+TEXT`` precisions of whole-pipeline rows."""
+    if "+" in precision:
+        return PIPELINE
     return "int8" if precision.startswith("int8") or precision == "w8a16" else precision
 
 
@@ -151,7 +157,7 @@ def load_gates(source: str | Path | Mapping[str, Mapping[str, Any]] | None = Non
     return gates
 
 
-GATE_FAMILIES = ("fp32", "fp16", "int8")
+GATE_FAMILIES = ("fp32", "fp16", "int8", PIPELINE)
 
 
 def gate_keys(names: Iterable[str] = ()) -> tuple[str, ...]:

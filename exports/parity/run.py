@@ -97,7 +97,8 @@ def _run(teacher, student, data: EvalData, out_dir: Path, variants, gates, setti
     if settings.text_encoder:
         from exports.text_parity import text_results
 
-        text, tokenizer = text_results(student, data.classnames, subjects, labels, embs, gates, settings, onnx_dir)
+        text, tokenizer = text_results(student, data.classnames, subjects, labels, embs, gates, settings, onnx_dir,
+                                       image_results=results)
         results += text
     return ParityReport(
         subjects=results, gates=gates,
