@@ -76,6 +76,18 @@ def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     assert previous.output_dir != "outputs/general"
 
 
+def test_qat_recipe_fine_tunes_the_general_student_and_bundles_the_text_student():
+    cfg = load_config(REPO / "configs" / "general_qat.yaml")
+    general = load_config(REPO / "configs" / "general.yaml")
+    assert cfg.qat.enabled and cfg.student.init == general.output_dir + "/final"
+    assert cfg.student.arch == general.student.arch and cfg.data.sources() == general.data.sources()  # its cache
+    assert cfg.export.enabled and cfg.export.bundle_text and cfg.export.bundle_precision == "int8"
+    from distill.text_config import load_text_config
+
+    assert cfg.export.text_student == load_text_config(REPO / "configs" / "text_student.yaml").output_dir + "/final"
+    assert cfg.output_dir not in (general.output_dir,)
+
+
 # -------------------------------------------------------------------------------- vocabulary
 
 

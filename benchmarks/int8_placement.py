@@ -1,0 +1,109 @@
+"""Where static int8 rounds, and what it costs: top-1 agreement of int8 image encoders with fp32.
+
+    python benchmarks/int8_placement.py --student outputs/general/final
+    python benchmarks/int8_placement.py --student outputs/general-qat/final --rows default
+
+Exports the student's image encoder, quantises it statically (QDQ, calibrated on 128 seeded
+Tiny-ImageNet training images) under several settings, and compares each with the fp32 graph on
+500 seeded Tiny-ImageNet validation images: top-1 agreement of 200-way zero-shot (one prompt per
+WordNet name, the student's own text side) and the cosine of the image embeddings. Rows:
+
+    conv-matmul   quantise Conv/MatMul/Gemm only (the setting before 2026-12-02)
+    default       exports.precision.STATIC_OP_TYPES (+ Clip, Relu: ranges after the activation)
+    stem-fp32     default, the first convolution kept fp32
+    head-fp32     default, the MatMul head kept fp32
+    entropy       default, entropy calibration
+    percentile    default, percentile calibration
+    rounded       default, on the student with its weights first rounded to their int8 grids
+
+Needs ``../shared/data/tiny-imagenet``. Writes nothing but the temporary ONNX files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from clipcore.data import DataSpec, load_hf_dataset, resolve_columns
+from clipcore.imaging import decode_image
+from exports.interface import IMAGE_ENCODER
+from exports.onnx_export import export_image_encoder
+from exports.precision import ImageCalibrationReader, quantize_int8_static
+from exports.runtime import OnnxGraph
+from students import load_model
+from students.qat import FakeQuantWeight
+
+TINY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet"
+ROWS = ("conv-matmul", "default", "stem-fp32", "head-fp32", "entropy", "percentile", "rounded")
+
+
+def images(split: str, n: int, seed: int) -> list:
+    ds = load_hf_dataset(DataSpec(path=str(TINY), split=split, limit=n, shuffle_seed=seed))
+    column = resolve_columns(ds).image
+    return [row[column] for row in ds]
+
+
+def row_settings(name: str, fp32: Path) -> dict:
+    graph = onnx.load(str(fp32))
+    ops = {n.op_type: n.name for n in reversed(graph.graph.node)}
+    first_conv = next(n.name for n in graph.graph.node if n.op_type == "Conv")
+    return {"conv-matmul": {"op_types": ("Conv", "MatMul", "Gemm")}, "default": {}, "rounded": {},
+            "stem-fp32": {"nodes_to_exclude": [first_conv]},
+            "head-fp32": {"nodes_to_exclude": [ops.get("MatMul") or ops.get("Gemm")]},
+            "entropy": {"method": "entropy"}, "percentile": {"method": "percentile"}}[name]
+
+
+def round_weights(student) -> None:
+    with torch.no_grad():
+        for module in student.image_tower.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.copy_(FakeQuantWeight()(module.weight))
+
+
+def embed(path: Path, pixels: np.ndarray) -> np.ndarray:
+    graph = OnnxGraph(path, IMAGE_ENCODER, threads=2)
+    out = np.concatenate([graph({"pixel_values": pixels[i:i + 64]})[IMAGE_ENCODER.outputs[0].name]
+                          for i in range(0, len(pixels), 64)])
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", required=True)
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--limit", type=int, default=500)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    names = json.loads((TINY / "words.json").read_text())
+    names = [n if isinstance(n, str) else n[0] for n in (names.values() if isinstance(names, dict) else names)]
+    cal, val = images("train", 128, 0), images("validation", args.limit, 1)
+    results = {}
+    for name in args.rows.split(","):
+        student = load_model(args.student)
+        if name == "rounded":
+            round_weights(student)
+        transform = student.image_transform
+        pixels = np.stack([transform(decode_image(im, "validation image")) for im in val]).astype(np.float32)
+        with torch.no_grad():
+            head = student.encode_text([f"a photo of a {n.split(',')[0]}." for n in names]).float().numpy()
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_image_encoder(student, Path(tmp) / "fp32.onnx")
+            ref = embed(fp32, pixels)
+            int8 = quantize_int8_static(fp32, Path(tmp) / "int8.onnx", ImageCalibrationReader(cal, transform),
+                                        **row_settings(name, fp32))
+            emb = embed(int8, pixels)
+        agree = float(((emb @ head.T).argmax(1) == (ref @ head.T).argmax(1)).mean())
+        cos = (emb * ref).sum(1)
+        results[name] = {"agreement": agree, "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+        print(f"| {name} | {agree:.1%} | {cos.mean():.4f} / {cos.min():.4f} |", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
