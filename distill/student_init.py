@@ -83,8 +83,16 @@ def finish_qat(handle: QATHandle | None) -> None:
 
 
 def with_text_student(cfg: TrainConfig, student: DualEncoder) -> DualEncoder:
-    """The model to export: ``student`` itself, or paired with ``export.text_student``."""
+    """The model to export: ``student`` itself, or paired with ``export.text_student``.
+
+    Raises:
+        ConfigError: ``export.text_student`` is not a text student directory, or embeds into a space
+            of another size than ``student`` (the message names the key, both sizes and the path).
+    """
     if not cfg.export.text_student:
         return student
-    text = load_text_student(cfg.export.text_student).to(model_device(student))
-    return PairedStudent(student, text, name=f"{student.name}+{text.name}").eval()
+    try:
+        text = load_text_student(cfg.export.text_student).to(model_device(student))
+        return PairedStudent(student, text, name=f"{student.name}+{text.name}").eval()
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"export.text_student={cfg.export.text_student}: {exc}") from exc

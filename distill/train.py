@@ -270,6 +270,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
     torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
     student = initial_student(cfg, teacher, tokenizer=_load_tokenizer(cfg.student.tokenizer))
+    if cfg.export.enabled:
+        with_text_student(cfg, student)  # a missing or mismatched export.text_student fails now, not after training
     qat = attach_qat(cfg, student)
     if is_mixture(cfg.data):  # image-only: several sources, a vocabulary
         data = build_mixture_data(cfg.data, cfg.cache, teacher, student, accelerator, seed=cfg.seed,

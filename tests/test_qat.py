@@ -166,3 +166,79 @@ def test_every_convolution_of_efficientnet_lite_is_found(tiny_clip):
         after = tower(x)
     torch.testing.assert_close(getattr(after, "pooler_output", after), getattr(before, "pooler_output", before),
                                atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------- in the trainer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_clip):
+    """A tiny teacher on disk, labelled images and a saved image-only student to go on from."""
+    from clipcore.testing import make_tiny_clip
+    from students import build_student, save_student
+    from tests.datagen import write_labelled
+
+    root = tmp_path_factory.mktemp("qat-train")
+    teacher_dir = make_tiny_clip(root / "teacher", seed=1)
+    from clipcore.loading import load_teacher
+
+    teacher = load_teacher(str(teacher_dir))
+    save_student(build_student("test-tiny-resnet", teacher=teacher), root / "start")
+    write_labelled(root / "data", n=16)
+    (root / "empty.yaml").write_text("{}\n")
+    return root, teacher_dir, teacher
+
+
+def _overrides(saved, out, *extra):
+    root, teacher_dir, _ = saved
+    return [f"teacher.name_or_path={teacher_dir}", f"data.train={root / 'data'}", "data.templates=simple",
+            "student.arch=test-tiny-resnet", f"student.init={root / 'start'}", "qat.enabled=true",
+            "optim.batch_size=4", "optim.warmup_steps=1", "optim.max_steps=2", "progress=false",
+            f"output_dir={out}", f"cache.dir={out.parent / 'cache'}", *extra]
+
+
+def test_init_from_a_student_of_another_arch_and_qat_of_a_clip_student_are_refused(saved, tmp_path):
+    from distill.config import ConfigError, load_config
+    from distill.student_init import attach_qat, initial_student, with_text_student
+    from students import build_student
+
+    root, _, teacher = saved
+    cfg = load_config(None, _overrides(saved, tmp_path / "o", "student.arch=test-tiny"))
+    with pytest.raises(ConfigError, match=r"student.init=.*'test-tiny-resnet'.*student.arch='test-tiny'"):
+        initial_student(cfg, teacher)
+    with pytest.raises(ConfigError, match="qat.enabled=true: test-tiny has no image_tower"):
+        attach_qat(cfg, build_student("test-tiny", teacher=teacher))
+    with pytest.raises(ConfigError, match=r"export.text_student=.*nowhere.*no student.json"):
+        with_text_student(load_config(None, _overrides(saved, tmp_path / "o", f"export.text_student={root / 'nowhere'}")),
+                          build_student("test-tiny-resnet", teacher=teacher))
+    with pytest.raises(ConfigError, match=r"export.text_student=.*a 'frozen_text' model, not a text student"):
+        with_text_student(load_config(None, _overrides(saved, tmp_path / "o", f"export.text_student={root / 'start'}")),
+                          build_student("test-tiny-resnet", teacher=teacher))
+    with pytest.raises(ConfigError, match=r"qat.momentum=0.0"):
+        load_config(None, _overrides(saved, tmp_path / "o", "qat.momentum=0"))
+
+
+def test_qat_on_two_cpu_processes(saved, tmp_path):
+    """torchrun, gloo: each process rounds alike (ranges are per process); the saved student loads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from clipcore.testing import free_port
+
+    root = saved[0]
+    out = tmp_path / "ddp"
+    train = Path(__file__).resolve().parents[1] / "distill" / "train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(train), "--config", str(root / "empty.yaml"), *_overrides(saved, out, "cpu=true")]
+    proc = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("QAT: 7 conv/linear layers with int8 weights, 14 uint8 activation ranges, "
+                             "6 batch norms folded") == 2  # both processes
+    assert "QAT removed" in proc.stderr
+    start, final = load_file(str(root / "start" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert set(start) == set(final)
