@@ -58,6 +58,10 @@ def gpu_check(argv: Sequence[str]) -> int:
 COMMANDS = {c.name: c for c in (
     Command("train", "distill.train:cli", "python distill/train.py",
             "distil a CLIP teacher into a student (or train one) from a YAML recipe and key=value overrides"),
+    Command("text-student", "distill.text_student:cli", "python -m distill.text_student",
+            "distil the teacher's text side into a small text encoder, on texts alone"),
+    Command("pair", "distill.pair:cli", "python -m distill.pair",
+            "pair a saved image model with a text student into one model directory"),
     Command("evaluate", "distill.evaluate:cli", "python -m distill.evaluate",
             "zero-shot, retrieval or linear-probe scores of one model on one dataset"),
     Command("benchmark", "distill.benchmark:cli", "python -m distill.benchmark",

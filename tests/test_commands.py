@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 # each command's help must show flags of its own parser, not a generic one
 OWN_FLAGS = {
     "train": ["--config", "--resume", "overrides"],
+    "text-student": ["--config", "overrides"],
+    "pair": ["--image", "--text", "--out"],
     "evaluate": ["--model", "--data", "--batch-size", "--classnames"],
     "benchmark": ["--suite", "--reference", "--out"],
     "parity": ["--teacher", "--student", "--variants"],

@@ -311,6 +311,14 @@ def test_qat_fine_tune_exports_a_bundle_with_the_text_student(job, teacher_dir, 
     assert manifest["text_encoder.onnx"]["sha256"] == rows["text-int8"]["sha256"]  # the gated file ships
     text = json.loads((bundle / "config.json").read_text())["text_encoder"]
     assert text["source"] == "test-tiny-resnet+test-tiny-text" and text["precision"] == "int8-dynamic"  # the pair's
+    # the device classifies with names the bundle never saw, through the text student's int8 encoder
+    from exports.predict import main as predict
+    from tests.datagen import png
+
+    image = tmp_path / "x.png"
+    image.write_bytes(png(1))
+    assert predict([str(bundle), str(image), "--classes", "red kite,harbour crane", "--cache-dir",
+                    str(tmp_path / "heads")]) == 0
     import onnx
 
     from exports.precision import quantize_embedding_tables
