@@ -273,6 +273,9 @@ class TrainConfig:
         self._validate_sources()
         if self.qat.enabled and self.mode != "distill":
             raise ConfigError("qat.enabled=true fine-tunes a distilled image-only student (mode=distill)")
+        if self.qat.enabled and self.mixed_precision != "no":
+            # the fake-quantised forward is the int8 model's arithmetic in fp32; half precision would add its own rounding
+            raise ConfigError(f"qat.enabled=true trains in fp32: mixed_precision={self.mixed_precision!r} must be no")
         if not 0.0 < self.qat.momentum <= 1.0:
             raise ConfigError(f"qat.momentum={self.qat.momentum}; expected a fraction in (0, 1]")
         return self

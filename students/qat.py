@@ -115,21 +115,18 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
 
     Exact in eval mode: ``norm(conv(x))`` is unchanged, and the state dict keeps its keys.
     """
-    if norm.running_var is None or norm.running_mean is None:
-        raise ValueError("QAT folds batch norms with running statistics; this one tracks none")
-    scale = (norm.weight if norm.affine else torch.ones_like(norm.running_var)) / torch.sqrt(norm.running_var + norm.eps)
+    if norm.running_var is None or norm.running_mean is None or not norm.affine:
+        raise ValueError("QAT folds batch norms with running statistics and an affine bias; this one lacks them")
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
     conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-    shift = -norm.running_mean * scale + (norm.bias if norm.affine else 0.0)
+    shift = norm.bias - norm.running_mean * scale
     if conv.bias is not None:  # fold the conv's own bias into the norm's, which stays the only bias
         shift = shift + conv.bias * scale
         conv.bias.zero_()
     norm.running_mean.zero_()
     norm.running_var.fill_(1.0 - norm.eps)
-    if norm.affine:
-        norm.weight.fill_(1.0)
-        norm.bias.copy_(shift)
-    else:
-        raise ValueError("QAT folds batch norms with an affine bias; this one has none")
+    norm.weight.fill_(1.0)
+    norm.bias.copy_(shift)
 
 
 def _eval_batchnorm(norm: nn.BatchNorm2d) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -214,6 +214,8 @@ def test_init_from_a_student_of_another_arch_and_qat_of_a_clip_student_are_refus
     with pytest.raises(ConfigError, match=r"export.text_student=.*a 'frozen_text' model, not a text student"):
         with_text_student(load_config(None, _overrides(saved, tmp_path / "o", f"export.text_student={root / 'start'}")),
                           build_student("test-tiny-resnet", teacher=teacher))
+    with pytest.raises(ConfigError, match=r"qat.enabled=true trains in fp32: mixed_precision='bf16'"):
+        load_config(None, _overrides(saved, tmp_path / "o", "mixed_precision=bf16"))
     with pytest.raises(ConfigError, match=r"qat.momentum=0.0"):
         load_config(None, _overrides(saved, tmp_path / "o", "qat.momentum=0"))
 
