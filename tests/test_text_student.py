@@ -299,7 +299,8 @@ def test_qat_fine_tune_exports_a_bundle_with_the_text_student(job, teacher_dir, 
            f"cache.dir={tmp_path / 'cache'}", "export.enabled=true", "export.parity_limit=8",
            "export.variants=fp32,int8", "export.bundle_precision=int8", "export.bundle_text=true",
            f"export.text_student={job.out / 'final'}", "export.calibration_limit=8",
-           "export.gates=int8.min_agreement=0,int8.max_top1_drop=1,text-int8.min_agreement=0,text-int8.max_top1_drop=1"])
+           "export.gates=int8.min_agreement=0,int8.max_top1_drop=1,text-int8.min_agreement=0,text-int8.max_top1_drop=1,"
+           "pipeline.min_agreement=0,pipeline.max_top1_drop=1"])
     before, after = load_file(str(start / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     assert set(before) == set(after)  # QAT left no parametrisations or observers behind
     assert any(not torch.equal(before[k], after[k]) for k in before)  # folded and fine-tuned

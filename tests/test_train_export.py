@@ -49,7 +49,8 @@ def test_export_after_training_writes_parity_reports_and_a_bundle(setup, tmp_pat
 def test_int8_static_bundle_is_calibrated_on_the_training_split(setup, tmp_path):
     root, _ = setup
     main(_args(setup, tmp_path, "export.variants=fp32,int8-static", "export.bundle_precision=int8-static",
-               "export.calibration_limit=6", "export.gates=int8.min_agreement=0,int8.max_top1_drop=1",
+               "export.calibration_limit=6",
+               "export.gates=int8.min_agreement=0,int8.max_top1_drop=1,pipeline.min_agreement=0,pipeline.max_top1_drop=1",
                "export.bundle_text=true"))
     export = tmp_path / "out" / "export"
     report = json.loads((export / "parity.json").read_text())
