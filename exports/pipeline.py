@@ -27,6 +27,7 @@ from clipcore.data import DataSpec
 from clipcore.dual_encoder import DualEncoder
 from exports.gated_bundle import bundle_from_parity
 from exports.parity import ParitySettings, load_gates, run_parity, summary_table
+from exports.text_parity import shipped_text_variant
 
 log = logging.getLogger("exports.pipeline")
 
@@ -108,5 +109,6 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def _text_variant(report) -> str | None:
-    kept = {r.name for r in report.subjects if r.status == "kept"}
-    return next((name for name in ("text-int8", "text-fp32") if name in kept), None)
+    """The text encoder the bundle ships: the one the report's whole-pipeline rows were gated with."""
+    row = shipped_text_variant(report.subjects)
+    return row.name if row is not None else None
