@@ -39,7 +39,7 @@ def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> D
         if student.name != cfg.student.arch:
             raise ConfigError(f"student.init={cfg.student.init} is a {student.name!r} student; "
                               f"student.arch={cfg.student.arch!r} must name the same architecture")
-        student = student.to(model_device(teacher)).train()
+        student = student.to(teacher.device).train()
     else:
         student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
                                 init=cfg.student.init, tokenizer=tokenizer, head=cfg.student.head)
@@ -49,10 +49,6 @@ def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> D
     if cfg.student.freeze_blocks:
         freeze_early_blocks(student, cfg.student.freeze_blocks)
     return student
-
-
-def model_device(model: DualEncoder) -> torch.device:
-    return next(iter(model.parameters())).device
 
 
 def attach_qat(cfg: TrainConfig, student: DualEncoder) -> QATHandle | None:
@@ -67,8 +63,7 @@ def attach_qat(cfg: TrainConfig, student: DualEncoder) -> QATHandle | None:
     if tower is None:
         raise ConfigError(f"qat.enabled=true: {student.name} has no image_tower (QAT covers image-only students)")
     side = student.image_transform.output_size
-    device = next(iter(tower.parameters())).device
-    example = torch.randn(2, 3, *side, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    example = torch.randn(2, 3, *side, generator=torch.Generator().manual_seed(cfg.seed)).to(student.device)
     handle = prepare_qat(tower, lambda: tower(example), momentum=cfg.qat.momentum)
     handle.reset_ranges()  # the first training batch sets them: random pixels are not images
     log.info("%s", handle.summary())
@@ -92,7 +87,7 @@ def with_text_student(cfg: TrainConfig, student: DualEncoder) -> DualEncoder:
     if not cfg.export.text_student:
         return student
     try:
-        text = load_text_student(cfg.export.text_student).to(model_device(student))
+        text = load_text_student(cfg.export.text_student).to(student.device)
         return PairedStudent(student, text, name=f"{student.name}+{text.name}").eval()
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"export.text_student={cfg.export.text_student}: {exc}") from exc

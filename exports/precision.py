@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -272,8 +272,6 @@ def quantize_embedding_tables(model: onnx.ModelProto, min_elements: int = EMBEDD
 
 
 def _int8_gather(model: onnx.ModelProto, node: onnx.NodeProto, table: np.ndarray) -> list[onnx.NodeProto]:
-    from onnx import helper
-
     name, ids, out = node.input[0], node.input[1], node.output[0]
     label = node.name or f"{name}_gather"
     scale = (np.abs(table).max(axis=1, keepdims=True) / 127.0).astype(np.float32)

@@ -239,13 +239,12 @@ def prepare_qat(model: nn.Module, run: Callable[[], object], *, momentum: float 
     users = _consumers(calls)
     # a module may be called more than once per forward (EfficientNet's blocks share one ReLU6):
     # each call whose output the export quantises gets its own range, by call index
-    index: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    call_index = {}  # id(call) -> how many calls of its module came before it in one forward
+    for call in calls:
+        call_index[id(call)] = seen[id(call.module)] = seen.get(id(call.module), -1) + 1
     site_calls: dict[int, dict[int, ActivationQuant]] = {}
     site_modules: dict[int, nn.Module] = {}
-    call_index = {}
-    for call in calls:
-        call_index[id(call)] = index.get(id(call.module), 0)
-        index[id(call.module)] = call_index[id(call)] + 1
     for call in calls:
         if not isinstance(call.module, QUANT_LAYERS):
             continue
