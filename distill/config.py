@@ -191,6 +191,9 @@ class QATConfig:
 
     enabled: bool = False  # image-only students; usually with student.init = a trained student directory
     momentum: float = 0.01  # of the activation ranges' moving average of batch min/max
+    # teacher: learn the teacher's targets with rounding in the loop; self: learn the fp32 student's own outputs
+    # (a frozen copy of student.init, on the same pixels), so that the int8 model agrees with its fp32 self
+    target: str = "teacher"
 
 
 @dataclass
@@ -278,6 +281,8 @@ class TrainConfig:
             raise ConfigError(f"qat.enabled=true trains in fp32: mixed_precision={self.mixed_precision!r} must be no")
         if not 0.0 < self.qat.momentum <= 1.0:
             raise ConfigError(f"qat.momentum={self.qat.momentum}; expected a fraction in (0, 1]")
+        if self.qat.target not in ("teacher", "self"):
+            raise ConfigError(f"qat.target={self.qat.target!r}; expected 'teacher' or 'self'")
         return self
 
     def _validate_sources(self) -> None:

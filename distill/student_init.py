@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -49,6 +50,23 @@ def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> D
     if cfg.student.freeze_blocks:
         freeze_early_blocks(student, cfg.student.freeze_blocks)
     return student
+
+
+def qat_self_reference(cfg: TrainConfig, student: DualEncoder) -> DualEncoder | None:
+    """``qat.target: self``: a frozen fp32 copy of the student as it starts, whose image embeddings (of the
+    same pixels) replace the teacher's as targets. Call before :func:`attach_qat` folds the copy's source.
+
+    Raises:
+        ConfigError: ``student.init`` is not a saved student (there would be no fp32 self to agree with).
+    """
+    if not (cfg.qat.enabled and cfg.qat.target == "self"):
+        return None
+    if not is_saved_student(cfg.student.init):
+        raise ConfigError(f"qat.target=self learns a trained student's own outputs: student.init={cfg.student.init!r} "
+                          "is not a saved student directory")
+    reference = copy.deepcopy(student).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def attach_qat(cfg: TrainConfig, student: DualEncoder) -> QATHandle | None:

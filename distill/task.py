@@ -65,12 +65,14 @@ class DistillTask(nn.Module):
 
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
                  teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter(),
-                 mix: MixSpec = MixSpec()):
+                 mix: MixSpec = MixSpec(), self_reference: DualEncoder | None = None):
         super().__init__()
         self.student = student
         self.jitter = jitter
         self.mix = mix
         self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
+        # qat.target=self: the frozen fp32 student whose image embeddings are the targets instead of the teacher's
+        self._self_reference = [self_reference]
         self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
         self._step = 0  # the step of the batch in hand, for error messages
@@ -183,6 +185,11 @@ class DistillTask(nn.Module):
             # its own generator, so that runs with and without jitter sample the same texts
             pixels = self.jitter(pixels, torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009))
         s_img = self.student.encode_image(pixels)
+        teacher_scale = self.teacher.logit_scale.detach()
+        reference = self._self_reference[0]
+        if reference is not None:  # the fp32 self on exactly the pixels the fake-quantised student saw
+            with torch.no_grad():
+                teacher_image, teacher_scale = reference.encode_image(pixels), reference.logit_scale.detach()
         texts = batch.get("text")
         if texts is not None and all(t is not None for t in texts):  # streamed pairs: each its own caption
             t_txt, s_txt = self._streamed_texts(batch, list(texts), device)
@@ -203,7 +210,7 @@ class DistillTask(nn.Module):
             student_class=self._student_class_head(gen, device),
             teacher_class=self.teacher_class_head,
             student_log_scale=self.student.log_logit_scale,
-            teacher_scale=self.teacher.logit_scale.detach(),
+            teacher_scale=teacher_scale,
         )
         out["loss"] = total_loss(out)
         return out

@@ -37,6 +37,11 @@ class CorpusConfig:
     val_names: int = 100  # seeded class names whose prompts are all held out: validation on unseen names
     val_captions_split: str | None = "validation"  # the captions' tuning split, for validation only (null: none)
     val_captions: int = 1000  # at most this many validation captions (a seeded subset)
+    # "tokenizer": every whole word of the teacher's tokenizer vocabulary is a class name too, so that the student
+    # knows basic-level words no vocabulary lists ("truck", "frog"); null: off.
+    words: str | None = None
+    word_templates: int = 4  # templates per word, a seeded draw from `templates` (all 86 would be ~1.8M texts)
+    word_min_length: int = 3  # shorter vocabulary entries are mostly abbreviations and pieces
 
 
 @dataclass
@@ -93,10 +98,14 @@ class TextJobConfig:
         bounds = (("optim.max_steps", self.optim.max_steps >= 1), ("optim.batch_size", self.optim.batch_size >= 2),
                   ("optim.lr", self.optim.lr > 0), ("optim.warmup_steps", self.optim.warmup_steps >= 0),
                   ("corpus.val_names", self.corpus.val_names >= 0), ("corpus.val_captions", self.corpus.val_captions >= 0),
+                  ("corpus.word_templates", self.corpus.word_templates >= 1),
+                  ("corpus.word_min_length", self.corpus.word_min_length >= 1),
                   ("log_every", self.log_every >= 1), ("eval_every", self.eval_every >= 0))
         for key, ok in bounds:
             if not ok:
                 raise ConfigError(f"{key}={_get(self, key)!r} is out of range")
+        if self.corpus.words not in (None, "tokenizer"):
+            raise ConfigError(f"corpus.words={self.corpus.words!r}: expected 'tokenizer' or null")
         if not self.corpus.templates:
             raise ConfigError("corpus.templates is empty; name at least one template set")
         if self.corpus.captions and self.corpus.caption_split == self.corpus.val_captions_split:

@@ -1,7 +1,8 @@
 """The texts a text student learns on, and the ones it is validated on.
 
 Training: every class name of the vocabularies (with all their WordNet synonyms) under every
-template of several sets, plus the captions of the caption datasets' training split. Validation:
+template of several sets, optionally every whole word of the tokenizer under a few of them, plus
+the captions of the caption datasets' training split. Validation:
 all prompts of a seeded set of class names that training never sees (the open vocabulary is the
 point), plus the captions of a tuning split; never a test split.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from clipcore.classnames import load_classname_source, synonyms
 from clipcore.data import DataSpec, flatten_captions, load_hf_dataset
@@ -58,6 +60,27 @@ def templates_of(sets: list[str]) -> list[str]:
     return list(dict.fromkeys(t for spec in sets for t in get_templates(spec)))
 
 
+def tokenizer_words(vocab: Iterable[str], min_length: int) -> list[str]:
+    """The whole words of a tokenizer vocabulary, lower-cased, sorted: ASCII-alphabetic entries of at
+    least ``min_length`` letters. WordPiece continuations (``##ing``) are pieces, not words; a BPE
+    entry counts once its word-boundary mark (``</w>``, ``Ġ``, ``▁``) is removed."""
+    words = set()
+    for entry in vocab:
+        if entry.startswith("##"):
+            continue
+        word = entry.removesuffix("</w>").removeprefix("Ġ").removeprefix("▁")
+        if len(word) >= min_length and word.isascii() and word.isalpha():
+            words.add(word.lower())
+    return sorted(words)
+
+
+def word_prompts(words: list[str], templates: list[str], per_word: int, seed: int) -> list[str]:
+    """``per_word`` seeded templates for each word: every word in a few contexts, not all 86."""
+    rng = random.Random(seed)
+    k = min(per_word, len(templates))
+    return [t.format(w) for w in words for t in rng.sample(templates, k)]
+
+
 def captions(paths: list[str], split: str, column: str) -> list[str]:
     texts: list[str] = []
     for path in paths:
@@ -67,8 +90,10 @@ def captions(paths: list[str], split: str, column: str) -> list[str]:
     return texts
 
 
-def build_corpus(cfg: CorpusConfig, seed: int) -> TextCorpus:
+def build_corpus(cfg: CorpusConfig, seed: int, words: Sequence[str] = ()) -> TextCorpus:
     """Training and validation texts of ``cfg``; the held-out names are drawn with ``seed``.
+    ``words`` (:func:`tokenizer_words`, when ``cfg.words`` asks for them) join training under
+    ``cfg.word_templates`` templates each, except those equal to a held-out name.
 
     Raises:
         ValueError: no class names, or more held-out names than there are names.
@@ -81,12 +106,15 @@ def build_corpus(cfg: CorpusConfig, seed: int) -> TextCorpus:
     train_names = [n for i, n in enumerate(names) if i not in held]
     val_names = [n for i, n in enumerate(names) if i in held]
     train = [t.format(n) for n in train_names for t in templates]
+    held_lower = {n.lower() for n in val_names}
+    train += word_prompts([w for w in words if w.lower() not in held_lower], templates, cfg.word_templates, seed)
     train += captions(cfg.captions, cfg.caption_split, cfg.caption_column)
     train = list(dict.fromkeys(train))  # a caption equal to a prompt is learnt once
     val = [t.format(n) for n in val_names for t in templates]
     if cfg.val_captions_split and cfg.val_captions:
         extra = list(dict.fromkeys(captions(cfg.captions, cfg.val_captions_split, cfg.caption_column)))
         val += random.Random(seed).sample(extra, cfg.val_captions) if len(extra) > cfg.val_captions else extra
-    log.info("text corpus: %d class names (%d held out) x %d templates, %d training texts in all; %d validation texts",
-             len(names), len(val_names), len(templates), len(train), len(val))
+    log.info("text corpus: %d class names (%d held out) x %d templates, %d words x %d, %d training texts in all; "
+             "%d validation texts", len(names), len(val_names), len(templates), len(words), cfg.word_templates,
+             len(train), len(val))
     return TextCorpus(train, val, val_names, templates)

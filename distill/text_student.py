@@ -39,7 +39,7 @@ from distill.cli import debug_requested, run_cli
 from distill.config import dump_config
 from distill.mixture import _source_targets, _text_targets  # the general runs' cache keys, reused as they are
 from distill.text_config import TextJobConfig, load_text_config
-from distill.text_corpus import TextCorpus, build_corpus
+from distill.text_corpus import TextCorpus, build_corpus, tokenizer_words
 from distill.train_data import check_path
 from students import build_text_student, get_student_config, save_pair, save_text_student
 from students.text_student import TextStudent
@@ -228,7 +228,8 @@ def run(cfg: TextJobConfig) -> dict[str, float]:
     teacher = load_teacher(cfg.teacher, device=proc.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(cfg.corpus, cfg.seed)
+    words = tokenizer_words(teacher.tokenizer.get_vocab(), cfg.corpus.word_min_length) if cfg.corpus.words else []
+    corpus = build_corpus(cfg.corpus, cfg.seed, words)
     train_t, val_t = text_targets(cfg, teacher, corpus.train, proc), text_targets(cfg, teacher, corpus.val, proc)
     bank = image_bank(cfg, teacher, proc)
     student = build_text_student(arch, teacher, init=cfg.student.init).to(proc.device)

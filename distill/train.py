@@ -50,7 +50,7 @@ from distill.mixture import build_mixture_data
 from distill.train_data import TrainData, build_train_data, check_path, is_mixture
 from exports.pipeline import export_and_check
 from distill.final import save_final
-from distill.student_init import attach_qat, finish_qat, initial_student, with_text_student
+from distill.student_init import attach_qat, finish_qat, initial_student, qat_self_reference, with_text_student
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -272,6 +272,7 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     student = initial_student(cfg, teacher, tokenizer=_load_tokenizer(cfg.student.tokenizer))
     if cfg.export.enabled:
         with_text_student(cfg, student)  # a missing or mismatched export.text_student fails now, not after training
+    reference = qat_self_reference(cfg, student)  # before attach_qat folds the student's batch norms
     qat = attach_qat(cfg, student)
     if is_mixture(cfg.data):  # image-only: several sources, a vocabulary
         data = build_mixture_data(cfg.data, cfg.cache, teacher, student, accelerator, seed=cfg.seed,
@@ -287,7 +288,7 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift, cfg.data.student_lowres,
                            cfg.data.student_lowres_min)
     mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
-    task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix)
+    task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix, self_reference=reference)
     task.qat = qat  # removed before the student is saved (finish_qat)
     return task, data
 

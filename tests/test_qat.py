@@ -220,6 +220,31 @@ def test_init_from_a_student_of_another_arch_and_qat_of_a_clip_student_are_refus
         load_config(None, _overrides(saved, tmp_path / "o", "qat.momentum=0"))
 
 
+def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
+    """qat.target=self: the targets are the frozen fp32 student's embeddings of the same pixels, so the
+    fake-quantised student starts near them; the teacher's (a random tiny CLIP) are far."""
+    import json
+
+    from distill.config import ConfigError, load_config
+    from distill.student_init import qat_self_reference
+    from distill.train import main as train
+
+    root = saved[0]
+    first = {}
+    for target in ("teacher", "self"):
+        out = tmp_path / target
+        train(["--config", str(root / "empty.yaml"),
+               *_overrides(saved, out, f"qat.target={target}", "optim.max_steps=1", "log_every=1", "optim.lr=1e-9")])
+        first[target] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["self"]["feature_image_loss"] < 0.02 < 0.2 < first["teacher"]["feature_image_loss"]
+    assert first["self"]["kl_class_loss"] < first["teacher"]["kl_class_loss"]
+    with pytest.raises(ConfigError, match=r"qat.target=self learns a trained student's own outputs: student.init='imagenet'"):
+        qat_self_reference(load_config(None, _overrides(saved, tmp_path / "o", "qat.target=self", "student.init=imagenet")),
+                           None)
+    with pytest.raises(ConfigError, match=r"qat.target='fp32'; expected 'teacher' or 'self'"):
+        load_config(None, _overrides(saved, tmp_path / "o", "qat.target=fp32"))
+
+
 def test_qat_on_two_cpu_processes(saved, tmp_path):
     """torchrun, gloo: each process rounds alike (ranges are per process); the saved student loads."""
     import os

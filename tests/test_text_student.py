@@ -200,6 +200,18 @@ def test_a_rerun_reuses_the_cached_teacher_embeddings(job):
     assert sorted(p.name for p in (job.root / "cache").iterdir()) == before
 
 
+def test_the_job_adds_the_teacher_tokenizers_words(job, teacher):
+    from distill.text_corpus import tokenizer_words
+
+    words = tokenizer_words(teacher.tokenizer.get_vocab(), 1)  # the tiny WordPiece vocabulary: single letters
+    assert "a" in words and len(words) >= 26
+    before = {p.name for p in (job.root / "cache").iterdir()}
+    metrics = job.main([*job.overrides, "optim.max_steps=1", "pair_with=null", "corpus.words=tokenizer",
+                        "corpus.word_min_length=1", f"output_dir={job.root / 'words'}"])
+    assert metrics["train/steps"] == 1
+    assert len({p.name for p in (job.root / "cache").iterdir()} - before) >= 1  # other training texts: their own entry
+
+
 def test_the_pair_loads_as_a_dual_encoder_with_the_text_students_text(job):
     pair = load_model(job.out / "pair")
     assert isinstance(pair, PairedStudent) and pair.image_model.teacher is None  # no teacher: the text is the student's
@@ -252,9 +264,40 @@ def test_text_job_config_errors_name_the_key(tmp_path):
         load_text_config(None, ["corpus.val_captions_split=train"])
     with pytest.raises(ConfigError, match="optim.max_steps=0"):
         load_text_config(None, ["optim.max_steps=0"])
+    with pytest.raises(ConfigError, match="corpus.words='vocab'"):
+        load_text_config(None, ["corpus.words=vocab"])
+    with pytest.raises(ConfigError, match="corpus.word_templates=0"):
+        load_text_config(None, ["corpus.word_templates=0"])
     cfg = load_text_config("configs/text_student.yaml")
     assert cfg.student.arch == "minilm-text-L2-r64" and cfg.corpus.caption_split == "train"
     assert all(src.split == "train" for src in cfg.bank.sources)
+
+
+def test_tokenizer_words_keep_whole_alphabetic_words_of_wordpiece_and_bpe_vocabularies():
+    from distill.text_corpus import tokenizer_words
+
+    vocab = ["[CLS]", "##ing", "truck", "Frog", "ab", "a1b", "café", "dog</w>", "Ġship", "▁deer", "truck", "[unused3]"]
+    assert tokenizer_words(vocab, 3) == ["deer", "dog", "frog", "ship", "truck"]
+    assert tokenizer_words(vocab, 2) == ["ab", "deer", "dog", "frog", "ship", "truck"]
+
+
+def test_tokenizer_words_join_training_except_held_out_names(tmp_path):
+    from distill.text_config import CorpusConfig
+    from distill.text_corpus import build_corpus
+
+    names = [f"thing{i}" for i in range(10)]
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    cfg = CorpusConfig(vocabularies=[str(tmp_path / "names.json")], templates=["simple", "openai_cifar"],
+                       captions=[], val_names=3, val_captions_split=None, words="tokenizer", word_templates=2)
+    plain = build_corpus(cfg, seed=0)
+    words = ["truck", "frog", plain.val_names[0].upper()]  # a held-out name among the words stays held out
+    corpus = build_corpus(cfg, seed=0, words=words)
+    added = corpus.train[len(plain.train):]
+    assert corpus.val == plain.val and corpus.train[: len(plain.train)] == plain.train
+    assert len(added) == 4 and sum("truck" in t for t in added) == 2 and sum("frog" in t for t in added) == 2
+    assert not any(plain.val_names[0].lower() in t.lower() for t in added)
+    assert build_corpus(cfg, seed=0, words=words).train == corpus.train  # seeded templates
+    assert set(added) <= {t.format(w) for w in ("truck", "frog") for t in corpus.templates}
 
 
 def test_paired_student_exports_its_text_encoder(job, tmp_path):
