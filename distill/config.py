@@ -5,22 +5,17 @@ Parsed once in ``train.main``; each builder receives only its own section.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import yaml
 
 from clipcore.distill_loss import LossConfig
 from distill.shards import is_shard_spec
+# ConfigError, apply_override, from_dict and to_dict are imported from here by the rest of the project
+from distill.typed_config import ConfigError, apply_override, field_names, from_dict, parse_config, to_dict  # noqa: F401
 from exports.parity import ParityInputError, check_variant_names, load_gates
-
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names it and lists the valid keys."""
 
 
 @dataclass
@@ -348,168 +343,9 @@ def check_bounds(cfg: "TrainConfig") -> None:
             raise ConfigError(f"{key}={value!r}; expected {valid}")
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the annotated type, with an error naming the key."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: cannot interpret {value!r} ({'; '.join(errors)})")
-    if origin is list:
-        seq = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(seq, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list (or a comma-separated string), got {value!r}")
-        if dataclasses.is_dataclass(args[0]):  # e.g. data.train's sources
-            return [from_dict(args[0], v, prefix=f"{key}[{i}].") for i, v in enumerate(seq)]
-        return [_coerce(v, args[0], key) for v in seq]
-    if origin is dict:
-        table = {} if value is None else _dotted_map(value, key) if isinstance(value, str) else value
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{key}: expected a mapping (or KEY.FIELD=VALUE,...), got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in table.items()}
-    if origin is tuple:
-        seq = yaml.safe_load(value) if isinstance(value, str) else value
-        if not isinstance(seq, (list, tuple)) or len(seq) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(seq, args))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if hint in (int, float):
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            out = hint(value)
-            if hint is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return out
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _dotted_map(text: str, key: str) -> dict[str, dict[str, str]]:
-    """The command-line form of a two-level map: ``"int8.min_agreement=0.98,fp16.min_agreement=0.99"``."""
-    table: dict[str, dict[str, str]] = {}
-    for item in (i.strip() for i in text.split(",")):
-        if not item:
-            continue
-        path, sep, raw = item.partition("=")
-        outer, dot, inner = path.strip().rpartition(".")
-        if not sep or not dot or not outer:
-            raise ConfigError(f"{key}: {item!r} is not KEY.FIELD=VALUE")
-        table.setdefault(outer, {})[inner] = raw.strip()
-    return table
-
-
-def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested mapping; unknown keys raise with the valid ones."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    valid = field_names(cls)
-    unknown = [k for k in data if k not in valid]
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys under "
-            f"{prefix.rstrip('.') or 'the top level'}: {valid}"
-        )
-    hints, kwargs = _hints(cls), {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, prefix=f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hint, prefix + key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as exc:  # a section that validates itself (LossConfig) names the field
-        raise ConfigError(f"{prefix}{exc}") from exc
-
-
-def apply_override(data: dict, dotted: str, value: str, cls: type = TrainConfig) -> None:
-    """Set ``a.b.c=value`` in the nested dict after checking the path against the dataclasses."""
-    parts = dotted.split(".")
-    node, node_cls = data, cls
-    for i, part in enumerate(parts):
-        valid = field_names(node_cls)
-        if part not in valid:
-            where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(f"unknown config key {dotted!r}: {part!r} is not one of {valid} (under {where})")
-        hint = _hints(node_cls)[part]
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(hint):
-                raise ConfigError(f"{dotted} is a section; set one of its keys: {field_names(hint)}")
-            try:
-                node[part] = yaml.safe_load(value) if value != "" else ""
-            except yaml.YAMLError as exc:  # e.g. optim.lr=[ : one line naming the key, exit 2
-                problem = getattr(exc, "problem", None) or type(exc).__name__
-                raise ConfigError(f"{dotted}={value!r}: not a valid YAML value ({problem})") from None
-            if isinstance(node[part], (int, float)) and hint is str:
-                node[part] = value  # keep "007"-like strings verbatim
-            return
-        if not dataclasses.is_dataclass(hint):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section")
-        node = node.setdefault(part, {})
-        node_cls = hint
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML recipe (optional), apply ``key=value`` overrides, and validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of config keys at the top level, got a {type(data).__name__}")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        apply_override(data, key.strip(), value)
-    return from_dict(TrainConfig, data).validate()
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (tuples as lists) for YAML dumps and model cards."""
-
-    def convert(v):
-        if isinstance(v, tuple):
-            return [convert(x) for x in v]
-        if isinstance(v, dict):
-            return {k: convert(x) for k, x in v.items()}
-        return v
-
-    return convert(dataclasses.asdict(cfg))
+    return parse_config(TrainConfig, path, overrides).validate()
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> None:

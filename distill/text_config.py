@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import yaml
 
-from distill.config import CacheConfig, ConfigError, apply_override, from_dict
+from distill.config import CacheConfig
+from distill.typed_config import ConfigError, parse_config
 
 SHARED = "../shared/data"
 
@@ -128,20 +128,4 @@ def load_text_config(path: str | Path | None = None, overrides: Sequence[str] = 
     Raises:
         ConfigError: a missing file, bad YAML, an unknown key (naming the valid ones) or a bad value.
     """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        apply_override(data, key.strip(), value, cls=TextJobConfig)
-    return from_dict(TextJobConfig, data).validate()
+    return parse_config(TextJobConfig, path, overrides).validate()

@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:  # `python scripts/config_reference.py` from a pla
 import yaml  # noqa: E402
 
 from distill import config as config_mod  # noqa: E402
+from distill import typed_config  # noqa: E402
 
 OUT = REPO / "docs" / "configuration.md"
 
@@ -107,7 +108,7 @@ def cell(text: str) -> str:
 def section_rows(cls: type, prefix: str, bounds: dict[str, str]) -> tuple[list[str], list[tuple[str, type]]]:
     """Table rows for the plain fields of ``cls``, and its nested dataclass sections."""
     beside, above = field_comments(cls)
-    hints = config_mod._hints(cls)
+    hints = typed_config.hints(cls)
     rows, nested = [], []
     for f in dataclasses.fields(cls):
         key = prefix + f.name
