@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -93,7 +94,7 @@ def captions(paths: list[str], split: str, column: str) -> list[str]:
 def build_corpus(cfg: CorpusConfig, seed: int, words: Sequence[str] = ()) -> TextCorpus:
     """Training and validation texts of ``cfg``; the held-out names are drawn with ``seed``.
     ``words`` (:func:`tokenizer_words`, when ``cfg.words`` asks for them) join training under
-    ``cfg.word_templates`` templates each, except those equal to a held-out name.
+    ``cfg.word_templates`` templates each, except the words of held-out names.
 
     Raises:
         ValueError: no class names, or more held-out names than there are names.
@@ -106,8 +107,9 @@ def build_corpus(cfg: CorpusConfig, seed: int, words: Sequence[str] = ()) -> Tex
     train_names = [n for i, n in enumerate(names) if i not in held]
     val_names = [n for i, n in enumerate(names) if i in held]
     train = [t.format(n) for n in train_names for t in templates]
-    held_lower = {n.lower() for n in val_names}
-    train += word_prompts([w for w in words if w.lower() not in held_lower], templates, cfg.word_templates, seed)
+    # no word of a held-out name is learnt on its own either: "sea anemone" held out keeps "sea" and "anemone" out
+    held_words = {w for n in val_names for w in re.findall(r"[a-z]+", n.lower())}
+    train += word_prompts([w for w in words if w.lower() not in held_words], templates, cfg.word_templates, seed)
     train += captions(cfg.captions, cfg.caption_split, cfg.caption_column)
     train = list(dict.fromkeys(train))  # a caption equal to a prompt is learnt once
     val = [t.format(n) for n in val_names for t in templates]
