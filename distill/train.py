@@ -375,6 +375,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     metrics: dict = {}
     tick, seen = time.perf_counter(), 0
     task.train()
+    usable = None  # batches per epoch, once an epoch starts
     while state["step"] < cfg.optim.max_steps:
         loader, usable = feeder.epoch(state, accum)
         for batch in loader:
@@ -420,7 +421,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     feeder.close()
     check_weights_finite(task, state["step"], last_ckpt)
     check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
-    last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
+    if usable is not None:  # else a resume at optim.max_steps: its checkpoint is already this state
+        last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
     finish_qat(getattr(accelerator.unwrap_model(task), "qat", None))
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:
