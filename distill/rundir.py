@@ -111,10 +111,17 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def config_differences(recorded: dict, current: dict, what: str = "checkpoint") -> list[str]:
-    """``key (checkpoint X, this run Y)`` for every key that shapes training and differs."""
-    old, new = flatten(recorded), flatten(current)
+    """``key (checkpoint X, this run Y)`` for every key that shapes training and differs.
+
+    A key the recorded config lacks is no difference while this run keeps its default: it was added to the
+    project after that checkpoint was written, and its default is what the checkpoint's code did.
+    """
+    from distill.config import TrainConfig, to_dict  # here: distill.config is heavier than this module
+
+    old, new, defaults = flatten(recorded), flatten(current), flatten(to_dict(TrainConfig()))
     keys = sorted(k for k in old.keys() | new.keys()
-                  if k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS) and old.get(k) != new.get(k))
+                  if k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS) and old.get(k) != new.get(k)
+                  and not (k not in old and k in defaults and new.get(k) == defaults[k]))
     return [f"{k} ({what} {old.get(k, '<absent>')!r}, this run {new.get(k, '<absent>')!r})" for k in keys]
 
 
