@@ -90,6 +90,11 @@ class DistillTask(nn.Module):
     def train(self, mode: bool = True) -> "DistillTask":
         super().train(mode)
         self.teacher.eval()  # dropout/BN in the teacher must never switch to training behaviour
+        if self._self_reference[0] is not None:
+            # qat.target=self: the student must compute what its fp32 self computes, rounding aside; with
+            # EfficientNet's drop-connect on, the loss measured dropped blocks, not rounding (QAT's observers
+            # update on any step with gradients, whatever the mode)
+            self.student.eval()
         return self
 
     @torch.no_grad()

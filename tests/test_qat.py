@@ -236,8 +236,16 @@ def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
         train(["--config", str(root / "empty.yaml"),
                *_overrides(saved, out, f"qat.target={target}", "optim.max_steps=1", "log_every=1", "optim.lr=1e-9")])
         first[target] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
-    assert first["self"]["feature_image_loss"] < 0.02 < 0.2 < first["teacher"]["feature_image_loss"]
+    assert first["self"]["feature_image_loss"] < 0.005 < 0.2 < first["teacher"]["feature_image_loss"]
     assert first["self"]["kl_class_loss"] < first["teacher"]["kl_class_loss"]
+    cfg = load_config(None, _overrides(saved, tmp_path / "o", "qat.target=self"))
+    from distill.task import DistillTask
+    from students import load_student
+
+    student = load_student(str(root / "start"), teacher=saved[2]).train()
+    task = DistillTask(student, saved[2], cfg.loss, None, None, self_reference=qat_self_reference(cfg, student)).train()
+    assert task.training and not task.student.training  # no dropout or drop-connect against the fp32 self
+    assert DistillTask(student, saved[2], cfg.loss, None, None).train().student.training  # target=teacher: as before
     with pytest.raises(ConfigError, match=r"qat.target=self learns a trained student's own outputs: student.init='imagenet'"):
         qat_self_reference(load_config(None, _overrides(saved, tmp_path / "o", "qat.target=self", "student.init=imagenet")),
                            None)

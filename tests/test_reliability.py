@@ -105,6 +105,22 @@ def test_resume_refuses_another_config_naming_the_keys(setup, finished, tmp_path
     assert _steps(out) == [1, 2, 3, 4, 5]
 
 
+def test_resume_at_max_steps_finishes_and_a_key_added_later_at_its_default_resumes(setup, finished, tmp_path):
+    """A checkpoint at optim.max_steps used to fail (an unset epoch size); a config key the project gained
+    after the checkpoint was written (absent from its manifest) blocked resuming even at its default."""
+    out = _copy(finished, tmp_path)
+    shutil.rmtree(out / "final")
+    manifest = out / "checkpoints" / "step-4" / "manifest.json"
+    recorded = json.loads(manifest.read_text())
+    del recorded["config"]["qat"]["target"]  # as a checkpoint written before qat.target existed
+    manifest.write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match=r"qat\.target \(checkpoint '<absent>', this run 'self'\)"):
+        main(_args(setup, out, "optim.max_steps=4", "qat.target=self", "--resume", "latest"))
+    main(_args(setup, out, "optim.max_steps=4", "--resume", "latest"))  # no step left: the run only finishes
+    assert (out / "final" / "model.safetensors").is_file() and _steps(out) == [1, 2, 3, 4]
+    assert _ckpts(out) == ["step-2", "step-4"]
+
+
 def _run_id(ckpt):
     return json.loads((ckpt / "manifest.json").read_text())["run_id"]
 
