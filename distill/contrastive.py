@@ -175,6 +175,9 @@ class ContrastiveTask(nn.Module):
         """No teacher here: exported variants are checked against the trained model itself."""
         return self.model
 
+    def agreement_reference(self) -> DualEncoder | None:
+        return None
+
     def _text_rows(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         rows = []
         for idx, label in zip(batch["index"].tolist(), batch["label"].tolist()):

@@ -66,6 +66,8 @@ def qat_self_reference(cfg: TrainConfig, student: DualEncoder) -> DualEncoder | 
                           "is not a saved student directory")
     reference = copy.deepcopy(student).eval()
     reference.requires_grad_(False)
+    # the int8 model replaces its fp32 self, temperature included: one logit scale for both
+    student.log_logit_scale.requires_grad_(False)
     return reference
 
 

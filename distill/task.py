@@ -46,6 +46,9 @@ class TrainingTask(Protocol):
     def parity_reference(self) -> DualEncoder:
         """The model the exported variants are checked against."""
 
+    def agreement_reference(self) -> DualEncoder | None:
+        """The torch model the exported files must agree with, if not the exported student itself."""
+
 
 @dataclass
 class TextBank:
@@ -110,6 +113,10 @@ class DistillTask(nn.Module):
     def parity_reference(self) -> DualEncoder:
         """What the exported student's variants are checked against: the teacher."""
         return self.teacher
+
+    def agreement_reference(self) -> DualEncoder | None:
+        """qat.target=self: the fp32 student the int8 export replaces; else None (the student itself)."""
+        return self._self_reference[0]
 
     def _sample_texts(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """One text row per image: a random caption of that image, or a random class prompt.

@@ -175,8 +175,10 @@ def eval_spec(cfg: TrainConfig, limit: int | None) -> DataSpec:
                     shuffle_seed=cfg.seed if limit else None)
 
 
-def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder, out: Path) -> bool:
-    """``export.enabled``: ONNX variants, parity report against the teacher, edge bundle. Returns passed."""
+def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder, out: Path,
+                   reference: DualEncoder | None = None) -> bool:
+    """``export.enabled``: ONNX variants, parity report against the teacher, edge bundle. Returns passed.
+    ``reference``: the torch model agreement is measured against, if not ``student`` (qat.target=self)."""
     names = cfg.data.eval_classnames if (_other_eval_data(cfg) or cfg.data.eval_classnames) else cfg.data.classnames
     # final/ now holds this run's student: an earlier export certifies another one, and must not
     # survive beside it even if this export fails (the new one is renamed into place whole)
@@ -186,7 +188,8 @@ def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder,
                               templates=cfg.data.eval_templates or cfg.data.templates, classnames=names,
                               bundle_precision=cfg.export.bundle_precision, gates=cfg.export.gates,
                               calibration=calibration_spec(cfg),
-                              calibration_limit=cfg.export.calibration_limit, bundle_text=cfg.export.bundle_text)
+                              calibration_limit=cfg.export.calibration_limit, bundle_text=cfg.export.bundle_text,
+                              reference=reference)
     log.info("parity %s; report: %s%s\n%s", "PASSED" if result.passed else "FAILED", result.report_paths["html"],
              f"; edge bundle: {result.bundle}" if result.bundle else "", result.summary)
     return result.passed
@@ -430,8 +433,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         log.info("saved the student to %s", final)
         if cfg.export.enabled:
             unwrapped: TrainingTask = accelerator.unwrap_model(task)
-            metrics["export/parity_passed"] = export_student(cfg, unwrapped.parity_reference(),
-                                                             with_text_student(cfg, unwrapped.export_student()), out)
+            fp32_self = unwrapped.agreement_reference()
+            metrics["export/parity_passed"] = export_student(
+                cfg, unwrapped.parity_reference(), with_text_student(cfg, unwrapped.export_student()), out,
+                reference=None if fp32_self is None else with_text_student(cfg, fp32_self))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()  # `final/` exists for every process once train() returns
     accelerator.end_training()

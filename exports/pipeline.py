@@ -45,7 +45,7 @@ def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec,
                      bundle_precision: str | None = None,
                      gates: Mapping[str, Mapping[str, float | None]] | None = None,
                      calibration: DataSpec | None = None, calibration_limit: int = 128,
-                     bundle_text: bool = False) -> ExportResult:
+                     bundle_text: bool = False, reference: DualEncoder | None = None) -> ExportResult:
     """Parity of every variant against the teacher and the torch student; bundle a kept precision.
 
     Args:
@@ -54,6 +54,8 @@ def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec,
             evaluation data's ``train`` split.
         bundle_text: gate the text encoder too and ship it in the bundle (open vocabulary): the
             int8 one when it passed its gate, else the fp32 one.
+        reference: the torch model the variants must agree with, if not ``student``
+            (:func:`exports.parity.run_parity`).
     """
     out_dir = Path(out_dir)
     cal = {} if calibration is None else {"calibration_data": calibration.path,
@@ -67,7 +69,7 @@ def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec,
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run: never read
     try:
         report = run_parity(teacher, student, data, staging, variants=variants, settings=settings,
-                            gates=load_gates(gates))
+                            gates=load_gates(gates), reference=reference)
         for row in report.subjects:  # the report names the files where they will be, not where they were built
             if row.path and Path(row.path).is_relative_to(staging):
                 row.path = str(out_dir / Path(row.path).relative_to(staging))

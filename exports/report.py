@@ -141,6 +141,9 @@ def setup_items(report: Report) -> list[tuple[str, str]]:
     return [
         ("teacher", f"{report['teacher']['name']} (fingerprint {report['teacher']['fingerprint']})"),
         ("student", f"{stu['name']} (fingerprint {stu['fingerprint']}, embed dim {stu['embed_dim']})"),
+        *([("agreement measured against", f"{ref['name']} (fingerprint {ref['fingerprint']}): the torch model the "
+                                          "exported files replace, not the student they were exported from")]
+          if (ref := stu.get("agreement_reference")) else []),
         ("variants' class embeddings", f"{stu['variant_class_embeddings']}; max |Δ| vs torch student head "
                                        f"{_num('.2e')(stu['variant_head_max_abs_diff'])}"),
         ("data", data_line(report)),

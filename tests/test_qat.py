@@ -229,15 +229,29 @@ def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
     from distill.student_init import qat_self_reference
     from distill.train import main as train
 
+    from students import load_student
+
     root = saved[0]
     first = {}
+    export = ["export.enabled=true", "export.variants=fp32,int8", "export.parity_limit=8", "export.calibration_limit=8",
+              "export.fail_on_gate=false"]
     for target in ("teacher", "self"):
         out = tmp_path / target
         train(["--config", str(root / "empty.yaml"),
-               *_overrides(saved, out, f"qat.target={target}", "optim.max_steps=1", "log_every=1", "optim.lr=1e-9")])
+               *_overrides(saved, out, f"qat.target={target}", "optim.max_steps=1", "log_every=1", "optim.lr=1e-9"),
+               *(export if target == "self" else [])])
         first[target] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert first["self"]["feature_image_loss"] < 0.005 < 0.2 < first["teacher"]["feature_image_loss"]
     assert first["self"]["kl_class_loss"] < first["teacher"]["kl_class_loss"]
+    # the parity report measures agreement against the fp32 student it started from, not the QAT'd one
+    start, final = load_student(str(root / "start"), teacher=saved[2]), load_student(str(tmp_path / "self" / "final"))
+    report = json.loads((tmp_path / "self" / "export" / "parity.json").read_text())
+    assert report["student"]["agreement_reference"]["fingerprint"] == start.fingerprint() != final.fingerprint()
+    assert report["student"]["fingerprint"] == final.fingerprint()
+    assert float(final.logit_scale.detach()) == float(start.logit_scale.detach())  # frozen: one temperature for both
+    rows = {r["name"]: r for r in report["subjects"]}
+    assert rows["fp32"]["metrics"]["emb_max_abs_diff"] > 1e-4  # the fp32 export of the QAT'd weights differs
+    assert "agreement measured against" in (tmp_path / "self" / "export" / "parity.md").read_text()
     cfg = load_config(None, _overrides(saved, tmp_path / "o", "qat.target=self"))
     from distill.task import DistillTask
     from students import load_student

@@ -45,6 +45,7 @@ def run_parity(
     settings: ParitySettings | None = None,
     onnx_files: Mapping[str, str | Path] | None = None,
     provider_info: prov.ProviderInfo | None = None,
+    reference: DualEncoder | None = None,
 ) -> ParityReport:
     """Export ``student``, build its variants and measure them all against the torch models.
 
@@ -58,6 +59,10 @@ def run_parity(
         onnx_files: extra image encoders to measure, ``{name: path}``, gated by
             :func:`precision_from_name`; they are never deleted.
         provider_info: what can run here; default :func:`exports.providers.detect`.
+        reference: the torch model whose predictions the variants must keep (the report's
+            ``student`` row, which every ``agree student`` and student gate is measured against);
+            default ``student`` itself. A QAT fine-tune towards its own fp32 outputs
+            (``qat.target: self``) passes that fp32 student: its int8 file replaces it.
 
     Returns:
         the :class:`ParityReport`; check ``.passed``.
@@ -72,19 +77,34 @@ def run_parity(
     if unknown:
         raise ParityInputError(f"unknown gate keys {unknown}; expected some of {list(gate_keys(onnx_files or {}))}")
     extra = check_onnx_files(onnx_files or {}, (3, *student.image_transform.output_size), student.embed_dim)
+    reference = check_reference(reference, student)
     info = provider_info or prov.detect()
     data_set = load_eval_data(data, {"teacher": teacher.image_transform, "student": student.image_transform},
                               settings.classnames, settings.templates)
-    with torch_threads(settings.threads), eval_mode(teacher), eval_mode(student):
-        return _run(teacher, student, data_set, Path(out_dir), variants, gates, settings, extra, info)
+    with torch_threads(settings.threads), eval_mode(teacher), eval_mode(student), eval_mode(reference):
+        return _run(teacher, student, reference, data_set, Path(out_dir), variants, gates, settings, extra, info)
 
 
-def _run(teacher, student, data: EvalData, out_dir: Path, variants, gates, settings, extra, info) -> ParityReport:
+def check_reference(reference: DualEncoder | None, student: DualEncoder) -> DualEncoder:
+    """``reference`` (default ``student``), refused unless it takes the student's pixels and embeds alike."""
+    if reference is None or reference is student:
+        return student
+    if reference.embed_dim != student.embed_dim:
+        raise ParityInputError(f"reference {reference.name} embeds into {reference.embed_dim} dimensions, "
+                               f"the student {student.name} into {student.embed_dim}")
+    if reference.image_transform.to_dict() != student.image_transform.to_dict():
+        raise ParityInputError(f"reference {reference.name} preprocesses images unlike the student {student.name}: "
+                               f"{reference.image_transform.to_dict()} vs {student.image_transform.to_dict()}")
+    return reference
+
+
+def _run(teacher, student, reference, data: EvalData, out_dir: Path, variants, gates, settings, extra,
+         info) -> ParityReport:
     onnx_dir = out_dir / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
     heads = build_heads(teacher, student, data.classnames, settings, onnx_dir)
     subjects = [torch_subject(teacher, "teacher", "teacher", "teacher", heads.teacher),
-                torch_subject(student, "student", "student", "student", heads.student)]
+                torch_subject(reference, "student", "student", "student", heads.student)]
     subjects += build_variants(student, subjects[1], heads.exported, data, onnx_dir, variants, settings, extra, info)
     labels, embs, failed = embed_dataset(data, subjects, settings.batch_size)
     results = score(subjects, labels, embs, gates, settings,
@@ -108,7 +128,9 @@ def _run(teacher, student, data: EvalData, out_dir: Path, variants, gates, setti
                  "variant_head_max_abs_diff": heads.exported_vs_torch,
                  "variant_class_head": save_class_head(heads.exported, onnx_dir),
                  "logit_scale": subjects[1].logit_scale, "preprocess": student.image_transform.to_dict(),
-                 "text_tokenizer": tokenizer},
+                 "text_tokenizer": tokenizer,
+                 "agreement_reference": None if reference is student else
+                 {"name": reference.name, "fingerprint": reference.fingerprint()}},
         data={"path": data.spec.path, "split": data.spec.split, "limit": data.spec.limit,
               "num_images": int(len(labels)), "num_failed": failed, "num_classes": len(data.classnames),
               "classnames": data.classnames, "templates": list(get_templates(settings.templates)),
