@@ -15,14 +15,24 @@ WordNet name, the student's own text side) and the cosine of the image embedding
     entropy       default, entropy calibration
     percentile    default, percentile calibration
     rounded       default, on the student with its weights first rounded to their int8 grids
+    float-kernels default, run with onnxruntime's graph optimisations off: the same QDQ file computed
+                  as dequantise -> float op -> quantise, i.e. without the int8 kernels of this CPU
+    reduce-range  default with 7-bit weights (onnxruntime's remedy for x86 CPUs without VNNI)
+    u8u8          default with uint8 weights (no saturating u8s8 kernel; slow on CPUs without VNNI)
 
-Needs ``../shared/data/tiny-imagenet``. Writes nothing but the temporary ONNX files.
+The CPU's int8 dot-product instructions are printed first (exports.parity.measure.cpu_int8_dot):
+on x86 without VNNI, onnxruntime's u8s8 kernels sum pairs of products in int16 and saturate, so
+the default row can fall far below float-kernels there (docs/edge-bundle.md).
+
+Needs ``../shared/data/tiny-imagenet``. Writes nothing but the temporary ONNX files (``--keep DIR``
+copies them there, e.g. for ``benchmarks/onnx_latency.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,6 +43,7 @@ import torch
 from clipcore.data import DataSpec, load_hf_dataset, resolve_columns
 from clipcore.imaging import decode_image
 from exports.interface import IMAGE_ENCODER
+from exports.parity.measure import cpu_int8_dot
 from exports.onnx_export import export_image_encoder
 from exports.precision import ImageCalibrationReader, quantize_int8_static
 from exports.runtime import OnnxGraph
@@ -40,7 +51,8 @@ from students import load_model
 from students.qat import FakeQuantWeight
 
 TINY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet"
-ROWS = ("conv-matmul", "default", "stem-fp32", "head-fp32", "entropy", "percentile", "rounded")
+ROWS = ("conv-matmul", "default", "stem-fp32", "head-fp32", "entropy", "percentile", "rounded", "float-kernels",
+        "reduce-range", "u8u8")
 
 
 def images(split: str, n: int, seed: int) -> list:
@@ -56,7 +68,8 @@ def row_settings(name: str, fp32: Path) -> dict:
     return {"conv-matmul": {"op_types": ("Conv", "MatMul", "Gemm")}, "default": {}, "rounded": {},
             "stem-fp32": {"nodes_to_exclude": [first_conv]},
             "head-fp32": {"nodes_to_exclude": [ops.get("MatMul") or ops.get("Gemm")]},
-            "entropy": {"method": "entropy"}, "percentile": {"method": "percentile"}}[name]
+            "entropy": {"method": "entropy"}, "percentile": {"method": "percentile"}, "float-kernels": {},
+            "reduce-range": {"reduce_range": True}, "u8u8": {"weight_type": "quint8"}}[name]
 
 
 def round_weights(student) -> None:
@@ -66,8 +79,8 @@ def round_weights(student) -> None:
                 module.weight.copy_(FakeQuantWeight()(module.weight))
 
 
-def embed(path: Path, pixels: np.ndarray) -> np.ndarray:
-    graph = OnnxGraph(path, IMAGE_ENCODER, threads=2)
+def embed(path: Path, pixels: np.ndarray, optimization: str = "all") -> np.ndarray:
+    graph = OnnxGraph(path, IMAGE_ENCODER, threads=2, optimization=optimization)
     out = np.concatenate([graph({"pixel_values": pixels[i:i + 64]})[IMAGE_ENCODER.outputs[0].name]
                           for i in range(0, len(pixels), 64)])
     return out / np.linalg.norm(out, axis=1, keepdims=True)
@@ -78,10 +91,12 @@ def main() -> None:
     p.add_argument("--student", required=True)
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--keep", default=None, help="also copy each row's int8 file (and fp32.onnx) into this directory")
     args = p.parse_args()
     torch.set_num_threads(2)
     names = json.loads((TINY / "words.json").read_text())
     names = [n if isinstance(n, str) else n[0] for n in (names.values() if isinstance(names, dict) else names)]
+    print(f"CPU int8 dot product: {cpu_int8_dot()}", flush=True)
     cal, val = images("train", 128, 0), images("validation", args.limit, 1)
     results = {}
     for name in args.rows.split(","):
@@ -97,7 +112,11 @@ def main() -> None:
             ref = embed(fp32, pixels)
             int8 = quantize_int8_static(fp32, Path(tmp) / "int8.onnx", ImageCalibrationReader(cal, transform),
                                         **row_settings(name, fp32))
-            emb = embed(int8, pixels)
+            emb = embed(int8, pixels, "disable" if name == "float-kernels" else "all")
+            if args.keep:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(fp32, Path(args.keep) / "fp32.onnx")
+                shutil.copyfile(int8, Path(args.keep) / f"{name}.onnx")
         agree = float(((emb @ head.T).argmax(1) == (ref @ head.T).argmax(1)).mean())
         cos = (emb * ref).sum(1)
         results[name] = {"agreement": agree, "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}

@@ -348,12 +348,15 @@ def quantize_int8_static(
     weight_type: str = "qint8",
     method: str = "minmax",
     nodes_to_exclude: Sequence[str] = (),
+    reduce_range: bool = False,
 ) -> Path:
     """Calibrated int8 in QDQ format (QuantizeLinear/DequantizeLinear pairs around each op).
 
     Args:
         calibration: e.g. :class:`ImageCalibrationReader` over a few hundred real images.
         method: ``minmax``, ``entropy`` or ``percentile`` activation-range calibration.
+        reduce_range: 7-bit weights, so that x86 CPUs without VNNI (whose u8s8 kernels sum pairs of
+            products in int16) do not saturate; at the cost of weight precision (docs/edge-bundle.md).
     """
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -369,6 +372,7 @@ def quantize_int8_static(
             weight_type=_qtype(weight_type),
             calibrate_method=methods[method],
             nodes_to_exclude=list(nodes_to_exclude),
+            reduce_range=reduce_range,
             extra_options={"MatMulConstBOnly": True},
         )
     return Path(dst)

@@ -149,6 +149,7 @@ def setup_items(report: Report) -> list[tuple[str, str]]:
         ("data", data_line(report)),
         ("int8-static calibration", report["data"].get("calibration") or "-"),
         ("device", f"{env['device']}: {env.get('gpu') or env['cpu']} ({env['cpu_count']} CPU cores visible)"),
+        ("CPU int8 dot product", env.get("cpu_int8_dot") or "not recorded"),
         ("threads", f"{st['threads'] or 'library default'} (torch uses {env['torch_threads']})"),
         ("latency", f"batch 1: {st['warmup']} warm-up + {st['iters']} timed runs (p50/p95); throughput: "
                     f"{st['throughput_iters']} timed runs at batch {st['throughput_batch']} after 1 warm-up; "

@@ -107,6 +107,18 @@ def test_json_schema(round_trip):
             assert {"p50_ms", "p95_ms", "throughput_ips"} == set(s["latency"])
             assert s["latency"]["p95_ms"] >= s["latency"]["p50_ms"] > 0 and s["params"] > 0 and s["size_bytes"] > 0
     assert by_name(report)["teacher"]["metrics"]["agreement_teacher"] == 1.0
+    assert report["environment"]["cpu_int8_dot"]  # whose int8 kernels the verdicts hold for
+    assert "CPU int8 dot product" in (out / "parity.md").read_text()
+
+
+def test_cpu_int8_dot_names_vnni_arm_dot_product_and_saturating_avx2():
+    from exports.parity.measure import cpu_int8_dot
+
+    assert cpu_int8_dot("flags\t: fpu sse avx2 avx512f avx512_vnni\n") == "vnni (avx512_vnni)"
+    assert cpu_int8_dot("flags\t: fpu avx2 avx_vnni\n") == "vnni (avx_vnni)"
+    assert cpu_int8_dot("Features\t: fp asimd asimddp\n") == "arm dot product (asimddp)"
+    assert cpu_int8_dot("flags\t: fpu sse avx2 fma\n") == "avx2 without vnni: u8s8 int8 may saturate"
+    assert cpu_int8_dot("processor\t: 0\n") == "unknown" and cpu_int8_dot("flags : sse2\n") == "none found"
 
 
 def test_gpu_variants_are_skipped_with_a_reason_or_measured(round_trip):
