@@ -131,8 +131,17 @@ GATE_HEADERS = ["variant", "gate", "check", "value", "threshold", "result"]
 
 
 def notes(report: Report) -> list[str]:
-    """Skipped, failed and unchecked subjects, one line each."""
-    return [f"{s['name']}: {s['reason']}" for s in report["subjects"] if s.get("reason")]
+    """Skipped, failed and unchecked subjects, one line each; a hint when int8 failed on a CPU whose
+    int8 kernels saturate."""
+    lines = [f"{s['name']}: {s['reason']}" for s in report["subjects"] if s.get("reason")]
+    dot = report.get("environment", {}).get("cpu_int8_dot") or ""
+    int8_rejected = [s["name"] for s in report["subjects"]
+                     if str(s.get("precision", "")).startswith("int8") and s.get("status") == "rejected"]
+    if int8_rejected and dot.startswith("avx2 without vnni"):
+        lines.append(f"{', '.join(int8_rejected)}: this CPU has no VNNI, so onnxruntime's u8s8 int8 kernels may "
+                     "saturate here and not on the device; `python benchmarks/int8_placement.py --rows "
+                     "default,float-kernels` tells the two apart (docs/edge-bundle.md)")
+    return lines
 
 
 def setup_items(report: Report) -> list[tuple[str, str]]:

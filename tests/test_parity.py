@@ -111,6 +111,18 @@ def test_json_schema(round_trip):
     assert "CPU int8 dot product" in (out / "parity.md").read_text()
 
 
+def test_a_rejected_int8_on_a_cpu_without_vnni_gets_a_hint():
+    from exports.report import notes
+
+    rows = [{"name": "int8", "precision": "int8-static", "status": "rejected", "reason": "agreement 70 %"},
+            {"name": "fp32", "precision": "fp32", "status": "kept"}]
+    saturating = {"subjects": rows, "environment": {"cpu_int8_dot": "avx2 without vnni: u8s8 int8 may saturate"}}
+    assert len(notes(saturating)) == 2 and "int8: this CPU has no VNNI" in notes(saturating)[1]
+    assert notes({"subjects": rows, "environment": {"cpu_int8_dot": "vnni (avx512_vnni)"}}) == ["int8: agreement 70 %"]
+    kept = [dict(rows[0], status="kept", reason=None), rows[1]]
+    assert notes({"subjects": kept, "environment": saturating["environment"]}) == []
+
+
 def test_cpu_int8_dot_names_vnni_arm_dot_product_and_saturating_avx2():
     from exports.parity.measure import cpu_int8_dot
 
