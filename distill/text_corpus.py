@@ -109,7 +109,8 @@ def build_corpus(cfg: CorpusConfig, seed: int, words: Sequence[str] = ()) -> Tex
     train = [t.format(n) for n in train_names for t in templates]
     # no word of a held-out name is learnt on its own either: "sea anemone" held out keeps "sea" and "anemone" out
     held_words = {w for n in val_names for w in re.findall(r"[a-z]+", n.lower())}
-    train += word_prompts([w for w in words if w.lower() not in held_words], templates, cfg.word_templates, seed)
+    kept_words = [w for w in words if w.lower() not in held_words]
+    train += word_prompts(kept_words, templates, cfg.word_templates, seed)
     train += captions(cfg.captions, cfg.caption_split, cfg.caption_column)
     train = list(dict.fromkeys(train))  # a caption equal to a prompt is learnt once
     val = [t.format(n) for n in val_names for t in templates]
@@ -117,6 +118,6 @@ def build_corpus(cfg: CorpusConfig, seed: int, words: Sequence[str] = ()) -> Tex
         extra = list(dict.fromkeys(captions(cfg.captions, cfg.val_captions_split, cfg.caption_column)))
         val += random.Random(seed).sample(extra, cfg.val_captions) if len(extra) > cfg.val_captions else extra
     log.info("text corpus: %d class names (%d held out) x %d templates, %d words x %d, %d training texts in all; "
-             "%d validation texts", len(names), len(val_names), len(templates), len(words), cfg.word_templates,
+             "%d validation texts", len(names), len(val_names), len(templates), len(kept_words), cfg.word_templates,
              len(train), len(val))
     return TextCorpus(train, val, val_names, templates)
