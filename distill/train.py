@@ -51,6 +51,14 @@ from distill.train_data import TrainData, build_train_data, check_path, is_mixtu
 from exports.pipeline import export_and_check
 from distill.final import save_final
 from distill.student_init import attach_qat, finish_qat, initial_student, qat_self_reference, with_text_student
+# NonFiniteLossError and NonFiniteWeightsError are imported from here by callers and tests
+from distill.divergence import (  # noqa: F401
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    check_finite,
+    check_student_finite,
+    check_weights_finite,
+)
 
 log = logging.getLogger("distill.train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,14 +67,6 @@ DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
 
 class ParityGateError(RuntimeError):
     """An exported variant failed its parity gate (``export.fail_on_gate``); exit status 1."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
-
-
-class NonFiniteWeightsError(RuntimeError):
-    """The weights (or the student's outputs) are NaN or inf after an update; nothing is saved from them."""
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -92,49 +92,6 @@ def build_scheduler(optimizer, cfg, num_processes: int):
 
 
 # ------------------------------------------------------------------------------------ the loop
-
-
-def check_finite(losses: dict, step: int, accelerator, last_checkpoint: Path | None) -> None:
-    """Stop on NaN/inf in any loss term; all processes agree so none hangs in a collective."""
-    bad = [k for k, v in losses.items() if torch.is_tensor(v) and v.dim() == 0 and not torch.isfinite(v)]
-    flag = torch.tensor([1.0 if bad else 0.0], device=accelerator.device)
-    if accelerator.reduce(flag, reduction="sum").item() > 0:
-        terms = ", ".join(f"{k}={losses[k].item()}" for k in bad) or "on another process"
-        raise NonFiniteLossError(
-            f"step {step}: non-finite loss ({terms}); stopping without updating the weights. "
-            f"Last good checkpoint: {last_checkpoint or 'none yet'}"
-        )
-
-
-def check_weights_finite(task: torch.nn.Module, step: int, last_checkpoint: Path | None) -> None:
-    """Refuse to save a checkpoint or student from weights an update turned NaN/inf (the loss of that
-    update was finite, so :func:`check_finite` has not seen it). Every process holds the same weights
-    and so raises together."""
-    bad = [name for name, t in task.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise NonFiniteWeightsError(
-            f"step {step}: training diverged: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); nothing "
-            f"is saved from them. Last good checkpoint: {last_checkpoint or 'none yet'} (a lower optim.lr may help)")
-
-
-@torch.no_grad()
-def check_student_finite(student: DualEncoder, step: int, last_checkpoint: Path | None) -> None:
-    """One image and one text forward pass of the student to be saved, on a fixed probe input, must
-    give finite embeddings: finite weights can still give NaN outputs (an overflow, BatchNorm
-    statistics), and a checkpoint is only ever called good once its outputs were checked."""
-    height, width = student.image_transform.output_size
-    pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0)).to(student.device)
-    was_training = student.training
-    student.eval()
-    try:
-        outputs = {"image": student.encode_image(pixels), "text": student.encode_text(["a photo of a thing."])}
-    finally:
-        student.train(was_training)
-    bad = [name for name, emb in outputs.items() if not torch.isfinite(emb).all()]
-    if bad:
-        raise NonFiniteWeightsError(
-            f"step {step}: training diverged: the student's {' and '.join(bad)} embeddings are NaN or inf (its "
-            f"weights are finite); nothing is saved from it. Last good checkpoint: {last_checkpoint or 'none yet'}")
 
 
 def evaluate_student(cfg: TrainConfig, student: DualEncoder, classnames: list[str] | None) -> dict:
