@@ -17,7 +17,8 @@ WordNet name, the student's own text side) and the cosine of the image embedding
     rounded       default, on the student with its weights first rounded to their int8 grids
     float-kernels default, run with onnxruntime's graph optimisations off: the same QDQ file computed
                   as dequantise -> float op -> quantise, i.e. without the int8 kernels of this CPU
-    reduce-range  default with 7-bit weights (onnxruntime's remedy for x86 CPUs without VNNI)
+    reduce-range  default with 7-bit weights (onnxruntime's remedy for x86 CPUs without VNNI, and what
+                  quantize_int8_static does by itself on such a CPU; every other row has 8-bit weights)
     u8u8          default with uint8 weights (no saturating u8s8 kernel; slow on CPUs without VNNI)
 
 The CPU's int8 dot-product instructions are printed first (exports.parity.measure.cpu_int8_dot):
@@ -111,7 +112,7 @@ def main() -> None:
             fp32 = export_image_encoder(student, Path(tmp) / "fp32.onnx")
             ref = embed(fp32, pixels)
             int8 = quantize_int8_static(fp32, Path(tmp) / "int8.onnx", ImageCalibrationReader(cal, transform),
-                                        **row_settings(name, fp32))
+                                        **{"reduce_range": False, **row_settings(name, fp32)})
             emb = embed(int8, pixels, "disable" if name == "float-kernels" else "all")
             if args.keep:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)

@@ -348,7 +348,7 @@ def quantize_int8_static(
     weight_type: str = "qint8",
     method: str = "minmax",
     nodes_to_exclude: Sequence[str] = (),
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
 ) -> Path:
     """Calibrated int8 in QDQ format (QuantizeLinear/DequantizeLinear pairs around each op).
 
@@ -357,7 +357,13 @@ def quantize_int8_static(
         method: ``minmax``, ``entropy`` or ``percentile`` activation-range calibration.
         reduce_range: 7-bit weights, so that x86 CPUs without VNNI (whose u8s8 kernels sum pairs of
             products in int16) do not saturate; at the cost of weight precision (docs/edge-bundle.md).
+            None (default): on exactly such a CPU (:func:`exports.parity.measure.cpu_int8_dot`), as
+            onnxruntime recommends there; the file then suits the CPU it was made and checked on.
     """
+    if reduce_range is None:
+        from exports.parity.measure import cpu_int8_dot
+
+        reduce_range = cpu_int8_dot().startswith("avx2 without vnni")
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:

@@ -435,6 +435,9 @@ def test_gate_checks_tolerate_float_rounding_and_report_none():
     gate = Gate(min_agreement=0.99, max_top1_drop=0.01)
     checks = gate.check({"agreement_student": 0.99, "top1_drop": 0.95 - 0.94})  # 0.010000000000000009
     assert all(c.passed for c in checks)
+    drop32 = float(np.float32(0.245) - np.float32(0.235))  # 0.0100000203: float32 accuracies of 200 images
+    assert Gate(max_top1_drop=0.01).check({"top1_drop": drop32})[0].passed
+    assert not Gate(max_top1_drop=0.01).check({"top1_drop": 0.015})[0].passed
     missing = Gate(max_emb_abs_diff=1e-4).check({"emb_max_abs_diff": None})[0]
     assert not missing.passed and "not measured" in missing.describe()
     failed = Gate(min_agreement=0.995).check({"agreement_student": 0.9826})[0]

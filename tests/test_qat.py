@@ -136,15 +136,36 @@ def test_qat_simulation_matches_onnxruntime_static_int8(tmp_path):
     torch.onnx.export(_Head(net), (x,), str(fp32_path), input_names=["pixel_values"], output_names=["image_embeds"],
                       dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17, dynamo=False)
     int8_path = quantize_int8_static(fp32_path, tmp_path / "int8.onnx",
-                                     ArrayCalibrationReader([{"pixel_values": x.numpy()}]))
+                                     ArrayCalibrationReader([{"pixel_values": x.numpy()}]), reduce_range=False)
     graph = onnx.load(str(int8_path))
     assert not any(n.op_type == "Clip" for n in graph.graph.node)  # ReLU6 folded into the ranges
-    int8 = load_session(int8_path).run(None, {"pixel_values": x.numpy()})[0]
+    # the file, not this CPU's int8 kernels (which saturate on x86 without VNNI): computed in float
+    int8 = load_session(int8_path, optimization="disable").run(None, {"pixel_values": x.numpy()})[0]
     fp32 = net(x).detach().numpy()
     prepare_qat(net, lambda: net(x))  # first ranges from this same batch: what calibration saw
     with torch.no_grad():
         simulated = net(x).numpy()
     assert np.abs(simulated - int8).max() < 0.25 * np.abs(fp32 - int8).max()
+
+
+def test_static_int8_uses_7_bit_weights_exactly_on_cpus_whose_kernels_saturate(tmp_path, monkeypatch):
+    """reduce_range=None: 7-bit weights on x86 without VNNI (onnxruntime's advice there), 8-bit elsewhere."""
+    from onnx import numpy_helper
+
+    import exports.parity.measure as measure
+
+    net, x = _net(), _pixels(8)
+    fp32_path = tmp_path / "fp32.onnx"
+    torch.onnx.export(_Head(net), (x,), str(fp32_path), input_names=["pixel_values"], output_names=["image_embeds"],
+                      opset_version=17, dynamo=False)
+    widest = {}
+    for dot in ("avx2 without vnni: u8s8 int8 may saturate", "vnni (avx512_vnni)"):
+        monkeypatch.setattr(measure, "cpu_int8_dot", lambda dot=dot: dot)
+        path = quantize_int8_static(fp32_path, tmp_path / f"{dot[:4]}.onnx",
+                                    ArrayCalibrationReader([{"pixel_values": x.numpy()}]))
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == 3]
+        widest[dot[:4]] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert widest["avx2"] <= 64 < widest["vnni"] <= 127
 
 
 def test_every_convolution_of_efficientnet_lite_is_found(tiny_clip):
