@@ -21,7 +21,7 @@ WordNet name, the student's own text side) and the cosine of the image embedding
                   quantize_int8_static does by itself on such a CPU; every other row has 8-bit weights)
     u8u8          default with uint8 weights (no saturating u8s8 kernel; slow on CPUs without VNNI)
 
-The CPU's int8 dot-product instructions are printed first (exports.parity.measure.cpu_int8_dot):
+The CPU's int8 dot-product instructions are printed first (exports.cpu_int8.cpu_int8_dot):
 on x86 without VNNI, onnxruntime's u8s8 kernels sum pairs of products in int16 and saturate, so
 the default row can fall far below float-kernels there (docs/edge-bundle.md).
 
@@ -44,7 +44,7 @@ import torch
 from clipcore.data import DataSpec, load_hf_dataset, resolve_columns
 from clipcore.imaging import decode_image
 from exports.interface import IMAGE_ENCODER
-from exports.parity.measure import cpu_int8_dot
+from exports.cpu_int8 import cpu_int8_dot
 from exports.onnx_export import export_image_encoder
 from exports.precision import ImageCalibrationReader, quantize_int8_static
 from exports.runtime import OnnxGraph

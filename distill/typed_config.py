@@ -178,14 +178,15 @@ def parse_config(cls: type[T], path: str | Path | None = None, overrides: Sequen
     return from_dict(cls, data)
 
 
+def plain(value: Any) -> Any:
+    """``value`` with tuples as lists, nested dicts included: what YAML dumps as it reads back."""
+    if isinstance(value, tuple):
+        return [plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: plain(x) for k, x in value.items()}
+    return value
+
+
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict (tuples as lists) for YAML dumps and model cards."""
-
-    def convert(v):
-        if isinstance(v, tuple):
-            return [convert(x) for x in v]
-        if isinstance(v, dict):
-            return {k: convert(x) for k, x in v.items()}
-        return v
-
-    return convert(dataclasses.asdict(cfg))
+    return plain(dataclasses.asdict(cfg))

@@ -42,6 +42,7 @@ from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_floa
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from clipcore.imaging import ImageTransform, decode_image
+from exports.cpu_int8 import cpu_int8_dot, saturates
 from exports.int8_scheme import AUTO_INT8, resolve_precision
 from exports.interface import IMAGE_ENCODER
 from exports.runtime import InvalidModelError
@@ -357,13 +358,11 @@ def quantize_int8_static(
         method: ``minmax``, ``entropy`` or ``percentile`` activation-range calibration.
         reduce_range: 7-bit weights, so that x86 CPUs without VNNI (whose u8s8 kernels sum pairs of
             products in int16) do not saturate; at the cost of weight precision (docs/edge-bundle.md).
-            None (default): on exactly such a CPU (:func:`exports.parity.measure.cpu_int8_dot`), as
+            None (default): on exactly such a CPU (:func:`exports.cpu_int8.cpu_int8_dot`), as
             onnxruntime recommends there; the file then suits the CPU it was made and checked on.
     """
     if reduce_range is None:
-        from exports.parity.measure import cpu_int8_dot
-
-        reduce_range = cpu_int8_dot().startswith("avx2 without vnni")
+        reduce_range = saturates(cpu_int8_dot())
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:

@@ -15,6 +15,7 @@ import re
 from html import escape
 from typing import Any, Callable, Mapping, Sequence
 
+from exports.cpu_int8 import saturates
 from exports.flips import FLIPS_CSS, flips_html, flips_markdown
 from exports.svg import figure_svg
 
@@ -137,7 +138,7 @@ def notes(report: Report) -> list[str]:
     dot = report.get("environment", {}).get("cpu_int8_dot") or ""
     int8_rejected = [s["name"] for s in report["subjects"]
                      if str(s.get("precision", "")).startswith("int8") and s.get("status") == "rejected"]
-    if int8_rejected and dot.startswith("avx2 without vnni"):
+    if int8_rejected and saturates(dot):
         lines.append(f"{', '.join(int8_rejected)}: this CPU has no VNNI, so onnxruntime's u8s8 int8 kernels may "
                      "saturate here and not on the device; `python benchmarks/int8_placement.py --rows "
                      "default,float-kernels` tells the two apart (docs/edge-bundle.md)")

@@ -90,14 +90,7 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def yaml_value(value: Any) -> str:
-    def plain(v):
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    text = yaml.safe_dump(plain(value), default_flow_style=True, width=10_000).strip()
+    text = yaml.safe_dump(typed_config.plain(value), default_flow_style=True, width=10_000).strip()
     return text.removesuffix("...").strip()
 
 

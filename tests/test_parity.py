@@ -124,7 +124,7 @@ def test_a_rejected_int8_on_a_cpu_without_vnni_gets_a_hint():
 
 
 def test_cpu_int8_dot_names_vnni_arm_dot_product_and_saturating_avx2():
-    from exports.parity.measure import cpu_int8_dot
+    from exports.cpu_int8 import cpu_int8_dot
 
     assert cpu_int8_dot("flags\t: fpu sse avx2 avx512f avx512_vnni\n") == "vnni (avx512_vnni)"
     assert cpu_int8_dot("flags\t: fpu avx2 avx_vnni\n") == "vnni (avx_vnni)"

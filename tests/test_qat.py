@@ -152,7 +152,7 @@ def test_static_int8_uses_7_bit_weights_exactly_on_cpus_whose_kernels_saturate(t
     """reduce_range=None: 7-bit weights on x86 without VNNI (onnxruntime's advice there), 8-bit elsewhere."""
     from onnx import numpy_helper
 
-    import exports.parity.measure as measure
+    import exports.precision as precision
 
     net, x = _net(), _pixels(8)
     fp32_path = tmp_path / "fp32.onnx"
@@ -160,7 +160,7 @@ def test_static_int8_uses_7_bit_weights_exactly_on_cpus_whose_kernels_saturate(t
                       opset_version=17, dynamo=False)
     widest = {}
     for dot in ("avx2 without vnni: u8s8 int8 may saturate", "vnni (avx512_vnni)"):
-        monkeypatch.setattr(measure, "cpu_int8_dot", lambda dot=dot: dot)
+        monkeypatch.setattr(precision, "cpu_int8_dot", lambda dot=dot: dot)
         path = quantize_int8_static(fp32_path, tmp_path / f"{dot[:4]}.onnx",
                                     ArrayCalibrationReader([{"pixel_values": x.numpy()}]))
         weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == 3]

@@ -16,6 +16,7 @@ import torch
 from clipcore.data import DataSpecError, make_loader
 from clipcore.metrics import topk_accuracy
 from exports.onnx_export import compare_outputs
+from exports.cpu_int8 import cpu_int8_dot
 from exports.parity.eval_data import EvalData
 from exports.parity.results import ParitySettings
 from exports.parity.subjects import Embed, Subject, error_text
@@ -172,33 +173,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def cpu_int8_dot(cpuinfo: str | None = None) -> str:
-    """The x86 CPU's int8 dot-product instructions, as onnxruntime's u8s8 kernels use them.
-
-    Without VNNI, the AVX2/AVX-512 u8s8 path sums pairs of uint8 x int8 products in int16 and
-    saturates: the same int8 QDQ file agrees less with fp32 here than on a VNNI or ARM device
-    (docs/edge-bundle.md measures it). The parity report records it because its int8 verdict holds
-    for CPUs of this kind.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.lower().startswith(("flags", "features"))), None)
-    if flags is None:
-        return "unknown"
-    vnni = [f for f in ("avx512_vnni", "avx_vnni") if f in flags]
-    if vnni:
-        return f"vnni ({', '.join(vnni)})"
-    if "asimddp" in flags:
-        return "arm dot product (asimddp)"
-    if "avx2" in flags:
-        return "avx2 without vnni: u8s8 int8 may saturate"
-    return "none found"
 
 
 def cpu_model() -> str:
