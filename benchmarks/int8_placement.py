@@ -1,7 +1,7 @@
 """Where static int8 rounds, and what it costs: top-1 agreement of int8 image encoders with fp32.
 
     python benchmarks/int8_placement.py --student outputs/general/final
-    python benchmarks/int8_placement.py --student outputs/general-qat/final --rows default
+    python benchmarks/int8_placement.py --student outputs/general-qat/final --rows default,qat-ranges
 
 Exports the student's image encoder, quantises it statically (QDQ, calibrated on 128 seeded
 Tiny-ImageNet training images) under several settings, and compares each with the fp32 graph on
@@ -20,6 +20,11 @@ WordNet name, the student's own text side) and the cosine of the image embedding
     reduce-range  default with 7-bit weights (onnxruntime's remedy for x86 CPUs without VNNI, and what
                   quantize_int8_static does by itself on such a CPU; every other row has 8-bit weights)
     u8u8          default with uint8 weights (no saturating u8s8 kernel; slow on CPUs without VNNI)
+    qat-ranges    default with the activation ranges a QAT student trained under (its qat_ranges.json,
+                  exports.qat_ranges) instead of calibrated ones: what the export does for such a student
+    torch-sim     no ONNX: the torch student fake-quantised as QAT trains it (students.qat, ranges set once from
+                  the same 128 calibration images), against the torch fp32 student; "sim vs ORT" prints its
+                  cosine to the float-kernels QDQ graph, i.e. how faithfully QAT simulates the export
 
 The CPU's int8 dot-product instructions are printed first (exports.cpu_int8.cpu_int8_dot):
 on x86 without VNNI, onnxruntime's u8s8 kernels sum pairs of products in int16 and saturate, so
@@ -47,13 +52,14 @@ from exports.interface import IMAGE_ENCODER
 from exports.cpu_int8 import cpu_int8_dot
 from exports.onnx_export import export_image_encoder
 from exports.precision import ImageCalibrationReader, quantize_int8_static
+from exports.qat_ranges import activation_ranges
 from exports.runtime import OnnxGraph
 from students import load_model
-from students.qat import FakeQuantWeight
+from students.qat import FakeQuantWeight, prepare_qat
 
 TINY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet"
 ROWS = ("conv-matmul", "default", "stem-fp32", "head-fp32", "entropy", "percentile", "rounded", "float-kernels",
-        "reduce-range", "u8u8")
+        "reduce-range", "u8u8", "qat-ranges", "torch-sim")
 
 
 def images(split: str, n: int, seed: int) -> list:
@@ -70,7 +76,7 @@ def row_settings(name: str, fp32: Path) -> dict:
             "stem-fp32": {"nodes_to_exclude": [first_conv]},
             "head-fp32": {"nodes_to_exclude": [ops.get("MatMul") or ops.get("Gemm")]},
             "entropy": {"method": "entropy"}, "percentile": {"method": "percentile"}, "float-kernels": {},
-            "reduce-range": {"reduce_range": True}, "u8u8": {"weight_type": "quint8"}}[name]
+            "reduce-range": {"reduce_range": True}, "u8u8": {"weight_type": "quint8"}, "qat-ranges": {}, "torch-sim": {}}[name]
 
 
 def round_weights(student) -> None:
@@ -78,6 +84,17 @@ def round_weights(student) -> None:
         for module in student.image_tower.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 module.weight.copy_(FakeQuantWeight()(module.weight))
+
+
+def torch_sim(student, cal_pixels: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Image embeddings of ``student`` fake-quantised as QAT trains it, ranges from ``cal_pixels`` (in place)."""
+    student.eval()
+    tower, cal = student.image_tower, torch.from_numpy(cal_pixels)
+    prepare_qat(tower, lambda: tower(cal), momentum=1.0)  # the last run sets each range to the batch's min/max
+    with torch.no_grad():
+        out = torch.cat([student.image_features(torch.from_numpy(pixels[i:i + 64])) for i in range(0, len(pixels), 64)])
+    out = out.float().numpy()
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def embed(path: Path, pixels: np.ndarray, optimization: str = "all") -> np.ndarray:
@@ -111,10 +128,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_image_encoder(student, Path(tmp) / "fp32.onnx")
             ref = embed(fp32, pixels)
-            int8 = quantize_int8_static(fp32, Path(tmp) / "int8.onnx", ImageCalibrationReader(cal, transform),
-                                        **{"reduce_range": False, **row_settings(name, fp32)})
-            emb = embed(int8, pixels, "disable" if name == "float-kernels" else "all")
-            if args.keep:
+            if name == "torch-sim":
+                cal_pixels = np.stack([transform(decode_image(im, "calibration image")) for im in cal]).astype(np.float32)
+                ort = embed(quantize_int8_static(fp32, Path(tmp) / "int8.onnx", ImageCalibrationReader(cal, transform),
+                                                 reduce_range=False), pixels, "disable")
+                emb = torch_sim(student, cal_pixels, pixels)
+                print(f"sim vs ORT float kernels: cosine mean {(emb * ort).sum(1).mean():.4f}, min {(emb * ort).sum(1).min():.4f}, "
+                      f"top-1 agreement {((emb @ head.T).argmax(1) == (ort @ head.T).argmax(1)).mean():.1%}", flush=True)
+            else:
+                ranges = activation_ranges(student, IMAGE_ENCODER.inputs[0].name) if name == "qat-ranges" else None
+                if name == "qat-ranges" and ranges is None:
+                    raise SystemExit(f"row qat-ranges: {args.student} is not a QAT student (no qat_ranges.json)")
+                int8 = quantize_int8_static(fp32, Path(tmp) / "int8.onnx", ImageCalibrationReader(cal, transform),
+                                            ranges=ranges, **{"reduce_range": False, **row_settings(name, fp32)})
+                emb = embed(int8, pixels, "disable" if name == "float-kernels" else "all")
+            if args.keep and name != "torch-sim":
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(fp32, Path(args.keep) / "fp32.onnx")
                 shutil.copyfile(int8, Path(args.keep) / f"{name}.onnx")

@@ -91,8 +91,10 @@ def attach_qat(cfg: TrainConfig, student: DualEncoder) -> QATHandle | None:
 
 
 def finish_qat(handle: QATHandle | None) -> None:
-    """Leave the plain fp32 weights the fine-tune learnt (what is saved and exported)."""
+    """Leave the plain fp32 weights the fine-tune learnt (what is saved and exported), and the activation
+    ranges it trained under on the tower (``qat_ranges``: saved with the student, used by the int8 export)."""
     if handle is not None:
+        handle.model.qat_ranges = handle.ranges()
         handle.strip()
         log.info("QAT removed: the saved student holds fp32 weights on their int8 grids (batch norms folded)")
 

@@ -20,6 +20,7 @@ from exports.interface import DEFAULT_OPSET, IMAGE_ENCODER, TEXT_ENCODER
 from exports.onnx_export import export_image_encoder, export_text_encoder
 from exports.text_runtime import TOKENIZER_FILE
 from exports.int8_scheme import resolve_precision
+from exports.qat_ranges import activation_ranges
 from exports.precision import CALIBRATED, VARIANT_PRECISIONS, ImageCalibrationReader, make_variant
 from exports.runtime import (
     BUNDLE_FORMAT,
@@ -88,7 +89,8 @@ def write_bundle(
             raise ValueError(f"precision {precision!r} ({scheme} for this graph) needs calibration_images "
                              "(a few hundred real images)")
         calibration = ImageCalibrationReader(calibration_images, model.image_transform) if scheme in CALIBRATED else None
-        encoder = make_variant(fp32, Path(work) / IMAGE_ENCODER.filename, scheme, calibration)
+        encoder = make_variant(fp32, Path(work) / IMAGE_ENCODER.filename, scheme, calibration,
+                               ranges=activation_ranges(model, IMAGE_ENCODER.inputs[0].name))
         text_files, text_config = _text_parts(model, Path(work), text_precision, opset) if text_encoder else ({}, {})
         config = bundle_config(model.name, model.fingerprint(), scheme, float(model.logit_scale.detach().float().item()),
                                head, names, temps, model.image_transform.to_dict(), opset, **text_config)

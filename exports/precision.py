@@ -45,6 +45,7 @@ from clipcore.imaging import ImageTransform, decode_image
 from exports.cpu_int8 import cpu_int8_dot, saturates
 from exports.int8_scheme import AUTO_INT8, resolve_precision
 from exports.interface import IMAGE_ENCODER
+from exports.qat_ranges import ActivationRanges
 from exports.runtime import InvalidModelError
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
@@ -350,6 +351,7 @@ def quantize_int8_static(
     method: str = "minmax",
     nodes_to_exclude: Sequence[str] = (),
     reduce_range: bool | None = None,
+    ranges: ActivationRanges | None = None,
 ) -> Path:
     """Calibrated int8 in QDQ format (QuantizeLinear/DequantizeLinear pairs around each op).
 
@@ -360,6 +362,8 @@ def quantize_int8_static(
             products in int16) do not saturate; at the cost of weight precision (docs/edge-bundle.md).
             None (default): on exactly such a CPU (:func:`exports.cpu_int8.cpu_int8_dot`), as
             onnxruntime recommends there; the file then suits the CPU it was made and checked on.
+        ranges: a QAT student's learnt activation ranges (:mod:`exports.qat_ranges`): they replace the
+            calibrated range of every tensor they match, so the graph rounds as the student trained.
     """
     if reduce_range is None:
         reduce_range = saturates(cpu_int8_dot())
@@ -368,6 +372,9 @@ def quantize_int8_static(
     if method not in methods:
         raise ValueError(f"calibration method {method!r}; expected one of {sorted(methods)}")
     with _quantization_input(src) as pre:
+        extra: dict[str, Any] = {"MatMulConstBOnly": True}
+        if ranges is not None:
+            extra["TensorQuantOverrides"] = ranges.tensor_overrides(pre)
         quantize_static(
             str(pre), str(dst), calibration,
             quant_format=QuantFormat.QDQ,
@@ -378,7 +385,7 @@ def quantize_int8_static(
             calibrate_method=methods[method],
             nodes_to_exclude=list(nodes_to_exclude),
             reduce_range=reduce_range,
-            extra_options={"MatMulConstBOnly": True},
+            extra_options=extra,
         )
     return Path(dst)
 
@@ -398,11 +405,13 @@ def quantize_w8a16(src: str | Path, dst: str | Path, calibration: CalibrationDat
 
 
 def make_variant(
-    src: str | Path, dst: str | Path, precision: str, calibration: CalibrationDataReader | None = None, **kwargs: Any
+    src: str | Path, dst: str | Path, precision: str, calibration: CalibrationDataReader | None = None,
+    ranges: ActivationRanges | None = None, **kwargs: Any
 ) -> Path:
     """Write ``src`` (an fp32 graph) at ``precision`` (one of :data:`VARIANT_PRECISIONS`) to ``dst``.
 
     ``int8`` resolves to a concrete scheme first (:func:`exports.int8_scheme.choose_int8_scheme`).
+    ``ranges`` (a QAT student's activation ranges) apply to ``int8-static`` only.
     """
     precision = resolve_precision(precision, src) if precision == AUTO_INT8 else precision
     if precision == "fp32":
@@ -416,7 +425,7 @@ def make_variant(
     if precision in CALIBRATED and calibration is None:
         raise ValueError(f"precision {precision!r} needs calibration data (e.g. an ImageCalibrationReader)")
     if precision == "int8-static":
-        return quantize_int8_static(src, dst, calibration, **kwargs)
+        return quantize_int8_static(src, dst, calibration, ranges=ranges, **kwargs)
     if precision == W8A16:
         return quantize_w8a16(src, dst, calibration, **kwargs)
     raise ValueError(f"precision {precision!r}; expected one of {VARIANT_PRECISIONS}")

@@ -26,6 +26,7 @@ from clipcore.loading import load_dual_encoder, load_teacher
 from students.backbones import backbone_config, build_image_tower
 from students.image_only import FrozenTextStudent
 from students.paired import PairedStudent, check_pair
+from students.qat import load_ranges, save_ranges
 from students.text_student import TextStudent, text_student_from_meta, text_student_meta
 
 STUDENT_FILE = "student.json"
@@ -107,6 +108,9 @@ def save_student(student: DualEncoder, directory: str | Path) -> Path:
         raise TypeError(f"cannot save a {type(student).__name__}; expected HFDualEncoder or FrozenTextStudent")
     meta.update(format_version=FORMAT_VERSION, name=student.name, image_transform=student.image_transform.to_dict())
     (directory / STUDENT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    ranges = getattr(getattr(student, "image_tower", None), "qat_ranges", None)
+    if ranges:  # a QAT student: the static int8 export uses the ranges it trained under
+        save_ranges(ranges, directory)
     return directory
 
 
@@ -176,6 +180,9 @@ def load_student(directory: str | Path, *, teacher: DualEncoder | str | None = N
     student = FrozenTextStudent(tower, transform, embed_dim=meta["embed_dim"], name=meta["name"],
                                 teacher=_resolve_teacher(teacher, meta.get("teacher")) if with_teacher else None)
     load_weights(student, str(directory / WEIGHTS_FILE), strict=True)
+    ranges = load_ranges(directory)
+    if ranges:
+        tower.qat_ranges = ranges
     return student.eval()
 
 

@@ -27,8 +27,10 @@ once with hooks (:func:`trace_calls`): which module's output feeds which, by ten
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -38,6 +40,7 @@ WEIGHT_QMAX = 127  # symmetric int8 weights: [-127, 127]
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
 QUANT_LAYERS = (nn.Conv2d, nn.Linear)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+QAT_RANGES_FILE = "qat_ranges.json"  # a QAT student's activation ranges, beside its weights
 
 
 @dataclass
@@ -158,6 +161,7 @@ class ActivationQuant:
     momentum: float = 0.01
     low: torch.Tensor | None = None
     high: torch.Tensor | None = None
+    key: str = ""  # where it sits (site_key): saved with its range, matched to an ONNX tensor at export
 
     def observe(self, x: torch.Tensor) -> None:
         low, high = x.detach().amin().clamp_max(0.0), x.detach().amax().clamp_min(0.0)
@@ -198,6 +202,11 @@ class QATHandle:
             norm.__dict__.pop("forward", None)
         self.handles, self.layers, self.norms = [], [], []
 
+    def ranges(self) -> dict[str, list[float]]:
+        """``{site key: [low, high]}`` of every activation range set so far: what the export should use
+        instead of recalibrating (``exports.qat_ranges``), so the int8 graph rounds as training did."""
+        return {o.key: [float(o.low), float(o.high)] for o in self.observers if o.low is not None}
+
     def reset_ranges(self) -> None:
         """Forget the activation ranges: the next forward sets them afresh."""
         for observer in self.observers:
@@ -216,6 +225,12 @@ def _output_site(call: Call, users: dict[int, list[Call]]) -> Call:
         if len(nxt) == 1 and isinstance(nxt[0].module, kinds):
             site = nxt[0]
     return site
+
+
+def site_key(kind: str, name: str, index: int = 0) -> str:
+    """The name of an activation range: ``in:<module>`` (the input of every call of a conv/linear) or
+    ``out:<module>#<call>`` (the output of that call of the module where the export quantises it)."""
+    return f"in:{name}" if kind == "in" else f"out:{name}#{index}"
 
 
 def prepare_qat(model: nn.Module, run: Callable[[], object], *, momentum: float = 0.01) -> QATHandle:
@@ -251,14 +266,14 @@ def prepare_qat(model: nn.Module, run: Callable[[], object], *, momentum: float 
         if call.module not in handle.layers:
             handle.layers.append(call.module)
             parametrize.register_parametrization(call.module, "weight", FakeQuantWeight())
-            observer = ActivationQuant(momentum)
+            observer = ActivationQuant(momentum, key=site_key("in", call.name))
             handle.observers.append(observer)
             handle.handles.append(call.module.register_forward_pre_hook(_quant_input(observer)))
         site = _output_site(call, users)
         per_call = site_calls.setdefault(id(site.module), {})
         site_modules[id(site.module)] = site.module
         if call_index[id(site)] not in per_call:
-            per_call[call_index[id(site)]] = ActivationQuant(momentum)
+            per_call[call_index[id(site)]] = ActivationQuant(momentum, key=site_key("out", site.name, call_index[id(site)]))
             handle.observers.append(per_call[call_index[id(site)]])
     counters = {key: 0 for key in site_calls}
     handle.handles.append(model.register_forward_pre_hook(lambda module, args: counters.update(dict.fromkeys(counters, 0))))
@@ -285,3 +300,31 @@ def _quant_output(per_call: dict[int, ActivationQuant], counters: dict[int, int]
         observer = per_call.get(i)
         return output if observer is None else observer(output)
     return hook
+
+
+def save_ranges(ranges: Mapping[str, list[float]], directory: str | Path) -> Path:
+    """Write ``{site key: [low, high]}`` to ``directory``/:data:`QAT_RANGES_FILE`."""
+    path = Path(directory) / QAT_RANGES_FILE
+    path.write_text(json.dumps(dict(ranges), indent=1))
+    return path
+
+
+def load_ranges(directory: str | Path) -> dict[str, list[float]] | None:
+    """The ranges saved with a student directory, or None (not a QAT student).
+
+    Raises:
+        ValueError: the file is not a JSON object of ``key: [low, high]`` (naming the file).
+    """
+    path = Path(directory) / QAT_RANGES_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    bad = [k for k, v in raw.items() if not (isinstance(v, list) and len(v) == 2
+                                             and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1])] \
+        if isinstance(raw, dict) else ["<the file is not a JSON object>"]
+    if bad:
+        raise ValueError(f"{path}: expected {{site: [low, high]}} with low <= high; bad entries {bad[:5]}")
+    return {k: [float(v[0]), float(v[1])] for k, v in raw.items()}

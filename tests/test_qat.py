@@ -148,6 +148,47 @@ def test_qat_simulation_matches_onnxruntime_static_int8(tmp_path):
     assert np.abs(simulated - int8).max() < 0.25 * np.abs(fp32 - int8).max()
 
 
+def test_qat_ranges_reach_the_int8_graph_instead_of_calibrated_ones(tmp_path):
+    """The ranges QAT trained under are matched to the fp32 graph's tensors by value and override
+    calibration: the int8 graph computes what the fake-quantised student did, although the calibration
+    images (3x brighter) would have given other ranges."""
+    from exports.qat_ranges import ActivationRanges, site_values
+
+    net, x, cal = _net(), _pixels(32), 3 * _pixels(32, seed=2)
+    handle = prepare_qat(net, lambda: net(x))
+    with torch.no_grad():
+        simulated = net(x).numpy()
+    ranges = handle.ranges()
+    assert len(ranges) == len(handle.observers)  # one key per range: none overwrites another
+    handle.strip()
+    fp32_path = tmp_path / "fp32.onnx"
+    torch.onnx.export(_Head(net), (x,), str(fp32_path), input_names=["pixel_values"], output_names=["image_embeds"],
+                      dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17, dynamo=False)
+    sites = {k: (v, *ranges[k]) for k, v in site_values(net, x, ranges).items()}
+    learnt = ActivationRanges(probe={"pixel_values": x.numpy()}, sites=sites)
+    outputs = {}
+    for name, kwargs in (("qat", {"ranges": learnt}), ("calibrated", {})):
+        path = quantize_int8_static(fp32_path, tmp_path / f"{name}.onnx",
+                                    ArrayCalibrationReader([{"pixel_values": cal.numpy()}]), reduce_range=False, **kwargs)
+        outputs[name] = load_session(path, optimization="disable").run(None, {"pixel_values": x.numpy()})[0]
+    assert all(learnt.matched.values()), learnt.matched
+    assert np.abs(outputs["qat"] - simulated).max() < 1e-3 < np.abs(outputs["calibrated"] - simulated).max()
+
+
+def test_saved_qat_ranges_are_checked_on_load(tmp_path):
+    from students.qat import QAT_RANGES_FILE, load_ranges, save_ranges
+
+    assert load_ranges(tmp_path) is None
+    save_ranges({"in:stem": [-1.0, 2.0]}, tmp_path)
+    assert load_ranges(tmp_path) == {"in:stem": [-1.0, 2.0]}
+    (tmp_path / QAT_RANGES_FILE).write_text('{"in:stem": [2.0, -1.0]}')
+    with pytest.raises(ValueError, match=r"qat_ranges.json: expected .*low <= high; bad entries \['in:stem'\]"):
+        load_ranges(tmp_path)
+    (tmp_path / QAT_RANGES_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="qat_ranges.json: not valid JSON"):
+        load_ranges(tmp_path)
+
+
 def test_static_int8_uses_7_bit_weights_exactly_on_cpus_whose_kernels_saturate(tmp_path, monkeypatch):
     """reduce_range=None: 7-bit weights on x86 without VNNI (onnxruntime's advice there), 8-bit elsewhere."""
     from onnx import numpy_helper
@@ -273,6 +314,10 @@ def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
     rows = {r["name"]: r for r in report["subjects"]}
     assert rows["fp32"]["metrics"]["emb_max_abs_diff"] > 1e-4  # the fp32 export of the QAT'd weights differs
     assert "agreement measured against" in (tmp_path / "self" / "export" / "parity.md").read_text()
+    # the ranges it trained under are saved with it and replace calibration in the int8 export
+    assert set(final.image_tower.qat_ranges) == set(json.loads((tmp_path / "self" / "final" / "qat_ranges.json").read_text()))
+    assert "activation ranges from QAT" in rows["int8"]["reason"]
+    assert "qat_ranges.json" not in [p.name for p in (root / "start").iterdir()]  # only QAT students carry them
     cfg = load_config(None, _overrides(saved, tmp_path / "o", "qat.target=self"))
     from distill.task import DistillTask
     from students import load_student

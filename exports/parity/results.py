@@ -206,4 +206,5 @@ def apply_gate(result: SubjectResult, gates: Mapping[str, Gate]) -> None:
     result.checks = gate.check(result.metrics)
     if not all(c.passed for c in result.checks):
         result.status = "rejected"
-        result.reason = "rejected: " + "; ".join(c.describe() for c in result.checks if not c.passed)
+        why = "rejected: " + "; ".join(c.describe() for c in result.checks if not c.passed)
+        result.reason = why if not result.reason else f"{why} ({result.reason})"  # keep how it was made

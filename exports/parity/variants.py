@@ -24,23 +24,34 @@ from exports.precision import (
     load_onnx_model,
     make_variant,
 )
+from exports.qat_ranges import ActivationRanges, activation_ranges
 from exports.runtime import OnnxGraph, image_io_mismatch
+
+
+def ranges_note(ranges: ActivationRanges) -> str:
+    """What the report says of a QAT student's ranges: how many reached the int8 graph."""
+    hit = sum(1 for names in ranges.matched.values() if names)
+    return f"activation ranges from QAT ({hit} of {len(ranges.sites)} matched; the rest calibrated)"
 
 
 
 def cpu_variant(name: str, fp32: Path, student: Subject, head: np.ndarray, onnx_dir: Path,
-                calibration: Callable[[], ArrayCalibrationReader], threads: int | None) -> Subject:
+                calibration: Callable[[], ArrayCalibrationReader], threads: int | None,
+                ranges: ActivationRanges | None = None) -> Subject:
     """Write and open one onnxruntime CPU variant; a failure becomes an ``error`` subject.
 
     ``int8`` is reported under its name with the precision of the scheme it chose, and why.
+    ``ranges``: a QAT student's activation ranges, used by static int8 instead of calibrated ones.
     """
     path = fp32 if name == "fp32" else onnx_dir / f"image_encoder.{name}.onnx"
     scheme, why = choose_int8_scheme(fp32) if name == AUTO_INT8 else (name, None)
     try:
         if name != "fp32":
-            make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None)
+            make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None, ranges=ranges)
         subject = onnx_subject(name, scheme, path, student, head, owns_file=True, threads=threads)
         subject.reason = why
+        if ranges is not None and scheme == "int8-static":
+            subject.reason = ", ".join(filter(None, [why, ranges_note(ranges)]))
         return subject
     except Exception as exc:  # quantiser and converter errors are reported, not fatal
         return failed_subject(name, scheme, "error", error_text(exc), "onnxruntime-cpu")
@@ -121,10 +132,11 @@ def build_variants(student: DualEncoder, reference: Subject, head: np.ndarray, d
         reader, data.calibration_source = calibration_reader(data, student.image_transform, settings)
         return reader
 
+    ranges = activation_ranges(student, IMAGE_ENCODER.inputs[0].name)
     out = []
     for name in variants:
         if name in VARIANT_PRECISIONS:
-            out.append(cpu_variant(name, fp32, reference, head, onnx_dir, calibration, settings.threads))
+            out.append(cpu_variant(name, fp32, reference, head, onnx_dir, calibration, settings.threads, ranges))
         else:
             out.append(accelerated_variant(name, fp32, reference, head, info, input_shape=shape, max_batch=max_batch,
                                            cache_dir=onnx_dir / "trt_cache", threads=settings.threads))
