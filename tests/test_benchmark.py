@@ -67,6 +67,8 @@ def test_parse_suite_defaults_and_shared_suite_file():
     assert [e.name for e in shared] == ["cifar10", "tiny-imagenet", "coco-mini", "scene-photos"]
     assert shared[3].split == "validation" and shared[3].task == "retrieval"  # a tuning split, never "train"
     assert len(load_suite(REPO / "suites" / "clip_benchmark.yaml")) >= 4
+    fit = load_suite(REPO / "suites" / "scene_fit.yaml")  # seen against unseen photos, same student
+    assert [(e.split, e.limit) for e in fit] == [("train", 500), ("validation", None)]
 
 
 @pytest.mark.parametrize("raw, match", [
