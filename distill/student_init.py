@@ -41,6 +41,9 @@ def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> D
             raise ConfigError(f"student.init={cfg.student.init} is a {student.name!r} student; "
                               f"student.arch={cfg.student.arch!r} must name the same architecture")
         student = student.to(teacher.device).train()
+        tower = getattr(student, "image_tower", None)
+        if getattr(tower, "qat_ranges", None):  # they measured the saved weights, which this run retrains
+            tower.qat_ranges = None             # (a QAT run records its own when it finishes)
     else:
         student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
                                 init=cfg.student.init, tokenizer=tokenizer, head=cfg.student.head)

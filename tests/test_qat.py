@@ -282,6 +282,24 @@ def test_init_from_a_student_of_another_arch_and_qat_of_a_clip_student_are_refus
         load_config(None, _overrides(saved, tmp_path / "o", "qat.momentum=0"))
 
 
+def test_a_run_from_a_qat_student_drops_its_saved_ranges(saved, tmp_path):
+    """Saved ranges describe the saved weights: a run that starts from them retrains the weights, so neither
+    a plain fine-tune nor a second QAT run exports with the old ranges."""
+    import shutil
+
+    from distill.config import load_config
+    from distill.student_init import initial_student
+    from students import load_student
+    from students.qat import save_ranges
+
+    root, _, teacher = saved
+    start = shutil.copytree(root / "start", tmp_path / "qat-start")
+    save_ranges({"in:stem": [-1.0, 1.0]}, start)
+    assert load_student(str(start), teacher=teacher).image_tower.qat_ranges == {"in:stem": [-1.0, 1.0]}
+    cfg = load_config(None, _overrides(saved, tmp_path / "o", f"student.init={start}", "qat.enabled=false"))
+    assert not getattr(initial_student(cfg, teacher).image_tower, "qat_ranges", None)
+
+
 def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
     """qat.target=self: the targets are the frozen fp32 student's embeddings of the same pixels, so the
     fake-quantised student starts near them; the teacher's (a random tiny CLIP) are far."""

@@ -34,7 +34,6 @@ def ranges_note(ranges: ActivationRanges) -> str:
     return f"activation ranges from QAT ({hit} of {len(ranges.sites)} matched; the rest calibrated)"
 
 
-
 def cpu_variant(name: str, fp32: Path, student: Subject, head: np.ndarray, onnx_dir: Path,
                 calibration: Callable[[], ArrayCalibrationReader], threads: int | None,
                 ranges: ActivationRanges | None = None) -> Subject:
