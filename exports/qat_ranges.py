@@ -85,61 +85,15 @@ def activation_ranges(model, input_name: str, seed: int = 0, batch: int = 4) -> 
     ``model.image_tower.qat_ranges`` holds them (set by QAT training, and by loading a student
     directory with ``qat_ranges.json``: :data:`students.qat.QAT_RANGES_FILE`).
     """
-    import torch
-
     # a PairedStudent holds its image student as image_model
     tower = getattr(model, "image_tower", None) or getattr(getattr(model, "image_model", None), "image_tower", None)
     ranges = getattr(tower, "qat_ranges", None)
     if not ranges:
         return None
+    from students.qat import site_values  # torch: imported only for a QAT student (this module is torch-free)
+
     side = model.image_transform.output_size
-    pixels = torch.randn(batch, 3, *side, generator=torch.Generator().manual_seed(seed))
+    pixels = np.random.default_rng(seed).standard_normal((batch, 3, *side)).astype(np.float32)
     values = site_values(tower, pixels, ranges)
     sites = {k: (v, *ranges[k]) for k, v in values.items()}
-    return ActivationRanges(probe={input_name: pixels.numpy()}, sites=sites)
-
-
-def site_values(tower, pixels, keys) -> dict[str, np.ndarray]:
-    """The tensor at each site (``students.qat.site_key``) when ``tower`` runs on ``pixels``, in fp32."""
-    import torch
-
-    modules = dict(tower.named_modules())
-    found: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    handles = []
-
-    def pre(key: str):
-        def hook(module, args):
-            found.setdefault(key, args[0].detach().float().numpy().copy())
-        return hook
-
-    def post(name: str):
-        def hook(module, args, output):
-            i = counts.get(name, 0)
-            counts[name] = i + 1
-            key = f"out:{name}#{i}"
-            if key in keys and torch.is_tensor(output):
-                found.setdefault(key, output.detach().float().numpy().copy())
-        return hook
-
-    hooked = set()
-    for key in keys:
-        kind, _, rest = key.partition(":")
-        name = rest.rsplit("#", 1)[0] if kind == "out" else rest
-        if name not in modules:
-            raise ValueError(f"QAT range {key!r}: the image tower has no module {name!r} (ranges of another model?)")
-        if kind == "in":
-            handles.append(modules[name].register_forward_pre_hook(pre(key)))
-        elif name not in hooked:
-            hooked.add(name)
-            handles.append(modules[name].register_forward_hook(post(name)))
-    was_training = tower.training
-    tower.eval()
-    try:
-        with torch.no_grad():
-            tower(pixels)
-    finally:
-        for h in handles:
-            h.remove()
-        tower.train(was_training)
-    return found
+    return ActivationRanges(probe={input_name: pixels}, sites=sites)

@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -233,6 +234,12 @@ def site_key(kind: str, name: str, index: int = 0) -> str:
     return f"in:{name}" if kind == "in" else f"out:{name}#{index}"
 
 
+def parse_site_key(key: str) -> tuple[str, str]:
+    """``(kind, module name)`` of a :func:`site_key`: ``("in", name)`` or ``("out", name)``."""
+    kind, _, rest = key.partition(":")
+    return kind, rest.rsplit("#", 1)[0] if kind == "out" else rest
+
+
 def prepare_qat(model: nn.Module, run: Callable[[], object], *, momentum: float = 0.01) -> QATHandle:
     """Fold ``model``'s batch norms and fake-quantise it in place as static QDQ int8 will.
 
@@ -300,6 +307,49 @@ def _quant_output(per_call: dict[int, ActivationQuant], counters: dict[int, int]
         observer = per_call.get(i)
         return output if observer is None else observer(output)
     return hook
+
+
+def site_values(tower: nn.Module, pixels: np.ndarray, keys: Collection[str]) -> dict[str, np.ndarray]:
+    """The fp32 tensor at each site (:func:`site_key`) when ``tower`` runs on ``pixels``: what
+    ``exports.qat_ranges`` matches to the ONNX graph's tensors."""
+    modules = dict(tower.named_modules())
+    found: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def pre(key: str):
+        def hook(module, args):
+            found.setdefault(key, args[0].detach().float().numpy().copy())
+        return hook
+
+    def post(name: str):
+        def hook(module, args, output):
+            key = site_key("out", name, counts.get(name, 0))
+            counts[name] = counts.get(name, 0) + 1
+            if key in keys and torch.is_tensor(output):
+                found.setdefault(key, output.detach().float().numpy().copy())
+        return hook
+
+    hooked: set[str] = set()
+    for key in keys:
+        kind, name = parse_site_key(key)
+        if name not in modules:
+            raise ValueError(f"QAT range {key!r}: the image tower has no module {name!r} (ranges of another model?)")
+        if kind == "in":
+            handles.append(modules[name].register_forward_pre_hook(pre(key)))
+        elif name not in hooked:  # one hook per module counts all its calls
+            hooked.add(name)
+            handles.append(modules[name].register_forward_hook(post(name)))
+    was_training = tower.training
+    tower.eval()
+    try:
+        with torch.no_grad():
+            tower(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+    finally:
+        for h in handles:
+            h.remove()
+        tower.train(was_training)
+    return found
 
 
 def save_ranges(ranges: Mapping[str, list[float]], directory: str | Path) -> Path:

@@ -152,7 +152,8 @@ def test_qat_ranges_reach_the_int8_graph_instead_of_calibrated_ones(tmp_path):
     """The ranges QAT trained under are matched to the fp32 graph's tensors by value and override
     calibration: the int8 graph computes what the fake-quantised student did, although the calibration
     images (3x brighter) would have given other ranges."""
-    from exports.qat_ranges import ActivationRanges, site_values
+    from exports.qat_ranges import ActivationRanges
+    from students.qat import site_values
 
     net, x, cal = _net(), _pixels(32), 3 * _pixels(32, seed=2)
     handle = prepare_qat(net, lambda: net(x))
@@ -164,7 +165,7 @@ def test_qat_ranges_reach_the_int8_graph_instead_of_calibrated_ones(tmp_path):
     fp32_path = tmp_path / "fp32.onnx"
     torch.onnx.export(_Head(net), (x,), str(fp32_path), input_names=["pixel_values"], output_names=["image_embeds"],
                       dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17, dynamo=False)
-    sites = {k: (v, *ranges[k]) for k, v in site_values(net, x, ranges).items()}
+    sites = {k: (v, *ranges[k]) for k, v in site_values(net, x.numpy(), ranges).items()}
     learnt = ActivationRanges(probe={"pixel_values": x.numpy()}, sites=sites)
     outputs = {}
     for name, kwargs in (("qat", {"ranges": learnt}), ("calibrated", {})):

@@ -48,9 +48,8 @@ def cpu_variant(name: str, fp32: Path, student: Subject, head: np.ndarray, onnx_
         if name != "fp32":
             make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None, ranges=ranges)
         subject = onnx_subject(name, scheme, path, student, head, owns_file=True, threads=threads)
-        subject.reason = why
-        if ranges is not None and scheme == "int8-static":
-            subject.reason = ", ".join(filter(None, [why, ranges_note(ranges)]))
+        learnt = ranges_note(ranges) if ranges is not None and scheme == "int8-static" else None
+        subject.reason = ", ".join(filter(None, [why, learnt])) or None
         return subject
     except Exception as exc:  # quantiser and converter errors are reported, not fatal
         return failed_subject(name, scheme, "error", error_text(exc), "onnxruntime-cpu")
