@@ -10,6 +10,7 @@ Python's salted ``hash()`` would differ between processes and runs.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from dataclasses import dataclass
@@ -58,6 +59,53 @@ class ViewSpec:
         out = image.crop(box) if box != (0, 0, *image.size) else image
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
+
+
+@dataclass(frozen=True)
+class SourceViews:
+    """One segment of a mixture: ``rows`` images, each ``views`` times (view-major), the whole ``repeat`` times."""
+
+    rows: int
+    views: ViewSpec
+    repeat: int = 1
+
+    @property
+    def length(self) -> int:
+        return self.rows * self.views.views * self.repeat
+
+
+class RowViews:
+    """The ``(image, row) -> image`` step of a mixture whose sources have fixed views (``data.train[i].views``).
+
+    The mixture lays each source out as ``repeat`` copies of its K views, each view a block of all its
+    rows: mixture row ``start + (copy * K + k) * rows + i`` is view ``k`` of the source's image ``i``,
+    cropped by that source's :class:`ViewSpec` as when its teacher targets were computed (view 0: the
+    plain image). ``key`` describes the layout, so stores of decoded pixels can tell layouts apart.
+    """
+
+    def __init__(self, segments: list[SourceViews]):
+        self.segments = list(segments)
+        self.starts = [0]
+        for seg in self.segments:
+            self.starts.append(self.starts[-1] + seg.length)
+        self.key = ";".join(f"{s.rows}x{s.views.views}x{s.repeat}/{s.views.seed}/{s.views.scale}/{s.views.ratio}"
+                            for s in self.segments)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, row: int) -> tuple[int, int, int]:
+        """(segment, image row within its source, view) of a mixture row."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} outside the mixture's {len(self)} rows")
+        seg = bisect.bisect_right(self.starts, row) - 1
+        local = row - self.starts[seg]
+        n = self.segments[seg].rows
+        return seg, local % n, (local // n) % self.segments[seg].views.views
+
+    def __call__(self, image: Image.Image, row: int) -> Image.Image:
+        seg, i, view = self.locate(row)
+        return self.segments[seg].views.apply(image, i, view) if view else image
 
 @dataclass(frozen=True)
 class StudentJitter:

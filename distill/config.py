@@ -48,6 +48,10 @@ class TrainSource:
     # a column of captions (a string or a list per row; rows may have none): each row's affinity text is one of
     # its own captions, embedded by the teacher once, instead of a random vocabulary prompt (photos with captions)
     caption_column: str | None = None
+    # K fixed views per row, each a row of its own every epoch: view 0 the plain image, then seeded crops (scale
+    # 0.5-1) and flips, embedded by the teacher once and cached (K teacher passes over the source): more distinct
+    # targets for a small source than `repeat`, whose copies share one
+    views: int = 1
 
 
 @dataclass
@@ -295,7 +299,7 @@ class TrainConfig:
             raise ConfigError("data.train is a list of sources: name the evaluation dataset with data.eval=...")
         if self.cache.views > 1:
             raise ConfigError("cache.views > 1 needs a single data.train source (views are seeded by row); "
-                              "jitter a mixture's student input with data.student_flip / data.student_shift")
+                              "give a mixture's sources their own data.train[i].views instead")
         for i, src in enumerate(self.data.train):
             if not src.path:
                 raise ConfigError(f"data.train[{i}].path is empty")
@@ -303,6 +307,8 @@ class TrainConfig:
                 raise ConfigError(f"data.train[{i}].limit must be >= 1, got {src.limit}")
             if src.repeat < 1:
                 raise ConfigError(f"data.train[{i}].repeat must be an integer >= 1, got {src.repeat}")
+            if src.views < 1:
+                raise ConfigError(f"data.train[{i}].views must be an integer >= 1, got {src.views}")
 
 
 # (key, test, the valid values): numeric bounds checked once, before anything is built

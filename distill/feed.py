@@ -169,7 +169,7 @@ def make_feeder(cfg, data: TrainData, accelerator) -> Feeder:
         images = data.rows.images
         store = pixel_store.get_or_build(images.ds, images.columns.image, images.transforms["student"],
                                          Path(cfg.cache.dir).parent / "pixel-store", images.name, accelerator,
-                                         cfg.data.num_workers)
+                                         cfg.data.num_workers, view=images.view)
     elif getattr(data.rows, "images", None) is not None and cfg.data.num_workers == 0 and accelerator.is_main_process:
         log.info("decoding images in the main process; data.num_workers=N moves it to N worker processes")
     return Feeder(cfg, data, accelerator, store)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipcore.augment import ViewSpec
+from clipcore.augment import RowViews, SourceViews, ViewSpec
 from clipcore.cache import TeacherTargetCache, cache_key, texts_sha
 from clipcore.classnames import load_classname_source, synonyms
 from clipcore.data import Columns, DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
@@ -78,6 +78,7 @@ def load_sources(data: DataConfig, seed: int) -> list[tuple[datasets.Dataset, st
                               f"column (columns: {', '.join(ds.column_names)})")
         out.append((ds, resolve_columns(ds, spec).image))
         times = f", each {src.repeat} times per epoch" if src.repeat > 1 else ""
+        times += f", {src.views} fixed views each (view 0 plain, then crops)" if src.views > 1 else ""
         log.info("training source %d: %s, %d images%s (labels unused)", i, spec.label, len(ds), times)
     return out
 
@@ -89,17 +90,18 @@ def images_only(ds: datasets.Dataset, column: str) -> datasets.Dataset:
 
 
 def _source_targets(cache: CacheConfig, teacher: DualEncoder, ds: datasets.Dataset, column: str, accelerator,
-                    *, seed: int, batch_size: int) -> torch.Tensor:
-    """(rows, K, D) teacher image targets of one source, from its own cache entry."""
-    views = ViewSpec(views=cache.views, seed=seed)
-    rows = teacher_image_rows(teacher, ds, Columns(image=column), views, cache.dir, seed, batch_size, accelerator)
+                    *, views: ViewSpec, batch_size: int) -> torch.Tensor:
+    """(K * rows, 1, D) teacher image targets of one source, from its own cache entry: its K views
+    (``data.train[i].views``) laid out view-major, as :class:`clipcore.augment.RowViews` reads them."""
+    rows = teacher_image_rows(teacher, ds, Columns(image=column), views, cache.dir, views.seed, batch_size, accelerator)
     key = cache_key(f"{teacher.fingerprint()}/images-only", ds._fingerprint, teacher.image_transform.to_json(),
-                    cache.views, seed)
+                    views.views, views.seed)
     store = TeacherTargetCache(cache.dir, key, accelerator.process_index, accelerator.num_processes,
                                accelerator.wait_for_everyone)
     targets = store.get_or_build(len(ds), rows)
     log.info("teacher-target cache %s: %s", "hit" if targets.hit else "built", targets.path)
-    return torch.from_numpy(targets.images)
+    images = torch.from_numpy(targets.images)  # (rows, K, D)
+    return images.transpose(0, 1).reshape(-1, 1, images.shape[-1])
 
 
 def _text_targets(cache: CacheConfig, teacher: DualEncoder, texts: list[str], accelerator) -> torch.Tensor:
@@ -133,7 +135,7 @@ def source_captions(parts: list[tuple[datasets.Dataset, str]], sources: list[Tra
             for j, row in enumerate(owner):
                 own[row].append(len(texts) + j)
             texts += caps
-        rows += own * src.repeat
+        rows += own * (src.views * src.repeat)
     return texts, rows
 
 
@@ -170,15 +172,20 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
         parts.append(mosaics.get_or_build(parts, data.mosaics, seed, accelerator))
     sources = data.sources() + [TrainSource()] * (len(parts) - len(data.sources()))  # + mosaics: no captions
     bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator, source_captions(parts, sources))
-    repeats = [src.repeat for src in sources]
-    cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, seed=seed, batch_size=batch_size)
-                        .repeat(r, 1, 1) for (ds, col), r in zip(parts, repeats)]) if cache.enabled else None
-    parts = [datasets.concatenate_datasets([images_only(ds, col)] * r) if r > 1 else images_only(ds, col)
-             for (ds, col), r in zip(parts, repeats)]
+    layout = RowViews([SourceViews(len(ds), ViewSpec(views=src.views, seed=seed), src.repeat)
+                       for (ds, _), src in zip(parts, sources)])
+    cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, views=seg.views, batch_size=batch_size)
+                        .repeat(seg.repeat, 1, 1) for (ds, col), seg in zip(parts, layout.segments)]
+                       ) if cache.enabled else None
+    copies = [seg.views.views * seg.repeat for seg in layout.segments]
+    parts = [datasets.concatenate_datasets([images_only(ds, col)] * c) if c > 1 else images_only(ds, col)
+             for (ds, col), c in zip(parts, copies)]
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     transforms = {"student": student.image_transform}
     if cached is None:
         transforms["teacher"] = teacher.image_transform
-    views = ViewSpec(views=cache.views, seed=seed)
-    rows = TrainRows(len(ds), views, ImageDataset(ds, transforms, Columns(image=IMAGE), name="data.train"))
+    # every view is a row of its own, so the loop's per-epoch view draw (cache.views) stays at view 0
+    view = layout if any(seg.views.views > 1 for seg in layout.segments) else None
+    images = ImageDataset(ds, transforms, Columns(image=IMAGE), name="data.train", view=view)
+    rows = TrainRows(len(ds), ViewSpec(views=1, seed=seed), images)
     return TrainData(rows, bank, names, cached, None, class_head=class_head_from_bank(bank))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from clipcore.augment import RowViews
 from clipcore.cache import check_digest, file_digest
 from clipcore.data import DataSpecError
 from clipcore.imaging import ImageDecodeError, ImageTransform, decode_image, to_rgb
@@ -37,8 +38,12 @@ FILES = ("pixels.npy", "valid.npy")  # their sizes and sha256 are in meta.json, 
 FORMAT = "pixel-store-v1"
 
 
-def store_key(dataset_fp: str, transform: ImageTransform) -> str:
-    blob = json.dumps({"format": FORMAT, "data": dataset_fp, "transform": transform.to_json()}, sort_keys=True)
+def store_key(dataset_fp: str, transform: ImageTransform, view_key: str = "") -> str:
+    """``view_key``: the layout of a mixture's fixed views (:class:`clipcore.augment.RowViews`), "" for none."""
+    fields = {"format": FORMAT, "data": dataset_fp, "transform": transform.to_json()}
+    if view_key:  # absent otherwise: stores built before views existed keep their keys
+        fields["views"] = view_key
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -54,8 +59,8 @@ def to_uint8(image, transform: ImageTransform) -> np.ndarray:
 
 
 class _Decode(Dataset):
-    def __init__(self, ds, image_column: str, transform: ImageTransform, name: str):
-        self.ds, self.column, self.transform, self.name = ds, image_column, transform, name
+    def __init__(self, ds, image_column: str, transform: ImageTransform, name: str, view: RowViews | None = None):
+        self.ds, self.column, self.transform, self.name, self.view = ds, image_column, transform, name, view
         self.shape = (3, *transform.output_size)
 
     def __len__(self) -> int:
@@ -64,6 +69,8 @@ class _Decode(Dataset):
     def __getitem__(self, index: int):
         try:
             image = decode_image(self.ds[int(index)][self.column], source=f"{self.name} row {index}")
+            if self.view is not None:
+                image = self.view(image, int(index))
             return torch.from_numpy(to_uint8(image, self.transform)), True
         except ImageDecodeError as exc:
             log.warning("%s: skipping row %d: %s", self.name, index, exc)
@@ -123,7 +130,8 @@ def _atomic_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def build(ds, image_column: str, transform: ImageTransform, path: Path, name: str, num_workers: int = 0) -> None:
+def build(ds, image_column: str, transform: ImageTransform, path: Path, name: str, num_workers: int = 0,
+          view: RowViews | None = None) -> None:
     """Decode every row once into ``path`` (meta.json last)."""
     from tqdm.auto import tqdm
 
@@ -131,7 +139,7 @@ def build(ds, image_column: str, transform: ImageTransform, path: Path, name: st
     (path / META).unlink(missing_ok=True)
     pixels = np.zeros((len(ds), 3, *transform.output_size), dtype=np.uint8)
     valid = np.zeros(len(ds), dtype=bool)
-    loader = DataLoader(_Decode(ds, image_column, transform, name), batch_size=256, num_workers=num_workers)
+    loader = DataLoader(_Decode(ds, image_column, transform, name, view), batch_size=256, num_workers=num_workers)
     start = 0
     for batch, ok in tqdm(loader, desc="decoding images once (pixel store)", unit="batch", mininterval=10, leave=False):
         pixels[start:start + len(batch)] = batch.numpy()
@@ -176,9 +184,12 @@ def load(path: Path, transform: ImageTransform) -> PixelStore:
 
 
 def get_or_build(ds, image_column: str, transform: ImageTransform, root: str | Path, name: str, accelerator,
-                 num_workers: int = 0) -> PixelStore:
-    """Load the store of (``ds``, ``transform``) or build it on each machine's main process first."""
-    path = Path(root) / store_key(ds._fingerprint, transform)
+                 num_workers: int = 0, view: RowViews | None = None) -> PixelStore:
+    """Load the store of (``ds``, ``transform``, ``view``) or build it on each machine's main process first.
+
+    ``view``: a mixture's fixed views, applied to each row before the transform (as the teacher saw it).
+    """
+    path = Path(root) / store_key(ds._fingerprint, transform, view.key if view is not None else "")
     with accelerator.local_main_process_first():  # per machine: the cache directory may be local
         if accelerator.is_local_main_process:
             why = damage(path, len(ds)) if (path / META).is_file() else "absent"
@@ -186,7 +197,7 @@ def get_or_build(ds, image_column: str, transform: ImageTransform, root: str | P
                 log.warning("pixel store %s: %s; rebuilding it", path, why)
             if why is not None:
                 log.info("pixel store: decoding %d images once into %s", len(ds), path)
-                build(ds, image_column, transform, path, name, num_workers)
+                build(ds, image_column, transform, path, name, num_workers, view)
     store = load(path, transform)
     log.info("pixel store: %d images of %s uint8 (%.0f MB) from %s", len(store), tuple(store.pixels.shape[1:]),
              store.pixels.nbytes / 2**20, path)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -42,6 +43,7 @@ def test_train_as_a_list_of_sources(tmp_path):
     ({"train": [{"path": ""}], "eval": "c"}, {}, r"data.train\[0\].path is empty"),
     ({"train": [{"path": "a", "limit": 0}], "eval": "c"}, {}, r"data.train\[0\].limit"),
     ({"train": [{"path": "a"}, {"path": "b", "repeat": 0}], "eval": "c"}, {}, r"data.train\[1\].repeat must be"),
+    ({"train": [{"path": "a"}, {"path": "b", "views": 0}], "eval": "c"}, {}, r"data.train\[1\].views must be"),
     ({"train": [{"path": "a", "colour": 1}], "eval": "c"}, {}, r"data.train\[0\].colour"),
     ({"train": [{"path": "a"}], "eval": "c"}, {"mode": "contrastive", "contrastive": {"model": "m"}}, "contrastive"),
     ({"train": [{"path": "a"}, {"path": "s/{0..3}.tar"}], "eval": "c"}, {}, "streamed data"),
@@ -192,6 +194,63 @@ def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp
     cache_rows = {json.loads((p / "meta.json").read_text())["num_rows"] for p in (tmp_path / "cache").iterdir()}
     assert cache_rows == {16, 12, 0}  # cached once, not once per repeat
 
+
+
+def test_a_source_with_views_is_k_rows_per_image_each_with_its_crop_and_target(mixture, tmp_path, monkeypatch):
+    from clipcore.augment import ViewSpec
+    from clipcore.imaging import decode_image
+    from clipcore.loading import load_teacher
+    from distill import pixel_store
+
+    data = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=1", "data.pixel_store=true",
+                                views=3, repeat=2, caption_column="captions")
+    rows, targets, images = data.rows, data.teacher_images, data.rows.images
+    assert len(rows) == len(targets) == 16 + 2 * 3 * 12  # source b: 12 images x 3 views, the whole twice
+    assert targets.shape[1] == 1 and {int(rows[r]["view"]) for r in range(0, 88, 7)} == {0}  # views are rows
+    b = targets[16:]
+    assert torch.equal(b[:36], b[36:])  # the repeat copies the three views, each cached once
+    teacher, spec = load_teacher(str(mixture[1])), ViewSpec(views=3, seed=0)
+    for i, view in [(0, 0), (5, 1), (11, 2)]:
+        row = 16 + view * 12 + i
+        image = decode_image(images.ds[row]["image"])
+        crop = spec.apply(image, i, view)
+        assert (crop.size == image.size) == (view == 0)
+        want = teacher.encode_image(torch.from_numpy(teacher.image_transform(crop))[None]).float()
+        torch.testing.assert_close(targets[row].float(), torch.nn.functional.normalize(want, dim=-1),
+                                   atol=3e-3, rtol=0)
+        student = images[row]["pixel_values_student"]  # the student sees the crop its target was made of
+        torch.testing.assert_close(student, torch.from_numpy(images.transforms["student"](crop)))
+        assert [data.bank.texts[j] for j in data.bank.caption_rows[row]][0].endswith(f" {i}")
+    assert not torch.allclose(b[0], b[12], atol=1e-3)  # view 1 of image 0 is not its plain image
+    # the pixel store holds the crops too, under a key of its own
+    store = pixel_store.get_or_build(images.ds, "image", images.transforms["student"], tmp_path / "px", "b",
+                                     _Accel(), view=images.view)
+    plain = pixel_store.store_key(images.ds._fingerprint, images.transforms["student"])
+    assert store.path.name != plain
+    for row in (16, 16 + 12 + 5, 16 + 36 + 24 + 11):
+        crop = images.view(decode_image(images.ds[row]["image"]), row)
+        assert np.array_equal(store.pixels[row], pixel_store.to_uint8(crop, images.transforms["student"]))
+
+
+class _Accel:
+    is_local_main_process = is_main_process = True
+
+    def local_main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_row_views_locates_each_row():
+    from clipcore.augment import RowViews, SourceViews, ViewSpec
+
+    layout = RowViews([SourceViews(4, ViewSpec(1)), SourceViews(3, ViewSpec(2, seed=5), repeat=2)])
+    assert len(layout) == 4 + 12
+    assert [layout.locate(r) for r in (0, 3, 4, 6, 7, 9, 10, 15)] == [
+        (0, 0, 0), (0, 3, 0), (1, 0, 0), (1, 2, 0), (1, 0, 1), (1, 2, 1), (1, 0, 0), (1, 2, 1)]
+    with pytest.raises(IndexError, match="row 16 outside"):
+        layout.locate(16)
+    assert layout.key != RowViews([SourceViews(4, ViewSpec(1)), SourceViews(3, ViewSpec(2, seed=6), repeat=2)]).key
 
 def test_a_captioned_source_teaches_its_own_captions_as_affinity_texts(mixture, tmp_path, monkeypatch):
     bank = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=2", repeat=2,
