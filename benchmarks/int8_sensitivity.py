@@ -1,0 +1,147 @@
+"""Which layers cost static int8 its agreement, and what keeping them in fp32 buys back.
+
+    python benchmarks/int8_sensitivity.py --student outputs/general/final
+    python benchmarks/int8_sensitivity.py --student outputs/general/final --keep 1,2,4,8,16 --latency
+
+Exports the student's image encoder, quantises it statically as the export does (QDQ, calibrated on
+128 seeded Tiny-ImageNet training images, ``exports.precision.STATIC_OP_TYPES``) and measures, on
+500 seeded Tiny-ImageNet validation images, 200-way zero-shot top-1 agreement with the fp32 graph
+(one prompt per WordNet name, the student's own text side) and the embeddings' cosine:
+
+1. leave one out: for every Conv/MatMul/Gemm node, the int8 graph with that node alone kept fp32
+   (``nodes_to_exclude``); nodes ranked by how much of the embedding error (1 - mean cosine) that
+   removes;
+2. cumulative: the ``--keep`` most sensitive nodes kept fp32 together, with their share of the
+   weights and (``--latency``) the batch-1 latency against fp32 and full int8.
+
+A QAT student (one with ``qat_ranges.json``) is quantised with its own ranges, as the export does.
+Needs ``../shared/data/tiny-imagenet``; writes only temporary ONNX files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from benchmarks.int8_placement import TINY, embed, images
+from clipcore.imaging import decode_image
+from exports.interface import IMAGE_ENCODER
+from exports.onnx_export import export_image_encoder
+from exports.precision import ImageCalibrationReader, quantize_int8_static
+from exports.qat_ranges import activation_ranges
+from exports.runtime import OnnxGraph
+from students import load_model
+
+WEIGHTED = ("Conv", "MatMul", "Gemm")
+
+
+def weighted_nodes(path: Path) -> list[tuple[list[str], int]]:
+    """(node names, weight elements) of every Conv/MatMul/Gemm with a constant weight, in graph order.
+
+    A node whose only reader is a Clip or Relu comes with it: kept fp32 alone, the convolution would
+    hand the quantiser its activation's *input*, negative values and all, and that activation's int8
+    range would then cover what ReLU6 discards (the placement exports/precision.py avoids).
+    """
+    graph = onnx.load(str(path)).graph
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    out = []
+    for n in graph.node:
+        if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in sizes:
+            after = readers.get(n.output[0], [])
+            act = [after[0].name] if len(after) == 1 and after[0].op_type in ("Clip", "Relu") else []
+            out.append(([n.name, *act], sizes[n.input[1]]))
+    return out
+
+
+def latency_ms(path: Path, pixels: np.ndarray, iters: int) -> float:
+    graph = OnnxGraph(path, IMAGE_ENCODER, threads=2)
+    one = {IMAGE_ENCODER.inputs[0].name: pixels[:1]}
+    for _ in range(20):
+        graph(one)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        graph(one)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", required=True)
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--keep", default="1,2,4,8,16", help="cumulative rows: this many most sensitive nodes kept fp32")
+    p.add_argument("--latency", action="store_true", help="also time each cumulative row at batch 1")
+    p.add_argument("--iters", type=int, default=500)
+    p.add_argument("--optimization", default="all", choices=("all", "disable"),
+                   help="onnxruntime graph optimisations when measuring agreement: 'disable' computes the QDQ "
+                        "graph as written (dequantise -> float op -> quantise), i.e. what excluding a node means "
+                        "on paper; 'all' is what the CPU runs (it fuses an excluded node between DQ and Q into "
+                        "an int8 kernel again)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    names = json.loads((TINY / "words.json").read_text())
+    names = [n if isinstance(n, str) else n[0] for n in (names.values() if isinstance(names, dict) else names)]
+    student = load_model(args.student)
+    transform = student.image_transform
+    cal, val = images("train", 128, 0), images("validation", args.limit, 1)
+    pixels = np.stack([transform(decode_image(im, "validation image")) for im in val]).astype(np.float32)
+    with torch.no_grad():
+        head = student.encode_text([f"a photo of a {n.split(',')[0]}." for n in names]).float().numpy()
+    ranges = activation_ranges(student, IMAGE_ENCODER.inputs[0].name)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_image_encoder(student, Path(tmp) / "fp32.onnx")
+        ref = embed(fp32, pixels)
+        top1 = (ref @ head.T).argmax(1)
+
+        def int8(exclude: list[str], name: str = "int8.onnx", optimization: str = args.optimization
+                 ) -> tuple[Path, float, float]:
+            out = quantize_int8_static(fp32, Path(tmp) / name, ImageCalibrationReader(cal, transform),
+                                       nodes_to_exclude=exclude, ranges=ranges)
+            emb = embed(out, pixels, optimization)
+            return out, float(((emb @ head.T).argmax(1) == top1).mean()), float((emb * ref).sum(1).mean())
+
+        nodes = weighted_nodes(fp32)
+        total = sum(size for _, size in nodes)
+        _, base_agree, base_cos = int8([])
+        print(f"{len(nodes)} weighted nodes; all int8: agreement {base_agree:.1%}, cosine {base_cos:.5f}", flush=True)
+        gains, groups, share = {}, {}, {}
+        for group, size in nodes:
+            name = group[0]
+            _, agree, cos = int8(group)
+            gains[name], groups[name], share[name] = cos - base_cos, group, size
+            print(f"  {' + '.join(group)}: {size} weights, agreement {agree:.1%}, cosine {cos:.5f}", flush=True)
+        ranked = sorted(gains, key=gains.get, reverse=True)
+        print(f"\nranked and measured with optimization={args.optimization}; agreement as onnxruntime runs it "
+              "(all) beside it")
+        print("\n| kept fp32 | weights fp32 | agreement | agreement (all) | mean cosine | batch-1 ms |\n"
+              "|---|---|---|---|---|---|")
+        rows = [(0, "all int8")] + [(int(k), None) for k in args.keep.split(",")]
+        fp32_ms = latency_ms(fp32, pixels, args.iters) if args.latency else None
+        for k, label in rows:
+            kept = ranked[:k]
+            exclude = [n for name in kept for n in groups[name]]
+            path, agree, cos = int8(exclude, f"keep{k}.onnx")
+            agree_all = int8(exclude, f"keep{k}-all.onnx", "all")[1]
+            ms = f"{latency_ms(path, pixels, args.iters):.3f}" if args.latency else "-"
+            weights = sum(share[n] for n in kept) / total
+            print(f"| {label or ', '.join(kept) if k <= 2 else f'{k} most sensitive'} | {weights:.1%} | {agree:.1%} "
+                  f"| {agree_all:.1%} | {cos:.5f} | {ms} |", flush=True)
+        if fp32_ms is not None:
+            print(f"| fp32 graph | 100 % | 100 % | 100 % | 1 | {fp32_ms:.3f} |")
+        print(json.dumps({"ranked": ranked[:32], "gains": {n: gains[n] for n in ranked[:32]}}))
+
+
+if __name__ == "__main__":
+    main()
