@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +31,18 @@ import numpy as np
 import onnx
 import torch
 
-from benchmarks.int8_placement import TINY, embed, images
-from clipcore.imaging import decode_image
-from exports.interface import IMAGE_ENCODER
-from exports.onnx_export import export_image_encoder
-from exports.precision import ImageCalibrationReader, quantize_int8_static
-from exports.qat_ranges import activation_ranges
-from exports.runtime import OnnxGraph
-from students import load_model
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: benchmarks/ is not a package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.int8_placement import TINY, embed, images  # noqa: E402
+from clipcore.imaging import decode_image  # noqa: E402
+from exports.interface import IMAGE_ENCODER  # noqa: E402
+from exports.onnx_export import export_image_encoder  # noqa: E402
+from exports.precision import ImageCalibrationReader, quantize_int8_static  # noqa: E402
+from exports.qat_ranges import activation_ranges  # noqa: E402
+from exports.runtime import OnnxGraph  # noqa: E402
+from students import load_model  # noqa: E402
 
 WEIGHTED = ("Conv", "MatMul", "Gemm")
 
