@@ -60,7 +60,6 @@ class ViewSpec:
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
-
 @dataclass(frozen=True)
 class SourceViews:
     """One segment of a mixture: ``rows`` images, each ``views`` times (view-major), the whole ``repeat`` times."""
@@ -106,6 +105,7 @@ class RowViews:
     def __call__(self, image: Image.Image, row: int) -> Image.Image:
         seg, i, view = self.locate(row)
         return self.segments[seg].views.apply(image, i, view) if view else image
+
 
 @dataclass(frozen=True)
 class StudentJitter:
