@@ -71,11 +71,18 @@ def test_general_recipe_parses_and_never_sees_cifar():
 
 def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     photos = [s for s in load_config(REPO / "configs" / "general.yaml").data.sources() if "scene-photos" in s.path]
-    assert len(photos) == 1 and photos[0].split == "train" and photos[0].repeat == 3  # never its validation split
+    assert len(photos) == 1 and photos[0].split == "train" and photos[0].views == 3  # never its validation split
     previous = load_config(REPO / "configs" / "general_tiny.yaml")  # issue 11's recipe, still reproducible
     assert [s.path for s in previous.data.sources()] == ["../shared/data/tiny-imagenet",
                                                         "../shared/data/tiny-imagenet-extra"]
     assert previous.output_dir != "outputs/general"
+    # the photos' previous recipe (one view, three times per epoch), still reproducible, into its own directory
+    repeat = load_config(REPO / "configs" / "general_repeat.yaml")
+    repeat_photos = [s for s in repeat.data.sources() if "scene-photos" in s.path]
+    assert [(s.repeat, s.views) for s in repeat_photos] == [(3, 1)] and repeat.output_dir == "outputs/general-repeat"
+    qat = load_config(REPO / "configs" / "general_qat.yaml")  # fine-tunes on the general run's cached targets
+    assert [(s.path, s.repeat, s.views) for s in qat.data.sources()] == [
+        (s.path, s.repeat, s.views) for s in load_config(REPO / "configs" / "general.yaml").data.sources()]
 
 
 def test_qat_recipe_fine_tunes_the_general_student_and_bundles_the_text_student():
