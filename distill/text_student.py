@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from clipcore.augment import ViewSpec
 from clipcore.data import DataSpec, load_hf_dataset, resolve_columns
 from clipcore.loading import load_teacher
 from clipcore.losses import total_loss
@@ -74,8 +75,9 @@ def image_bank(cfg: TextJobConfig, teacher, proc: LocalProcess) -> torch.Tensor:
         check_path(src.path, f"bank.sources[{i}].path")
         spec = DataSpec(path=src.path, split=src.split)
         ds = load_hf_dataset(spec)
-        rows = _source_targets(cfg.cache, teacher, ds, resolve_columns(ds, spec).image, proc, seed=cfg.seed,
-                               batch_size=64)[:, 0]
+        views = ViewSpec(views=cfg.cache.views, seed=cfg.seed)
+        rows = _source_targets(cfg.cache, teacher, ds, resolve_columns(ds, spec).image, proc, views=views,
+                               batch_size=64)[: len(ds), 0]  # view-major: the first len(ds) rows are the plain images
         rows = rows[rows.norm(dim=-1) > 0]  # rows that failed to decode are stored as zeros
         if src.limit is not None and src.limit < len(rows):
             pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + i))[: src.limit]
