@@ -68,6 +68,12 @@ def images(split: str, n: int, seed: int) -> list:
     return [row[column] for row in ds]
 
 
+def tiny_names() -> list[str]:
+    """Tiny-ImageNet's 200 WordNet names (each entry's first), for the 200-way zero-shot head."""
+    names = json.loads((TINY / "words.json").read_text())
+    return [n if isinstance(n, str) else n[0] for n in (names.values() if isinstance(names, dict) else names)]
+
+
 def row_settings(name: str, fp32: Path) -> dict:
     graph = onnx.load(str(fp32))
     ops = {n.op_type: n.name for n in reversed(graph.graph.node)}
@@ -112,8 +118,7 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="also copy each row's int8 file (and fp32.onnx) into this directory")
     args = p.parse_args()
     torch.set_num_threads(2)
-    names = json.loads((TINY / "words.json").read_text())
-    names = [n if isinstance(n, str) else n[0] for n in (names.values() if isinstance(names, dict) else names)]
+    names = tiny_names()
     print(f"CPU int8 dot product: {cpu_int8_dot()}", flush=True)
     cal, val = images("train", 128, 0), images("validation", args.limit, 1)
     results = {}

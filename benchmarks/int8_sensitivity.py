@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +34,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: benchmarks/ is not a package
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.int8_placement import TINY, embed, images  # noqa: E402
+from benchmarks.int8_placement import embed, images, tiny_names  # noqa: E402
+from benchmarks.onnx_latency import batch1_latency  # noqa: E402
 from clipcore.imaging import decode_image  # noqa: E402
 from exports.interface import IMAGE_ENCODER  # noqa: E402
 from exports.onnx_export import export_image_encoder  # noqa: E402
 from exports.precision import ImageCalibrationReader, quantize_int8_static  # noqa: E402
 from exports.qat_ranges import activation_ranges  # noqa: E402
-from exports.runtime import OnnxGraph  # noqa: E402
 from students import load_model  # noqa: E402
 
 WEIGHTED = ("Conv", "MatMul", "Gemm")
@@ -69,17 +68,9 @@ def weighted_nodes(path: Path) -> list[tuple[list[str], int]]:
     return out
 
 
-def latency_ms(path: Path, pixels: np.ndarray, iters: int) -> float:
-    graph = OnnxGraph(path, IMAGE_ENCODER, threads=2)
-    one = {IMAGE_ENCODER.inputs[0].name: pixels[:1]}
-    for _ in range(20):
-        graph(one)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        graph(one)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+def latency_ms(path: Path, iters: int) -> float:
+    """Median batch-1 milliseconds on 2 threads (benchmarks/onnx_latency.py's timing)."""
+    return batch1_latency({"x": str(path)}, threads=2, warmup=20, iters=iters)["x"][0]
 
 
 def main() -> None:
@@ -96,8 +87,7 @@ def main() -> None:
                         "an int8 kernel again)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    names = json.loads((TINY / "words.json").read_text())
-    names = [n if isinstance(n, str) else n[0] for n in (names.values() if isinstance(names, dict) else names)]
+    names = tiny_names()
     student = load_model(args.student)
     transform = student.image_transform
     cal, val = images("train", 128, 0), images("validation", args.limit, 1)
@@ -133,13 +123,15 @@ def main() -> None:
         print("\n| kept fp32 | weights fp32 | agreement | agreement (all) | mean cosine | batch-1 ms |\n"
               "|---|---|---|---|---|---|")
         rows = [(0, "all int8")] + [(int(k), None) for k in args.keep.split(",")]
-        fp32_ms = latency_ms(fp32, pixels, args.iters) if args.latency else None
+        fp32_ms = latency_ms(fp32, args.iters) if args.latency else None
         for k, label in rows:
             kept = ranked[:k]
             exclude = [n for name in kept for n in groups[name]]
             path, agree, cos = int8(exclude, f"keep{k}.onnx")
-            agree_all = int8(exclude, f"keep{k}-all.onnx", "all")[1]
-            ms = f"{latency_ms(path, pixels, args.iters):.3f}" if args.latency else "-"
+            # the same graph as onnxruntime runs it (already measured when --optimization is all)
+            agree_all = agree if args.optimization == "all" else float(
+                ((embed(path, pixels) @ head.T).argmax(1) == top1).mean())
+            ms = f"{latency_ms(path, args.iters):.3f}" if args.latency else "-"
             weights = sum(share[n] for n in kept) / total
             print(f"| {label or ', '.join(kept) if k <= 2 else f'{k} most sensitive'} | {weights:.1%} | {agree:.1%} "
                   f"| {agree_all:.1%} | {cos:.5f} | {ms} |", flush=True)
