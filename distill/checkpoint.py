@@ -21,6 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("distill.train")
 STATE_FILE = "trainer_state.json"
@@ -126,11 +127,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep: int, run: RunInfo) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep: int, run: RunInfo,
+                    extra: Callable[[Path], object] | None = None) -> Path:
     """``accelerator.save_state`` into a temporary directory, renamed into place once its manifest is written.
 
     Only this run's checkpoints (same ``run.run_id``) count towards ``keep``: those of another
-    run in the same directory are never pruned.
+    run in the same directory are never pruned. ``extra(directory)`` (main process) writes state
+    that is not in the model's ``state_dict``, e.g. QAT's activation ranges; the manifest covers it.
     """
     root = checkpoint_dir(output_dir)
     final = root / f"step-{state['step']}"
@@ -145,6 +148,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: dict, keep: int,
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state))
+            if extra is not None:
+                extra(tmp)
             write_manifest(tmp, run, state)
     except BaseException:
         if accelerator.is_main_process:  # e.g. disk full: leave no partial directory behind

@@ -20,7 +20,7 @@ from clipcore.dual_encoder import DualEncoder
 from distill.config import ConfigError, TrainConfig
 from students import PairedStudent, build_student, freeze_early_blocks, load_student
 from students.checkpoint import STUDENT_FILE, load_text_student
-from students.qat import QATHandle, prepare_qat
+from students.qat import QAT_RANGES_FILE, QATHandle, load_ranges, prepare_qat, save_ranges
 
 log = logging.getLogger("distill.student_init")
 
@@ -91,6 +91,32 @@ def attach_qat(cfg: TrainConfig, student: DualEncoder) -> QATHandle | None:
     handle.reset_ranges()  # the first training batch sets them: random pixels are not images
     log.info("%s", handle.summary())
     return handle
+
+
+def qat_checkpoint_writer(handle: QATHandle | None):
+    """What a checkpoint writes beside the model for QAT (None without it): the activation ranges, plain
+    attributes outside any ``state_dict``, which a resumed run would otherwise set afresh from one batch."""
+    if handle is None:
+        return None
+    return lambda directory: save_ranges(handle.ranges(), directory)
+
+
+def restore_qat_ranges(handle: QATHandle | None, checkpoint: Path | None) -> None:
+    """Put back the ranges a QAT checkpoint saved (:func:`qat_checkpoint_writer`), so a resumed run trains
+    and exports with the ranges the interrupted one had reached.
+
+    Raises:
+        ConfigError: a QAT run resumes a checkpoint without ranges (written without QAT), naming it.
+    """
+    if handle is None or checkpoint is None:
+        return
+    ranges = load_ranges(checkpoint)
+    if ranges is None:
+        raise ConfigError(f"qat.enabled=true: {checkpoint} holds no {QAT_RANGES_FILE} (not a QAT run's checkpoint, "
+                          "or one written before ranges were checkpointed): its int8 ranges cannot be recovered; "
+                          "start the QAT fine-tune afresh")
+    handle.set_ranges(ranges, source=str(Path(checkpoint) / QAT_RANGES_FILE))
+    log.info("QAT: %d activation ranges restored from %s", len(ranges), checkpoint)
 
 
 def finish_qat(handle: QATHandle | None) -> None:

@@ -50,7 +50,8 @@ from distill.mixture import build_mixture_data
 from distill.train_data import TrainData, build_train_data, check_path, is_mixture
 from exports.pipeline import export_and_check
 from distill.final import save_final
-from distill.student_init import attach_qat, finish_qat, initial_student, qat_self_reference, with_text_student
+from distill.student_init import (attach_qat, finish_qat, initial_student, qat_checkpoint_writer, qat_self_reference,
+                                  restore_qat_ranges, with_text_student)
 # NonFiniteLossError and NonFiniteWeightsError are imported from here by callers and tests
 from distill.divergence import (  # noqa: F401
     NonFiniteLossError,
@@ -323,11 +324,13 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     last_ckpt = resume
     if resume is not None:
         accelerator.load_state(str(resume))
+        restore_qat_ranges(getattr(accelerator.unwrap_model(task), "qat", None), resume)
         state = load_state(resume)
         log.info("resumed from %s at step %d", resume, state["step"])
     if accelerator.is_main_process:  # the steps logged after the checkpoint run again: no repeated rows
         truncate_log(out / LOG_FILE, state["step"])
 
+    extra = qat_checkpoint_writer(getattr(accelerator.unwrap_model(task), "qat", None))
     accum, bs = cfg.optim.grad_accum, cfg.optim.batch_size
     feeder = make_feeder(cfg, data, accelerator)  # before the clock starts: it may decode the images once
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not (cfg.progress and accelerator.is_local_main_process),
@@ -372,7 +375,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.optim.max_steps:
                 check_weights_finite(task, state["step"], last_ckpt)
                 check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
-                last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
+                last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run, extra)
             if state["step"] >= cfg.optim.max_steps:
                 break
         else:
@@ -382,7 +385,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     check_weights_finite(task, state["step"], last_ckpt)
     check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
     if usable is not None:  # else a resume at optim.max_steps: its checkpoint is already this state
-        last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run)
+        last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run, extra)
     finish_qat(getattr(accelerator.unwrap_model(task), "qat", None))
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:

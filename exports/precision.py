@@ -212,10 +212,14 @@ def quantize_int8_dynamic(
     weight_type: str = "qint8",
     op_types: Sequence[str] = ("MatMul", "Gemm"),
     nodes_to_exclude: Sequence[str] = (),
-    per_channel: bool = False,
+    per_channel: bool = True,
     embedding_tables: bool = True,
 ) -> Path:
     """Weights int8, activations quantised on the fly; no calibration data.
+
+    ``per_channel``: one weight scale per output column. One scale per matrix let a few large
+    columns set the step of all: the text student's int8 head agreed 97.0 % with fp32 that way,
+    99.1 % per channel, at the same size and speed (docs/edge-bundle.md).
 
     Only matmuls with a constant weight are quantised: the attention score / context matmuls
     multiply two activations, and quantising those costs most of the accuracy for little speed.

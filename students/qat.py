@@ -213,6 +213,21 @@ class QATHandle:
         for observer in self.observers:
             observer.low = observer.high = None
 
+    def set_ranges(self, ranges: Mapping[str, list[float]], source: str = "<ranges>") -> None:
+        """Put back ranges saved by :meth:`ranges` (a checkpoint's): the moving averages go on from them.
+
+        Raises:
+            ValueError: ``ranges`` names other sites than this model's observers (naming ``source``).
+        """
+        keys = {o.key for o in self.observers}
+        if set(ranges) - keys:
+            raise ValueError(f"{source}: QAT ranges for sites this model does not have: {sorted(set(ranges) - keys)[:5]}")
+        device = next(self.model.parameters()).device
+        for observer in self.observers:
+            low_high = ranges.get(observer.key)
+            observer.low, observer.high = ((None, None) if low_high is None
+                                           else (torch.tensor(float(v), device=device) for v in low_high))
+
     def summary(self) -> str:
         return (f"QAT: {len(self.layers)} conv/linear layers with int8 weights, {len(self.observers)} uint8 "
                 f"activation ranges, {self.folded} batch norms folded")

@@ -72,3 +72,27 @@ def test_int8_dynamic_quantises_the_table_and_can_leave_it(tmp_path):
     assert "table_int8" in names(with_tables) and "table" not in names(with_tables)
     assert "table" in names(without)
     assert with_tables.stat().st_size < 0.4 * without.stat().st_size
+
+
+def test_int8_dynamic_scales_weights_per_column_by_default(tmp_path):
+    """One scale per matrix lets a few large columns set the step of all; per column each keeps its own
+    (the text student's int8 head: 97.0 % agreement with fp32 per matrix, 99.1 % per column)."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((64, 32)) * np.r_[np.full(31, 0.02), [4.0]]).astype(np.float32)  # one big column
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+        [numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    want = x @ weight
+    errors = {}
+    for name, kwargs in (("column", {}), ("matrix", {"per_channel": False})):
+        out = quantize_int8_dynamic(path, tmp_path / f"{name}.onnx", **kwargs)
+        scales = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer if t.name.endswith("_scale")]
+        assert max(s.size for s in scales) == (32 if name == "column" else 1)
+        got = load_session(out).run(None, {"x": x})[0]
+        errors[name] = np.abs(got - want)[:, :31].max()  # the small columns
+    assert errors["column"] < errors["matrix"] / 10

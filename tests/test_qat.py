@@ -376,3 +376,49 @@ def test_qat_on_two_cpu_processes(saved, tmp_path):
     assert "QAT removed" in proc.stderr
     start, final = load_file(str(root / "start" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     assert set(start) == set(final)
+
+
+def test_a_resumed_qat_run_keeps_the_activation_ranges_it_had_reached(saved, tmp_path):
+    """The ranges are attributes, not in any state_dict: each checkpoint writes them (in its manifest), a resume
+    puts them back. Before, a run resumed at its last step exported with ranges set afresh by one evaluation batch
+    (the general student's int8 agreement fell from 95.4 to 88.6 %)."""
+    import json
+    import shutil
+
+    from distill.checkpoint import read_manifest
+    from distill.config import ConfigError
+    from distill.train import main as train
+    from students.qat import QAT_RANGES_FILE
+
+    root, out = saved[0], tmp_path / "run"
+    args = ["--config", str(root / "empty.yaml"), *_overrides(saved, out, "save_every=1", "log_every=1")]
+    train(args)
+    last = out / "checkpoints" / "step-2"
+    saved_ranges = json.loads((last / QAT_RANGES_FILE).read_text())
+    assert QAT_RANGES_FILE in read_manifest(last)["files"] and len(saved_ranges) > 2
+    final = json.loads((out / "final" / QAT_RANGES_FILE).read_text())
+    assert final == saved_ranges
+
+    (out / "final" / QAT_RANGES_FILE).unlink()
+    train([*args, "resume=latest"])  # at max_steps: no step runs, the student is saved and exported again
+    assert json.loads((out / "final" / QAT_RANGES_FILE).read_text()) == saved_ranges
+
+    older = tmp_path / "older"  # a checkpoint written before ranges were checkpointed
+    shutil.copytree(out, older)
+    (older / "checkpoints" / "step-2" / QAT_RANGES_FILE).unlink()
+    manifest = read_manifest(older / "checkpoints" / "step-2")
+    del manifest["files"][QAT_RANGES_FILE]
+    (older / "checkpoints" / "step-2" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"step-2 holds no qat_ranges.json .*start the QAT fine-tune afresh"):
+        train(["--config", str(root / "empty.yaml"), *_overrides(saved, older, "save_every=1"), "resume=latest"])
+
+
+def test_set_ranges_refuses_sites_the_model_does_not_have():
+    from students.qat import prepare_qat
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6())
+    x = torch.randn(2, 3, 8, 8)
+    handle = prepare_qat(net, lambda: net(x))
+    handle.set_ranges(handle.ranges())
+    with pytest.raises(ValueError, match=r"ckpt/qat_ranges.json: QAT ranges for sites this model does not have: \['out:nowhere'\]"):
+        handle.set_ranges({"out:nowhere": [0.0, 1.0]}, source="ckpt/qat_ranges.json")
