@@ -62,6 +62,8 @@ COMMANDS = {c.name: c for c in (
             "distil the teacher's text side into a small text encoder, on texts alone"),
     Command("pair", "distill.pair:cli", "python -m distill.pair",
             "pair a saved image model with a text student into one model directory"),
+    Command("soup", "distill.soup:cli", "python -m distill.soup",
+            "average the weights of image students trained from the same start into one student"),
     Command("evaluate", "distill.evaluate:cli", "python -m distill.evaluate",
             "zero-shot, retrieval or linear-probe scores of one model on one dataset"),
     Command("benchmark", "distill.benchmark:cli", "python -m distill.benchmark",

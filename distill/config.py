@@ -209,6 +209,9 @@ class TrainConfig:
     qat: QATConfig = field(default_factory=QATConfig)
     output_dir: str = "outputs/run"
     seed: int = 0
+    # The order of the training batches and the student's jitter: None = `seed`. Two runs that differ only here
+    # start from the same weights (the same random head), so their weights can be averaged (distill.soup).
+    order_seed: int | None = None
     mixed_precision: str = "no"  # no | fp16 | bf16, handed to Accelerate
     cpu: bool = False  # force CPU even when a GPU is visible
     cpu_threads: int | None = None  # CPU runs: intra-op threads per process; None = cores / local processes
@@ -219,6 +222,11 @@ class TrainConfig:
     resume: str | None = None  # None | "latest" | path to a checkpoint directory
     overwrite: bool = False  # a fresh run deletes an earlier run's checkpoints/final/logs in output_dir
     progress: bool = True
+
+    @property
+    def batch_seed(self) -> int:
+        """What orders the batches and draws the student's jitter: ``order_seed``, else ``seed``."""
+        return self.seed if self.order_seed is None else self.order_seed
 
     def validate(self) -> "TrainConfig":
         check_bounds(self)
@@ -337,6 +345,7 @@ _BOUNDS = (
     ("data.mix.cutmix", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("export.parity_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32) (numpy's and the DataLoader's seeds)"),
+    ("order_seed", lambda v: v is None or 0 <= v < 2**32, "null or an integer in [0, 2**32)"),
 )
 
 

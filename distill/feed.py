@@ -72,7 +72,7 @@ class Feeder:
         if isinstance(self.data.rows, IterableDataset):
             return self._stream(state), 1 << 62  # an endless stream: the loop ends at max_steps
         batches = epoch_batches(self._num_rows(), self.cfg.optim.batch_size, self.rank, self.world,
-                                self.cfg.seed, state["epoch"])
+                                self.cfg.batch_seed, state["epoch"])
         usable = len(batches) - len(batches) % accum  # an epoch ends on an optimiser-step boundary
         if usable == 0:
             raise ValueError(f"an epoch has {len(batches)} batches < optim.grad_accum={accum}")

@@ -344,7 +344,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         for batch in loader:
             batch = feeder.to_device(batch)
             with accelerator.accumulate(task):
-                losses = task(batch, step=state["step"] * accum + state["batch"] % accum, seed=cfg.seed)
+                losses = task(batch, step=state["step"] * accum + state["batch"] % accum, seed=cfg.batch_seed)
                 check_finite(losses, state["step"], accelerator, last_ckpt)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:

@@ -17,6 +17,7 @@ OWN_FLAGS = {
     "train": ["--config", "--resume", "overrides"],
     "text-student": ["--config", "overrides"],
     "pair": ["--image", "--text", "--out"],
+    "soup": ["students", "--out", "--debug"],
     "evaluate": ["--model", "--data", "--batch-size", "--classnames"],
     "benchmark": ["--suite", "--reference", "--out"],
     "parity": ["--teacher", "--student", "--variants"],

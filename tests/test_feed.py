@@ -127,3 +127,19 @@ def test_a_damaged_pixel_store_is_rebuilt_with_a_warning(setup, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="distill.train"):
         pixel_store.get_or_build(ds, "image", transform, tmp_path, "data", _OneProcess())
     assert "rebuilding" not in caplog.text  # healthy again
+
+
+def test_order_seed_reorders_the_batches_from_the_same_start(setup, tmp_path):
+    """order_seed changes the batches and the jitter, not the initial weights (what distill.soup averages);
+    order_seed equal to seed is the run `seed` alone gives."""
+    from safetensors.torch import load_file
+
+    common = ("optim.max_steps=3", "optim.lr=1e-12", "seed=4")
+    for name, extra in (("base", ()), ("same", ("order_seed=4",)), ("other", ("order_seed=5",))):
+        main(_args(setup, tmp_path / name, *common, *extra))
+    assert _losses(tmp_path / "same") == _losses(tmp_path / "base") != _losses(tmp_path / "other")
+    base, other = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("base", "other"))
+    head = [k for k in base if k.endswith("head.weight")]
+    assert head and all(torch.allclose(base[k], other[k], atol=1e-6) for k in head)  # lr 1e-12: still the init
+    with pytest.raises(ConfigError, match=r"order_seed=-1; expected null or an integer"):
+        main(_args(setup, tmp_path / "x", "order_seed=-1"))
