@@ -16,7 +16,6 @@ activation ranges describe its own weights, not the average).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Sequence
 import torch
 
 from distill.cli import debug_requested, run_cli
+from exports.bundle_files import sha256_file
 from students.checkpoint import STUDENT_FILE, WEIGHTS_FILE
 from students.qat import QAT_RANGES_FILE
 
@@ -98,11 +98,6 @@ def average_weights(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def make_soup(directories: Sequence[str | Path], out: str | Path) -> Path:
     """Write the uniform average of ``directories`` (saved image students) to ``out``, a new directory.
 
@@ -126,7 +121,7 @@ def make_soup(directories: Sequence[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(soup, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / STUDENT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    record = {"method": "uniform", "ingredients": [{"path": str(d), "weights_sha256": _sha256(w)}
+    record = {"method": "uniform", "ingredients": [{"path": str(d), "weights_sha256": sha256_file(w)}
                                                    for d, w in zip(directories, weights)]}
     (out / SOUP_FILE).write_text(json.dumps(record, indent=1))
     load_student(out, with_teacher=False)  # strict: the soup loads as a student before this returns

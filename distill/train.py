@@ -320,17 +320,18 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     task, optimizer, scheduler = accelerator.prepare(task, optimizer, scheduler)
     accelerator.init_trackers("distill", config=_scalar_config(cfg))
 
+    qat = getattr(accelerator.unwrap_model(task), "qat", None)  # QAT's handle, or None
     state = {"step": 0, "epoch": 0, "batch": 0}
     last_ckpt = resume
     if resume is not None:
         accelerator.load_state(str(resume))
-        restore_qat_ranges(getattr(accelerator.unwrap_model(task), "qat", None), resume)
+        restore_qat_ranges(qat, resume)
         state = load_state(resume)
         log.info("resumed from %s at step %d", resume, state["step"])
     if accelerator.is_main_process:  # the steps logged after the checkpoint run again: no repeated rows
         truncate_log(out / LOG_FILE, state["step"])
 
-    extra = qat_checkpoint_writer(getattr(accelerator.unwrap_model(task), "qat", None))
+    extra = qat_checkpoint_writer(qat)
     accum, bs = cfg.optim.grad_accum, cfg.optim.batch_size
     feeder = make_feeder(cfg, data, accelerator)  # before the clock starts: it may decode the images once
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not (cfg.progress and accelerator.is_local_main_process),
@@ -386,7 +387,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
     if usable is not None:  # else a resume at optim.max_steps: its checkpoint is already this state
         last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run, extra)
-    finish_qat(getattr(accelerator.unwrap_model(task), "qat", None))
+    finish_qat(qat)
     metrics = _evaluate(cfg, accelerator, task, data)
     if accelerator.is_main_process:
         final = save_final(cfg, accelerator.unwrap_model(task).export_student(), out, metrics, state["step"])
