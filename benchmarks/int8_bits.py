@@ -1,0 +1,111 @@
+"""How many activation bits the ≥ 99 % int8 agreement goal needs: the student fake-quantised in torch.
+
+    python benchmarks/int8_bits.py --student outputs/general-qat/final --limit 1000
+
+The student's image tower is fake-quantised where static QDQ int8 rounds it (``students.qat.prepare_qat``:
+int8 weights per output channel, one activation range per tensor, before and after every conv/linear;
+the ranges a QAT student trained under, else set once from 128 seeded Tiny-ImageNet training images) and
+compared with the same student unquantised on ``--limit`` seeded Tiny-ImageNet validation images: top-1
+agreement of 200-way zero-shot (the student's own text side, one prompt per first WordNet name) and the
+embedding cosine. No ONNX: torch's simulation, which a QAT student's int8 graph follows to within a few
+tenths of a point of agreement (docs/edge-bundle.md). Rows:
+
+    weights only        int8 weights, activations in float
+    activations N bits  int8 weights, every activation with 2^N levels over its range (8: what ships)
+    site in float       8 bits everywhere but one site: the ``--top`` sites whose float restores most
+    top-K in float      8 bits everywhere but the K sites of the rows above together
+
+Needs ``../shared/data/tiny-imagenet``. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # int8_placement, beside this script
+
+from int8_placement import images, tiny_names  # noqa: E402
+
+import students.qat as qat  # noqa: E402
+from clipcore.imaging import decode_image  # noqa: E402
+from students import load_model  # noqa: E402
+from students.qat import ActivationQuant, load_ranges, prepare_qat  # noqa: E402
+
+_quantise = ActivationQuant.__call__
+
+
+def _call(self: ActivationQuant, x: torch.Tensor) -> torch.Tensor:
+    """ActivationQuant's rounding, skipped for a site marked ``in_float`` or when every site is (``bits`` 0)."""
+    return x if getattr(self, "in_float", False) or qat.ACT_QMAX == 0 else _quantise(self, x)
+
+
+def embed(student, pixels: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = torch.cat([student.image_features(torch.from_numpy(pixels[i:i + 125])) for i in range(0, len(pixels), 125)])
+    out = out.float().numpy()
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", required=True)
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--bits", default="8,9,10,12", help="activation bit widths to simulate")
+    p.add_argument("--top", type=int, default=5, help="sites kept in float one at a time, reported best first")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    student = load_model(args.student).eval()
+    transform = student.image_transform
+    pixels = np.stack([transform(decode_image(im, "validation image")) for im in images("validation", args.limit, 1)])
+    cal = torch.from_numpy(np.stack([transform(decode_image(im, "calibration image")) for im in images("train", 128, 0)]))
+    with torch.no_grad():
+        head = student.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
+    ref = embed(student, pixels.astype(np.float32))
+    tower = student.image_tower
+    handle = prepare_qat(tower, lambda: tower(cal), momentum=1.0)
+    saved = load_ranges(args.student)
+    if saved:
+        handle.set_ranges(saved, f"{args.student}/{qat.QAT_RANGES_FILE}")
+    print(f"{handle.summary()}; ranges: {'the QAT student' + chr(39) + 's own' if saved else '128 calibration images'}")
+    ActivationQuant.__call__ = _call
+
+    def row(name: str, bits: int = 8) -> float:
+        qat.ACT_QMAX = 2 ** bits - 1 if bits else 0
+        emb = embed(student, pixels.astype(np.float32))
+        agree = float(((emb @ head.T).argmax(1) == (ref @ head.T).argmax(1)).mean())
+        cos = (emb * ref).sum(1)
+        print(f"| {name} | {agree:.1%} | {cos.mean():.5f} / {cos.min():.4f} |", flush=True)
+        return agree
+
+    print("| torch simulation | top-1 agreement with the unquantised student | cosine mean / min |\n|---|---|---|")
+    row("weights only", bits=0)
+    for bits in (int(b) for b in args.bits.split(",")):
+        row(f"activations {bits} bits", bits)
+    gains = []
+    for observer in handle.observers:
+        observer.in_float = True
+        qat.ACT_QMAX = 255
+        emb = embed(student, pixels.astype(np.float32))
+        gains.append((float((emb * ref).sum(1).mean()), observer.key))
+        observer.in_float = False
+    gains.sort(reverse=True)
+    by_key = {o.key: o for o in handle.observers}
+    for _, key in gains[:args.top]:
+        by_key[key].in_float = True
+        row(f"{key} in float")
+        by_key[key].in_float = False
+    for k in sorted({1, 3, args.top, 10, 20}):
+        for _, key in gains[:k]:
+            by_key[key].in_float = True
+        row(f"the {k} sites of most cosine in float ({len(handle.observers)} sites)")
+        for observer in handle.observers:
+            observer.in_float = False
+
+
+if __name__ == "__main__":
+    main()
