@@ -80,6 +80,10 @@ def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     repeat = load_config(REPO / "configs" / "general_repeat.yaml")
     repeat_photos = [s for s in repeat.data.sources() if "scene-photos" in s.path]
     assert [(s.repeat, s.views) for s in repeat_photos] == [(3, 1)] and repeat.output_dir == "outputs/general-repeat"
+    # the fifth session's recipe (the losses weighted alike), still reproducible: the same data, its own directory
+    views, general = load_config(REPO / "configs" / "general_views.yaml"), load_config(REPO / "configs" / "general.yaml")
+    assert views.data.sources() == general.data.sources() and views.output_dir == "outputs/general-views"
+    assert (views.loss.feature_weight, general.loss.feature_weight) == (1.0, 4.0)
     qat = load_config(REPO / "configs" / "general_qat.yaml")  # fine-tunes on the general run's cached targets
     assert [(s.path, s.repeat, s.views) for s in qat.data.sources()] == [
         (s.path, s.repeat, s.views) for s in load_config(REPO / "configs" / "general.yaml").data.sources()]
