@@ -8,8 +8,8 @@ Per image: the bundle's image encoder at batch 1 (``onnx_latency.batch1_latency`
 calls interleaved in rounds of 100 with any ``--image NAME=PATH`` file, e.g. the fp32 graph it was
 quantised from). Per new class name: the head of one class name never seen before, built with
 the bundle's own templates by its tokenizer and text encoder, as ``classifier_for_classes`` does
-without a head cache (``exports.text_runtime.build_head``), median and p95 over ``--names`` names
-(after one warm-up name), for the bundle's text encoder and any ``--text NAME=PATH`` file run with
+without a head cache (``text_bundle.time_heads``: one warm-up call, then median and p95 over ``--names``
+names of ``text_bundle.NEW_NAMES``), for the bundle's text encoder and any ``--text NAME=PATH`` file run with
 the same tokenizer. Cold start: ``load_bundle`` + ``classifier_for_classes`` for one name, sessions
 opened from scratch, no cache. Prints markdown rows; ``--out FILE`` writes them as JSON too. Run it
 on an idle machine: other processes make every number slower.
@@ -24,21 +24,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # onnx_latency, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # onnx_latency and text_bundle, beside this script
 
 from onnx_latency import batch1_latency  # noqa: E402
+from text_bundle import NEW_NAMES, time_heads  # noqa: E402
 
 from exports.interface import TEXT_ENCODER  # noqa: E402
 from exports.runtime import OnnxGraph, load_bundle  # noqa: E402
-from exports.text_runtime import DeviceTokenizer, bundled_templates, build_head, classifier_for_classes  # noqa: E402
-
-# Names of no bundle's vocabulary in this repository (CIFAR-10, Tiny-ImageNet), so no head is cached.
-NEW_NAMES = ["red fox", "lynx", "snow leopard", "tram", "hot-air balloon", "espresso machine", "lighthouse",
-             "harbour seal", "kingfisher", "motor scooter", "fire truck", "barn owl", "café", "Zürich tram",
-             "garden hose", "sea urchin", "cable car", "pelican", "tractor", "dragonfly"]
-
+from exports.text_runtime import DeviceTokenizer, bundled_templates, classifier_for_classes  # noqa: E402
 
 def named_files(items: Sequence[str], flag: str) -> dict[str, str]:
     files = {}
@@ -48,18 +41,6 @@ def named_files(items: Sequence[str], flag: str) -> dict[str, str]:
             raise SystemExit(f"{flag} {item!r}: expected NAME=PATH of an existing ONNX file")
         files[name] = path
     return files
-
-
-def head_latency(encoder: OnnxGraph, tokenizer: DeviceTokenizer, names: Sequence[str],
-                 templates: Sequence[str]) -> tuple[float, float]:
-    """Median and p95 ms of building the head of one class name, over ``names[1:]`` (``names[0]`` warms up)."""
-    build_head(encoder, tokenizer, names[:1], templates)
-    times = []
-    for name in names[1:]:
-        start = time.perf_counter()
-        build_head(encoder, tokenizer, [name], templates)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3), float(np.percentile(times, 95) * 1e3)
 
 
 def cold_start_ms(bundle: Path, threads: int) -> float:
@@ -83,7 +64,7 @@ def measure(bundle: str | Path, images: dict[str, str] | None = None, texts: dic
     image = batch1_latency({"bundle": str(bundle / clf.config["image_encoder"]["file"]), **(images or {})},
                            threads, warmup=50, iters=iters)
     tokenizer = DeviceTokenizer(bundle / text["tokenizer"])
-    class_name = {name: head_latency(OnnxGraph(path, TEXT_ENCODER, threads=threads), tokenizer, NEW_NAMES[:names],
+    class_name = {name: time_heads(OnnxGraph(path, TEXT_ENCODER, threads=threads), tokenizer, NEW_NAMES[:names],
                                      templates)
                   for name, path in {"bundle": str(bundle / text["file"]), **(texts or {})}.items()}
     return {"bundle": str(bundle), "threads": threads, "templates": len(templates), "image": image,
@@ -97,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--text", action="append", default=[], metavar="NAME=PATH", help="another text encoder to time beside it")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--iters", type=int, default=2000, help="timed batch-1 image calls per file")
-    p.add_argument("--names", type=int, default=20, help="new class names timed per text encoder (the first warms up)")
+    p.add_argument("--names", type=int, default=20, help="new class names timed per text encoder")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
     result = measure(args.bundle, named_files(args.image, "--image"), named_files(args.text, "--text"),

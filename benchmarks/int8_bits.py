@@ -61,22 +61,24 @@ def main() -> None:
     torch.set_num_threads(2)
     student = load_model(args.student).eval()
     transform = student.image_transform
-    pixels = np.stack([transform(decode_image(im, "validation image")) for im in images("validation", args.limit, 1)])
+    pixels = np.stack([transform(decode_image(im, "validation image"))
+                       for im in images("validation", args.limit, 1)]).astype(np.float32)
     cal = torch.from_numpy(np.stack([transform(decode_image(im, "calibration image")) for im in images("train", 128, 0)]))
     with torch.no_grad():
         head = student.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
-    ref = embed(student, pixels.astype(np.float32))
+    ref = embed(student, pixels)
     tower = student.image_tower
     handle = prepare_qat(tower, lambda: tower(cal), momentum=1.0)
     saved = load_ranges(args.student)
     if saved:
         handle.set_ranges(saved, f"{args.student}/{qat.QAT_RANGES_FILE}")
-    print(f"{handle.summary()}; ranges: {'the QAT student' + chr(39) + 's own' if saved else '128 calibration images'}")
+    source = "the QAT student's own" if saved else "128 calibration images"
+    print(f"{handle.summary()}; ranges: {source}")
     ActivationQuant.__call__ = _call
 
     def row(name: str, bits: int = 8) -> float:
         qat.ACT_QMAX = 2 ** bits - 1 if bits else 0
-        emb = embed(student, pixels.astype(np.float32))
+        emb = embed(student, pixels)
         agree = float(((emb @ head.T).argmax(1) == (ref @ head.T).argmax(1)).mean())
         cos = (emb * ref).sum(1)
         print(f"| {name} | {agree:.1%} | {cos.mean():.5f} / {cos.min():.4f} |", flush=True)
@@ -90,7 +92,7 @@ def main() -> None:
     for observer in handle.observers:
         observer.in_float = True
         qat.ACT_QMAX = 255
-        emb = embed(student, pixels.astype(np.float32))
+        emb = embed(student, pixels)
         gains.append((float((emb * ref).sum(1).mean()), observer.key))
         observer.in_float = False
     gains.sort(reverse=True)
