@@ -372,7 +372,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 tick, seen = time.perf_counter(), 0
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.optim.max_steps:
                 check_weights_finite(task, state["step"], last_ckpt)
-                metrics = _evaluate(cfg, accelerator, task, data)
+                metrics = _evaluate(cfg, accelerator, task, data, state["step"])
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.optim.max_steps:
                 check_weights_finite(task, state["step"], last_ckpt)
                 check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
@@ -388,7 +388,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     if usable is not None:  # else a resume at optim.max_steps: its checkpoint is already this state
         last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run, extra)
     finish_qat(qat)
-    metrics = _evaluate(cfg, accelerator, task, data)
+    metrics = _evaluate(cfg, accelerator, task, data, state["step"])
     if accelerator.is_main_process:
         final = save_final(cfg, accelerator.unwrap_model(task).export_student(), out, metrics, state["step"])
         log.info("saved the student to %s", final)
@@ -414,12 +414,13 @@ def _next_position(state: dict, usable: int) -> dict:
     return dict(state)
 
 
-def _evaluate(cfg: TrainConfig, accelerator, task, data: TrainData) -> dict:
+def _evaluate(cfg: TrainConfig, accelerator, task, data: TrainData, step: int) -> dict:
     metrics = {}
     if accelerator.is_main_process:
         metrics = evaluate_student(cfg, accelerator.unwrap_model(task).export_student(), data.classnames)
         if metrics:
-            accelerator.log(metrics, step=None)
+            # at the training step, so TensorBoard draws a curve (step=None put every evaluation at 0)
+            accelerator.log(metrics, step=step)
             log.info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})
     accelerator.wait_for_everyone()
     return metrics

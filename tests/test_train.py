@@ -65,6 +65,17 @@ def test_overfits_one_batch_and_saves_a_loadable_student(setup, tmp_path):
     assert (final / "training_config.yaml").is_file()
 
 
+def test_evaluations_reach_tensorboard_at_their_steps(setup, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(_args(setup, tmp_path, "optim.max_steps=4", "eval_every=2", "data.eval_limit=8"))
+    runs = [EventAccumulator(str(f)) for f in (tmp_path / "out" / "tb").rglob("events.out.tfevents.*")]
+    (acc,) = [a for a in runs if "eval/zeroshot_top1" in a.Reload().Tags()["scalars"]]
+    # every 2 steps during training, then the final evaluation at step 4
+    assert [s.step for s in acc.Scalars("eval/zeroshot_top1")] == [2, 4]
+    assert [s.step for s in acc.Scalars("loss")][-1] == 4
+
+
 def test_teacher_stays_frozen_and_in_eval_mode(setup):
     from clipcore.loading import load_teacher
     from distill.config import LossConfig
