@@ -33,6 +33,7 @@ from exports.interface import TEXT_ENCODER  # noqa: E402
 from exports.runtime import OnnxGraph, load_bundle  # noqa: E402
 from exports.text_runtime import DeviceTokenizer, bundled_templates, classifier_for_classes  # noqa: E402
 
+
 def named_files(items: Sequence[str], flag: str) -> dict[str, str]:
     files = {}
     for item in items:
