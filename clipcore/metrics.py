@@ -21,12 +21,17 @@ def require_finite(name: str, values) -> None:
                                  "not finite (diverged or damaged weights?), so no metric is computed")
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes)."""
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) bool: whether each row's label is among its ``k`` highest logits (k capped at #classes)."""
     require_finite("logits", logits)
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices
-    return (top == labels.view(-1, 1)).any(dim=1).float().mean().item()
+    return (top == labels.to(top.device).view(-1, 1)).any(dim=1)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes)."""
+    return topk_hits(logits, labels, k).float().mean().item()
 
 
 def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -54,6 +59,37 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     }
 
 
+def retrieval_hits(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_to_image: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """Per-query hits of :func:`retrieval_metrics`: ``(rows, hits)``, where ``rows`` are the image rows
+    with at least one caption (the image->text queries, in order) and ``hits[direction]["R@K"]`` is a
+    bool tensor per query (image->text: one per row of ``rows``; text->image: one per caption)."""
+    require_finite("image embeddings", image_emb)
+    require_finite("text embeddings", text_emb)
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
+    if text_emb.shape[0] != t2i.shape[0]:
+        raise ValueError(f"{text_emb.shape[0]} captions but {t2i.shape[0]} caption->image indices")
+    if image_emb.shape[-1] != text_emb.shape[-1]:
+        raise ValueError(f"embedding sizes differ: images {image_emb.shape[-1]}, texts {text_emb.shape[-1]}")
+    sim = image_emb.float() @ text_emb.float().t()  # (N, M)
+    n_img = image_emb.shape[0]
+    # positives[i, j] is True when caption j belongs to image i
+    positives = torch.zeros(n_img, text_emb.shape[0], dtype=torch.bool, device=sim.device)
+    positives[t2i, torch.arange(t2i.shape[0], device=sim.device)] = True
+    has_text = positives.any(dim=1)
+    hits: dict[str, dict[str, torch.Tensor]] = {"image_to_text": {}, "text_to_image": {}}
+    for k in ks:
+        top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        hits["image_to_text"][f"R@{k}"] = positives.gather(1, top_t).any(dim=1)[has_text]
+        top_i = sim.t().topk(min(k, n_img), dim=1).indices
+        hits["text_to_image"][f"R@{k}"] = (top_i == t2i.view(-1, 1)).any(dim=1)
+    return has_text.nonzero().flatten(), hits
+
+
 def retrieval_metrics(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -71,27 +107,8 @@ def retrieval_metrics(
         text_emb: (M, D) normalised caption embeddings.
         text_to_image: (M,) index of each caption's image.
     """
-    require_finite("image embeddings", image_emb)
-    require_finite("text embeddings", text_emb)
-    t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
-    if text_emb.shape[0] != t2i.shape[0]:
-        raise ValueError(f"{text_emb.shape[0]} captions but {t2i.shape[0]} caption->image indices")
-    if image_emb.shape[-1] != text_emb.shape[-1]:
-        raise ValueError(f"embedding sizes differ: images {image_emb.shape[-1]}, texts {text_emb.shape[-1]}")
-    sim = image_emb.float() @ text_emb.float().t()  # (N, M)
-    n_img = image_emb.shape[0]
-    # positives[i, j] is True when caption j belongs to image i
-    positives = torch.zeros(n_img, text_emb.shape[0], dtype=torch.bool, device=sim.device)
-    positives[t2i, torch.arange(t2i.shape[0], device=sim.device)] = True
-    has_text = positives.any(dim=1)
-    out: dict[str, dict[str, float]] = {"image_to_text": {}, "text_to_image": {}}
-    for k in ks:
-        top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices
-        i2t_hits = positives.gather(1, top_t).any(dim=1)[has_text]
-        out["image_to_text"][f"R@{k}"] = i2t_hits.float().mean().item()
-        top_i = sim.t().topk(min(k, n_img), dim=1).indices
-        out["text_to_image"][f"R@{k}"] = (top_i == t2i.view(-1, 1)).any(dim=1).float().mean().item()
-    return out
+    _, hits = retrieval_hits(image_emb, text_emb, text_to_image, ks)
+    return {direction: {name: h.float().mean().item() for name, h in per_k.items()} for direction, per_k in hits.items()}
 
 
 def chance_score(metric: str, *, num_classes: int = 0, captions_per_image: Sequence[int] = ()) -> float:

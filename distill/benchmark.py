@@ -31,10 +31,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipcore import bootstrap
+from clipcore.bootstrap import Hits
 from clipcore.data import ImageDataset, make_loader
-from clipcore.metrics import chance_score
+from clipcore.metrics import chance_score, retrieval_hits, topk_hits
 from distill.cli import output_path_problem
-from distill.evaluate import EmbeddedImages, embed_images, retrieval_eval, zeroshot_eval
+from distill.evaluate import (EmbeddedCaptions, EmbeddedImages, embed_captions, embed_images, retrieval_eval,
+                              zeroshot_eval, zeroshot_logits)
 from distill.suite import PreparedEntry, describe, load_suite, prepare_suite
 from students import load_model
 
@@ -50,21 +53,42 @@ def score_of(metrics: dict, metric: str) -> float:
     return float(metrics[metric])
 
 
+def zeroshot_hits(metric: str, logits: torch.Tensor, images: EmbeddedImages) -> Hits | None:
+    """Per-image hits of a top-K metric, by dataset row; None for a metric that is not a mean of hits
+    (``mean_per_class_recall`` weighs classes, not images)."""
+    if metric not in ("top1", "top5"):
+        return None
+    return Hits(images.indices.long(), topk_hits(logits, images.labels, int(metric[-1])).cpu())
+
+
+def retrieval_query_hits(metric: str, images: EmbeddedImages, captions: EmbeddedCaptions) -> Hits:
+    """Per-query hits of an R@K metric: image->text by dataset row, text->image by caption index."""
+    direction, k = metric.split("_R@")
+    rows, hits = retrieval_hits(images.embeddings, captions.embeddings, captions.rows, ks=(int(k),))
+    ids = images.indices[rows] if direction == "image_to_text" else torch.tensor(captions.caption_ids)
+    return Hits(ids.long(), hits[direction][f"R@{k}"].cpu())
+
+
 def evaluate_entry(model, prepared: PreparedEntry, *, batch_size: int, num_workers: int, progress: bool,
-                   view=None) -> tuple[dict, EmbeddedImages]:
+                   view=None) -> tuple[dict, EmbeddedImages, Hits | None]:
     """Embed one dataset with ``model`` (each image through ``view`` first, when given) and score it
-    on the entry's task; the embeddings come back too, for the cosine to the reference's."""
+    on the entry's task; the embeddings come back too, for the cosine to the reference's, and the
+    per-query hits of the entry's metric, for its confidence interval."""
     e = prepared.entry
     dataset = ImageDataset(prepared.ds, {"model": model.image_transform}, prepared.columns, name=e.name, view=view)
     images = embed_images(model, make_loader(dataset, batch_size, num_workers=num_workers), desc=e.name,
                           progress=progress)
     if e.task == "zeroshot":
         # repeated names were accepted, with their one warning, when the suite was prepared
-        metrics = zeroshot_eval(model, images, prepared.classnames, prepared.templates, allow_duplicates=True)
+        logits = zeroshot_logits(model, images, prepared.classnames, prepared.templates, allow_duplicates=True)
+        metrics = zeroshot_eval(model, images, prepared.classnames, prepared.templates, logits=logits)
+        hits = zeroshot_hits(e.metric, logits, images)
     else:
-        metrics = retrieval_eval(model, images, prepared.texts, prepared.text_to_image)
+        captions = embed_captions(model, images, prepared.texts, prepared.text_to_image)
+        metrics = retrieval_eval(model, images, prepared.texts, prepared.text_to_image, captions=captions)
+        hits = retrieval_query_hits(e.metric, images, captions)
     return {"score": score_of(metrics, e.metric), "metrics": metrics, "num_images": int(images.embeddings.shape[0]),
-            "num_failed_images": images.num_failed, "embed_seconds": round(images.seconds, 2)}, images
+            "num_failed_images": images.num_failed, "embed_seconds": round(images.seconds, 2)}, images, hits
 
 
 def cosine_to(images: EmbeddedImages, reference: EmbeddedImages | None) -> float | None:
@@ -105,25 +129,28 @@ def _cost(model) -> dict:
 
 
 def run_model(path: str, role: str, prepared: list[PreparedEntry], args: argparse.Namespace,
-              reference: dict[str, EmbeddedImages] | None = None, side: int | None = None) -> dict:
-    """One row of the report. ``side``: the ceiling row, the model on images reduced to that side.
-    With ``reference`` (the reference row's embeddings per dataset), each result gains its mean
-    cosine to them; a reference row fills ``reference`` instead."""
+              reference: dict[str, EmbeddedImages] | None = None,
+              side: int | None = None) -> tuple[dict, dict[str, Hits | None]]:
+    """One row of the report, and its per-query hits per dataset. ``side``: the ceiling row, the model
+    on images reduced to that side. With ``reference`` (the reference row's embeddings per dataset),
+    each result gains its mean cosine to them; a reference row fills ``reference`` instead."""
     random_init = bool(args.random_init) and role == "model"
     model = load_model(path, random_init=random_init, device=args.device)
     model.eval()
     row = {"model": path if side is None else f"{path} at {side} px", "role": role, "random_init": random_init,
            "fingerprint": model.fingerprint(), **_cost(model), "results": {}}
+    hits: dict[str, Hits | None] = {}
     for p in prepared:
         log.info("%s on %s", row["model"], p.entry.name)
-        result, images = evaluate_entry(model, p, batch_size=args.batch_size, num_workers=args.num_workers,
-                                        progress=not args.no_progress, view=reduced_view(side) if side else None)
+        result, images, hits[p.entry.name] = evaluate_entry(
+            model, p, batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress,
+            view=reduced_view(side) if side else None)
         if role == "reference" and reference is not None:
             reference[p.entry.name] = images
         elif reference:
             result["cosine_to_reference"] = cosine_to(images, reference.get(p.entry.name))
         row["results"][p.entry.name] = result
-    return row
+    return row, hits
 
 
 def chance_of(prepared: PreparedEntry) -> float:
@@ -161,17 +188,56 @@ def add_retention(rows: list[dict], datasets: list[dict]) -> None:
         row["mean_above_chance_retention"] = sum(above[n] for n in kept) / len(kept) if kept else None
 
 
+def _rounded(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [round(interval[0], 4), round(interval[1], 4)]
+
+
+def _retention_intervals(row: dict, row_hits: dict[str, Hits | None], ref_hits: dict[str, Hits | None],
+                         datasets: list[dict]) -> None:
+    samples = {d["name"]: None for d in datasets}
+    for name, h in row_hits.items():
+        if h is not None and ref_hits[name] is not None:
+            samples[name] = bootstrap.ratio_samples(name, h, ref_hits[name])
+    row["retention_interval"] = {n: _rounded(None if s is None else bootstrap.percentile_interval(s))
+                                 for n, s in samples.items()}
+    kept = [samples[d["name"]] for d in datasets if d.get("in_mean")]
+    ok = kept and all(s is not None for s in kept)
+    row["mean_retention_interval"] = _rounded(bootstrap.mean_interval(kept)) if ok else None
+
+
+def add_intervals(rows: list[dict], hits: list[dict[str, Hits | None]], datasets: list[dict]) -> None:
+    """95 % bootstrap intervals (:mod:`clipcore.bootstrap`): per result ``score_interval``; with a
+    reference, per row ``retention_interval[d]`` (paired: the same resampled queries for the model and
+    the reference) and ``mean_retention_interval`` over the datasets in the mean; per model row after the
+    first ``difference_to_first_model[d]``, the paired interval of its score minus the first model's.
+    None where the metric is not a mean of per-query hits or a resample leaves the reference at zero."""
+    ref = next((i for i, r in enumerate(rows) if r["role"] == "reference"), None)
+    first = next((i for i, r in enumerate(rows) if r["role"] == "model"), None)
+    for i, (row, row_hits) in enumerate(zip(rows, hits)):
+        for name, h in row_hits.items():
+            row["results"][name]["score_interval"] = None if h is None else _rounded(bootstrap.score_interval(name, h))
+        if row["role"] == "model" and i != first:
+            row["difference_to_first_model"] = {
+                name: None if h is None or hits[first][name] is None
+                else _rounded(bootstrap.difference_interval(name, h, hits[first][name]))
+                for name, h in row_hits.items()}
+        if ref is not None:
+            _retention_intervals(row, row_hits, hits[ref], datasets)
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     suite = load_suite(args.suite)
     prepared = prepare_suite(suite, args.limit)  # every dataset is checked before any model runs
     start = time.perf_counter()
     reference: dict[str, EmbeddedImages] = {}
-    rows = [run_model(args.reference, "reference", prepared, args, reference)] if args.reference else []
-    rows += [run_model(args.reference, "ceiling", prepared, args, reference, side) for side in args.ceiling_side]
-    rows += [run_model(path, "model", prepared, args, reference) for path in args.model]
+    runs = [run_model(args.reference, "reference", prepared, args, reference)] if args.reference else []
+    runs += [run_model(args.reference, "ceiling", prepared, args, reference, side) for side in args.ceiling_side]
+    runs += [run_model(path, "model", prepared, args, reference) for path in args.model]
+    rows, hits = [row for row, _ in runs], [h for _, h in runs]
     datasets = [{**describe(p), "chance": chance_of(p)} for p in prepared]
     add_retention(rows, datasets)
+    add_intervals(rows, hits, datasets)
     return {
         "format_version": FORMAT_VERSION,
         "suite": str(args.suite),
@@ -189,6 +255,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _with_interval(x: float | None, interval: list[float] | None) -> str:
+    """``69.6 % [57.1–82.1]``: a percentage and its 95 % interval, when there is one."""
+    if x is None or not interval:
+        return _pct(x)
+    return f"{100 * x:.1f} % [{100 * interval[0]:.1f}–{100 * interval[1]:.1f}]"
 
 
 def _label(row: dict) -> str:
@@ -218,18 +291,57 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         cells = [_label(row), f"{row['image_gflops']:.3f}" if "image_gflops" in row else "—"]
         for name in names:
             result = row["results"][name]
-            cells.append(_pct(result["score"]))
+            # with a reference the paired interval of the retention says it; without one, the score's
+            cells.append(_pct(result["score"]) if has_ref else _with_interval(result["score"], result.get("score_interval")))
             if has_ref:
-                cells += [_pct(row["retention"][name]), _cos(result.get("cosine_to_reference"))]
+                cells += [_with_interval(row["retention"][name], row.get("retention_interval", {}).get(name)),
+                          _cos(result.get("cosine_to_reference"))]
         if has_ref:
-            cells += [_pct(row["mean_retention"]), _pct(row["mean_above_chance_retention"])]
+            cells += [_with_interval(row["mean_retention"], row.get("mean_retention_interval")),
+                      _pct(row["mean_above_chance_retention"])]
         rows.append(cells)
     return header, rows
+
+
+def difference_rows(report: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Each model after the first against the first (``--model`` order): its score minus the first's in
+    points, with the paired 95 % interval; None with fewer than two models."""
+    models = [r for r in report["models"] if r["role"] == "model"]
+    if len(models) < 2:
+        return None
+    names = [d["name"] for d in report["datasets"]]
+    header = [f"model − {_label(models[0])}"] + [f"{n} (points)" for n in names]
+    rows = []
+    for row in models[1:]:
+        cells = [_label(row)]
+        for name in names:
+            diff = 100 * (row["results"][name]["score"] - models[0]["results"][name]["score"])
+            interval = row["difference_to_first_model"].get(name)
+            cells.append(f"{diff:+.1f}" + ("" if not interval else
+                                          f" [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]"))
+        rows.append(cells)
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def notes(report: dict) -> list[str]:
     """What a reader must know to read the means: the datasets they leave out, and why."""
     out = [f"{d['name']} is left out of the means: {d['left_out']}." for d in report["datasets"] if d.get("left_out")]
+    what = "retention" if report["reference"] is not None else "score"
+    out.append(f"[lo–hi]: the 95 % bootstrap interval of the {what} ({bootstrap.RESAMPLES} resamples of the images "
+               "or captions, the same resamples for every model" + (", each model paired with the reference on them"
+                                                                      if what == "retention" else "") +
+               "); compare two models by their paired difference, not by whether these intervals overlap.")
     if report["reference"] is not None:
         out.append("Above-chance retention is (score − chance) ÷ (reference − chance); chance per dataset is in the "
                    "table below. cos to ref.: the mean cosine between a model's image embedding and the reference's "
@@ -238,11 +350,12 @@ def notes(report: dict) -> list[str]:
 
 
 def to_markdown(report: dict) -> str:
-    header, rows = table_rows(report)
-    lines = [f"# Zero-shot benchmark: `{report['suite']}`", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    lines = [f"# Zero-shot benchmark: `{report['suite']}`", ""] + _md_table(*table_rows(report))
     lines += [""] + notes(report)
+    differences = difference_rows(report)
+    if differences:
+        lines += ["", "Paired differences (the same images or captions; [lo, hi]: 95 % bootstrap interval; an "
+                      "interval that excludes 0 is a difference this split can tell):", ""] + _md_table(*differences)
     lines += ["", "| dataset | data | split | task | metric | chance | images | classes × templates / texts |",
               "|---|---|---|---|---|---|---|---|"]
     for d in report["datasets"]:
@@ -275,17 +388,17 @@ def _bar_chart(report: dict, name: str, metric: str) -> str:
 
 
 def to_html(report: dict) -> str:
-    header, rows = table_rows(report)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     note = "".join(f"<p>{html.escape(n)}</p>" for n in notes(report))
+    differences = difference_rows(report)
+    if differences:
+        note += "<h2>Paired differences</h2>" + _html_table(*differences)
     charts = "".join(f"<h3>{html.escape(d['name'])}: {html.escape(d['metric'])}</h3>"
                      f"{_bar_chart(report, d['name'], d['metric'])}" for d in report["datasets"])
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}td:first-child{text-align:left}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Zero-shot benchmark</title>"
             f"<style>{style}</style></head><body><h1>Zero-shot benchmark: {html.escape(report['suite'])}</h1>"
-            f"<table><tr>{head}</tr>{body}</table>{note}<h2>Per dataset</h2>{charts}"
+            f"{_html_table(*table_rows(report))}{note}<h2>Per dataset</h2>{charts}"
             f"<p>{html.escape(report['runtime']['device'])}, torch {html.escape(report['runtime']['torch'])}, "
             f"{report['runtime']['seconds']} s.</p></body></html>\n")
 

@@ -75,6 +75,21 @@ def embed_images(
     )
 
 
+def zeroshot_logits(
+    model: DualEncoder,
+    images: EmbeddedImages,
+    classnames: Sequence[str],
+    templates: str | Sequence[str],
+    *,
+    allow_duplicates: bool = False,
+) -> torch.Tensor:
+    """(N, C) zero-shot logits of already-embedded images against the class names' prompt head."""
+    if images.labels is None:
+        raise ValueError("zero-shot evaluation needs a label column")
+    head = build_classifier(model, classnames, templates, allow_duplicates=allow_duplicates)
+    return model.logits(images.embeddings.to(model.device), head.to(model.device)).cpu()
+
+
 def zeroshot_eval(
     model: DualEncoder,
     images: EmbeddedImages,
@@ -82,36 +97,55 @@ def zeroshot_eval(
     templates: str | Sequence[str],
     *,
     allow_duplicates: bool = False,
+    logits: torch.Tensor | None = None,
 ) -> dict:
     """Zero-shot top-1/top-5/mean-per-class recall of already-embedded images.
 
     Args:
         allow_duplicates: repeated class names, already checked (and warned about) by the caller
             (:func:`clipcore.zeroshot.validate_classnames`); each index keeps its own head row.
+        logits: :func:`zeroshot_logits` of the same arguments, when the caller has them already.
     """
-    if images.labels is None:
-        raise ValueError("zero-shot evaluation needs a label column")
-    head = build_classifier(model, classnames, templates, allow_duplicates=allow_duplicates)
-    logits = model.logits(images.embeddings.to(model.device), head.to(model.device)).cpu()
+    if logits is None:
+        logits = zeroshot_logits(model, images, classnames, templates, allow_duplicates=allow_duplicates)
     out = classification_metrics(logits, images.labels)
     out.update(num_classes=len(classnames), num_templates=len(get_templates(templates)))
     return out
 
 
+@dataclass
+class EmbeddedCaptions:
+    """The captions of a retrieval split whose image decoded, embedded by the model."""
+
+    embeddings: torch.Tensor  # (M, D)
+    rows: list[int]  # each caption's image, as a row of the EmbeddedImages
+    caption_ids: list[int]  # each caption's index in the split's caption list
+
+
 @torch.no_grad()
-def retrieval_eval(model: DualEncoder, images: EmbeddedImages, texts: list[str], text_to_image: list[int],
-                   batch_size: int = 256) -> dict:
-    """Recall@1/5/10 in both directions; captions of images that failed to decode are dropped."""
+def embed_captions(model: DualEncoder, images: EmbeddedImages, texts: list[str], text_to_image: list[int],
+                   batch_size: int = 256) -> EmbeddedCaptions:
+    """Embed the captions of the images that decoded; captions of images that failed are dropped."""
     row_of = {int(r): i for i, r in enumerate(images.indices.tolist())}
-    kept = [(t, row_of[i]) for t, i in zip(texts, text_to_image) if i in row_of]
+    kept = [(c, row_of[i]) for c, i in enumerate(text_to_image) if i in row_of]
     if not kept:
         raise ValueError("no captions left to score (no caption column, or every image failed to decode)")
-    kept_texts, kept_rows = [t for t, _ in kept], [r for _, r in kept]
-    text_emb = torch.cat(
+    ids, rows = [c for c, _ in kept], [r for _, r in kept]
+    kept_texts = [texts[c] for c in ids]
+    emb = torch.cat(
         [model.encode_text(kept_texts[i : i + batch_size]).cpu() for i in range(0, len(kept_texts), batch_size)]
     )
-    out = retrieval_metrics(images.embeddings, text_emb, kept_rows)
-    out.update(num_images=int(images.embeddings.shape[0]), num_texts=len(kept_texts))
+    return EmbeddedCaptions(embeddings=emb, rows=rows, caption_ids=ids)
+
+
+def retrieval_eval(model: DualEncoder, images: EmbeddedImages, texts: list[str], text_to_image: list[int],
+                   batch_size: int = 256, captions: EmbeddedCaptions | None = None) -> dict:
+    """Recall@1/5/10 in both directions; captions of images that failed to decode are dropped.
+    ``captions``: :func:`embed_captions` of the same arguments, when the caller has them already."""
+    if captions is None:
+        captions = embed_captions(model, images, texts, text_to_image, batch_size)
+    out = retrieval_metrics(images.embeddings, captions.embeddings, captions.rows)
+    out.update(num_images=int(images.embeddings.shape[0]), num_texts=len(captions.rows))
     return out
 
 

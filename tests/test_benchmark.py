@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from clipcore.prompts import dataset_key, load_templates
@@ -160,8 +161,16 @@ def test_benchmark_cli_two_models_with_reference(tiny_clip_dir, tmp_path):
         expected = a["results"][name]["score"] / ref["results"][name]["score"]
         assert a["retention"][name] == pytest.approx(expected)
     assert a["image_gflops"] > 0
+    for row in (ref, a, b):  # every score carries its bootstrap interval
+        for result in row["results"].values():
+            lo, hi = result["score_interval"]
+            assert lo <= result["score"] <= hi
+    # paired with itself: no spread (None only where a resample leaves the tiny reference without a hit)
+    assert ref["retention_interval"]["labelled"] in ([1.0, 1.0], None)
+    assert "difference_to_first_model" not in a and set(b["difference_to_first_model"]) == {"labelled", "captions"}
     md, page = (out / "benchmark.md").read_text(), (out / "benchmark.html").read_text()
     assert "mean % of ref." in md and md.count("\n| ") >= 3
+    assert "Paired differences" in md and "bootstrap interval" in md and "Paired differences" in page
     assert page.count("<svg") == 2 and "<script" not in page and "http" not in page.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")
 
@@ -275,3 +284,16 @@ def test_ceiling_needs_a_reference(tiny_clip_dir, tmp_path):
     with pytest.raises(ValueError, match="--ceiling-side .* --reference"):
         main(["--model", str(tiny_clip_dir), "--ceiling-side", "32", "--suite", str(_two_entry_suite(tmp_path)),
               "--out", str(tmp_path / "o")])
+
+
+def test_zeroshot_hits_per_metric():
+    from distill.benchmark import zeroshot_hits
+    from distill.evaluate import EmbeddedImages
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 3.0, 0.0]])
+    images = EmbeddedImages(embeddings=torch.zeros(3, 2), labels=torch.tensor([0, 1, 0]),
+                            indices=torch.tensor([7, 8, 9]), num_failed=0, seconds=0.0)
+    top1 = zeroshot_hits("top1", logits, images)
+    assert top1.ids.tolist() == [7, 8, 9] and top1.hits.tolist() == [True, False, False]
+    assert zeroshot_hits("top5", logits, images).hits.all()
+    assert zeroshot_hits("mean_per_class_recall", logits, images) is None  # weighs classes: no per-image mean
