@@ -293,11 +293,13 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
             result = row["results"][name]
             # with a reference the paired interval of the retention says it; without one, the score's
             cells.append(_pct(result["score"]) if has_ref else _with_interval(result["score"], result.get("score_interval")))
-            if has_ref:
-                cells += [_with_interval(row["retention"][name], row.get("retention_interval", {}).get(name)),
+            if has_ref:  # the reference's own retention is 100 % by definition: no interval to show
+                shown = None if row["role"] == "reference" else row.get("retention_interval", {}).get(name)
+                cells += [_with_interval(row["retention"][name], shown),
                           _cos(result.get("cosine_to_reference"))]
         if has_ref:
-            cells += [_with_interval(row["mean_retention"], row.get("mean_retention_interval")),
+            shown = None if row["role"] == "reference" else row.get("mean_retention_interval")
+            cells += [_with_interval(row["mean_retention"], shown),
                       _pct(row["mean_above_chance_retention"])]
         rows.append(cells)
     return header, rows
