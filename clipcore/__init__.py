@@ -8,6 +8,8 @@
 * ``data``, ``classnames``  dataset loading, column detection, class names
 * ``templates``, ``zeroshot``  prompt sets and zero-shot heads
 * ``metrics``, ``linear_probe``, ``flops``  evaluation metrics, the linear probe, model cost
+* ``bootstrap``, ``proportions``  confidence intervals of benchmark scores (per-query resamples) and of a
+  parity report's agreements (Wilson, torch-free)
 * ``losses``, ``dist``  distillation and contrastive losses; gathers with autograd
 * ``cache``         the on-disk cache of teacher targets and tower features
 * ``compat``        the one place that knows the transformers major (4.x or 5.x)

@@ -102,3 +102,4 @@ def mean_interval(samples: list[torch.Tensor], *, level: float = LEVEL) -> tuple
     if not samples:
         return None
     return percentile_interval(torch.stack(samples).mean(dim=0), level)
+

@@ -15,6 +15,7 @@ import re
 from html import escape
 from typing import Any, Callable, Mapping, Sequence
 
+from clipcore.proportions import wilson_interval
 from exports.cpu_int8 import saturates
 from exports.flips import FLIPS_CSS, flips_html, flips_markdown
 from exports.svg import figure_svg
@@ -117,18 +118,31 @@ def subjects_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+# proportions of the report's images: their 95 % interval says how far the gate's reading can move
+PROPORTION_METRICS = {"agreement_student", "agreement_teacher"}
+
+
+def interval_cell(metric: str, value: float | None, n: int | None) -> str:
+    """``95.2–97.5 %``: the Wilson interval of an agreement over the report's ``n`` images; "-" else."""
+    if metric not in PROPORTION_METRICS or value is None or not n or not 0 <= value <= 1:
+        return "-"
+    lo, hi = wilson_interval(value, n)
+    return f"{100 * lo:.2f}–{100 * hi:.2f} %"
+
+
 def gate_rows(report: Report) -> list[list[str]]:
-    """One row per gate check: variant, gate, field, metric value, threshold, pass/FAIL."""
+    """One row per gate check: variant, gate, field, metric value, its 95 % interval, threshold, pass/FAIL."""
+    n = report.get("data", {}).get("num_images")
     rows = []
     for s in report["subjects"]:
         for c in s.get("checks", []):
             rows.append([s["name"], s.get("gate") or "-", f"{c['field']} ({c['metric']} {c['op']})",
-                         format_metric(c["metric"], c["value"]), format_metric(c["metric"], c["threshold"]),
-                         "pass" if c["passed"] else "FAIL"])
+                         format_metric(c["metric"], c["value"]), interval_cell(c["metric"], c["value"], n),
+                         format_metric(c["metric"], c["threshold"]), "pass" if c["passed"] else "FAIL"])
     return rows
 
 
-GATE_HEADERS = ["variant", "gate", "check", "value", "threshold", "result"]
+GATE_HEADERS = ["variant", "gate", "check", "value", "95 % interval", "threshold", "result"]
 
 
 def notes(report: Report) -> list[str]:

@@ -97,3 +97,18 @@ def test_per_query_hits_average_to_the_metrics():
         for k in ("R@1", "R@5"):
             assert hits[direction][k].float().mean().item() == pytest.approx(metrics[direction][k])
     assert hits["image_to_text"]["R@1"].shape == (5,) and hits["text_to_image"]["R@1"].shape == (9,)
+
+
+def test_wilson_interval_of_an_agreement():
+    from clipcore.proportions import wilson_interval
+
+    lo, hi = wilson_interval(0.5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # the textbook 5 of 10
+    lo, hi = wilson_interval(1.0, 1000)  # all agree: not a point, unlike a bootstrap
+    assert hi == 1.0 and 0.995 < lo < 0.997
+    narrow, wide = wilson_interval(0.964, 4000), wilson_interval(0.964, 1000)
+    assert wide[0] < narrow[0] < 0.964 < narrow[1] < wide[1]
+    with pytest.raises(ValueError, match="no interval"):
+        wilson_interval(0.5, 0)
+    with pytest.raises(ValueError, match="proportion"):
+        wilson_interval(1.2, 10)

@@ -171,6 +171,11 @@ def test_html_is_well_formed_self_contained_and_has_plots(round_trip):
     assert len(ids) == len(set(ids))  # two inline SVGs share one id namespace
     md = (out / "parity.md").read_text()
     assert "| fp32 | onnxruntime-cpu | fp32 | kept |" in md and "PASSED" in md
+    # the agreement gates carry the Wilson interval over the report's images: fp32 agrees on every one
+    from clipcore.proportions import wilson_interval
+
+    lo, _ = wilson_interval(1.0, report["data"]["num_images"])
+    assert "| 95 % interval |" in md and f"| 100.00 % | {100 * lo:.2f}–100.00 % |" in md
 
 
 def perturbed(src: Path, dst: Path, scale: float = 0.05) -> Path:
