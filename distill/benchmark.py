@@ -10,8 +10,11 @@ Every dataset's class names, templates and captions are checked (:mod:`distill.s
 image is embedded. Each model (the reference first) embeds every dataset once, with its own
 preprocessing, and is scored with :mod:`distill.evaluate`'s zero-shot and retrieval code. With
 ``--reference``, a model's retention on a dataset is its score divided by the reference's, measured
-in the same run, and ``mean_retention`` averages those over the suite. Writes ``benchmark.json``,
-``benchmark.md`` and a self-contained ``benchmark.html`` (the table and one bar chart per dataset).
+in the same run, and ``mean_retention`` averages those over the suite. Every score that is a mean
+of per-query hits gets a 95 % bootstrap interval, its retention a paired one, and each model after
+the first its paired difference to the first (:mod:`clipcore.bootstrap`): on a few hundred images a
+few points are noise. Writes ``benchmark.json``, ``benchmark.md`` and a self-contained
+``benchmark.html`` (the tables and one bar chart per dataset).
 """
 
 from __future__ import annotations
