@@ -238,7 +238,8 @@ def test_chance_scores():
 
 
 def test_means_leave_out_datasets_where_the_reference_is_near_chance():
-    from distill.benchmark import add_retention, notes
+    from distill.benchmark import add_retention
+    from distill.benchmark_report import notes
 
     datasets = [{"name": "easy", "chance": 0.1}, {"name": "digits", "chance": 0.1}, {"name": "zero", "chance": 0.01}]
     ref = {"role": "reference", "results": {"easy": {"score": 0.6}, "digits": {"score": 0.15}, "zero": {"score": 0.0}}}
