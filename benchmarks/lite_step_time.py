@@ -1,12 +1,14 @@
-"""Train-step time of efficientnet-lite0-64 (batch 128, 64 px, AdamW) with the stem and first N blocks frozen.
+"""Train-step time of an EfficientNet-Lite student (batch 128, AdamW) with the stem and first N blocks frozen.
 
     python benchmarks/lite_step_time.py 0 0b 3 5     # N=0: nothing frozen; a trailing b: bf16 autocast
+    STUDENT=efficientnet-lite0-96-h45 python benchmarks/lite_step_time.py 0 3 5   # another registered student
 
 Median of 4 timed steps after 2 warm-up steps, on random pixels (a step's cost does not depend on them).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -15,11 +17,11 @@ import torch
 from students import build_student, freeze_early_blocks
 
 
-def step_seconds(frozen: int, bf16: bool = False, steps: int = 6) -> float:
-    student = build_student("efficientnet-lite0-64", embed_dim=512, init="imagenet").train()
+def step_seconds(frozen: int, bf16: bool = False, steps: int = 6, name: str = "efficientnet-lite0-64") -> float:
+    student = build_student(name, embed_dim=512, init="imagenet").train()
     freeze_early_blocks(student, frozen)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], 1e-3)
-    pixels = torch.randn(128, 3, 64, 64)
+    pixels = torch.randn(128, 3, *student.image_transform.output_size)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -34,7 +36,8 @@ def step_seconds(frozen: int, bf16: bool = False, steps: int = 6) -> float:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
+    name = os.environ.get("STUDENT", "efficientnet-lite0-64")
     for arg in sys.argv[1:] or ["0", "3", "5"]:
         n, bf16 = int(arg.rstrip("b")), arg.endswith("b")
         what = f"stem + {n} blocks frozen" if n else "nothing frozen"
-        print(f"{what}, bf16={bf16}: {step_seconds(n, bf16):.3f} s/step", flush=True)
+        print(f"{name}, {what}, bf16={bf16}: {step_seconds(n, bf16, name=name):.3f} s/step", flush=True)

