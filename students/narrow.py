@@ -25,10 +25,15 @@ from torch import nn
 _SAMPLES = torch.linspace(-4.0, 4.0, 161)  # standard-normal grid for the clipped mean (error < 1e-3)
 
 
-def kept_width(expanded: int, keep: float) -> int:
-    """Expanded channels a block keeps: ``keep`` of them, a multiple of 8 (at least 8, at most all)."""
+def check_keep(keep: float) -> None:
+    """Raise naming the value unless ``keep`` is a share in (0, 1]."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"efficientnet_lite hidden_keep={keep}; expected a share in (0, 1]")
+
+
+def kept_width(expanded: int, keep: float) -> int:
+    """Expanded channels a block keeps: ``keep`` of them, a multiple of 8 (at least 8, at most all)."""
+    check_keep(keep)
     return min(expanded, max(8, 8 * round(expanded * keep / 8)))
 
 
