@@ -56,14 +56,15 @@ def test_lite2_at_48px_is_the_wheels_lite2_and_fits_one_eighth(tiny_clip):
     assert 0.05 < image_gflops(student) <= 0.591 / 8 - 0.0011
 
 
-def test_save_load_and_onnx_export_keep_the_outputs(pretrained, tiny_clip, tmp_path):
+@pytest.mark.parametrize("name", [NAME, "efficientnet-lite0-96-h45"])  # the second: channels cut (students.narrow)
+def test_save_load_and_onnx_export_keep_the_outputs(name, tiny_clip, tmp_path):
     import numpy as np
 
     from exports.interface import IMAGE_ENCODER
     from exports.onnx_export import ImageEncoderGraph, export_image_encoder, graph_parity
 
-    student = pretrained.eval()
-    pixels = torch.randn(3, 3, 64, 64)
+    student = build_student(name, teacher=tiny_clip, init="imagenet").eval()
+    pixels = torch.randn(3, 3, *student.image_transform.output_size)
     loaded = load_student(save_student(student, tmp_path / "s"), teacher=tiny_clip)
     torch.testing.assert_close(loaded.image_features(pixels), student.image_features(pixels))
     path = export_image_encoder(loaded, tmp_path / "image_encoder.onnx")
