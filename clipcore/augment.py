@@ -21,16 +21,43 @@ from PIL import Image
 from clipcore.imaging import ImageTransform
 
 
+def reduce_image(image: Image.Image, side: int) -> Image.Image:
+    """``image`` reduced (bicubic, aspect kept) to a short side of ``side`` pixels and scaled back to its own
+    size: what a student with a ``side``-pixel input can see of it. Smaller images are returned as they are."""
+    image = image.convert("RGB")
+    scale = side / min(image.size)
+    if scale >= 1:
+        return image
+    small = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    return image.resize(small, Image.BICUBIC).resize(image.size, Image.BICUBIC)
+
+
 @dataclass(frozen=True)
 class ViewSpec:
+    """K seeded views per row; ``reduce_to`` > 0 also reduces every view (view 0 included) to that short
+    side and back (:func:`reduce_image`): the teacher then embeds what a student at that side sees."""
+
     views: int = 1
     seed: int = 0
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    reduce_to: int = 0
 
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ValueError(f"cache.views must be >= 1, got {self.views}")
+        if self.reduce_to < 0:
+            raise ValueError(f"teacher_side must be a positive number of pixels, got {self.reduce_to}")
+
+    @property
+    def changes_view0(self) -> bool:
+        """Whether view 0 differs from the plain image (it does only when reduced)."""
+        return self.reduce_to > 0
+
+    @property
+    def cache_tag(self) -> str:
+        """Added to a cache key of embeddings of these views ('' for unreduced views: earlier keys stay valid)."""
+        return f"/reduced={self.reduce_to}" if self.reduce_to else ""
 
     def view_for(self, row: int, epoch: int) -> int:
         """The view a row uses in an epoch: 0 when there is one view, else a seeded draw."""
@@ -57,7 +84,8 @@ class ViewSpec:
     def apply(self, image: Image.Image, row: int, view: int) -> Image.Image:
         box, flip = self.box(row, view, *image.size)
         out = image.crop(box) if box != (0, 0, *image.size) else image
-        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+        return reduce_image(out, self.reduce_to) if self.reduce_to else out
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from clipcore import bootstrap
+from clipcore.augment import reduce_image
 from clipcore.bootstrap import Hits
 from clipcore.data import ImageDataset, make_loader
 from clipcore.metrics import chance_score, retrieval_hits, topk_hits
@@ -109,14 +109,7 @@ def cosine_to(images: EmbeddedImages, reference: EmbeddedImages | None) -> float
 def reduced_view(side: int):
     """The image reduced (bicubic, aspect kept) to a short side of ``side`` pixels and scaled back to its
     own size: what a student with a ``side``-pixel input could see of it."""
-    def view(image, _row):
-        image = image.convert("RGB")
-        scale = side / min(image.size)
-        if scale >= 1:
-            return image
-        small = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-        return image.resize(small, Image.BICUBIC).resize(image.size, Image.BICUBIC)
-    return view
+    return lambda image, _row: reduce_image(image, side)
 
 
 def _cost(model) -> dict:

@@ -52,6 +52,9 @@ class TrainSource:
     # 0.5-1) and flips, embedded by the teacher once and cached (K teacher passes over the source): more distinct
     # targets for a small source than `repeat`, whose copies share one
     views: int = 1
+    # embed this source's views for the teacher at this short side and back (what a student with that input side
+    # sees of them) instead of at full size: targets the student can reach ("consistent teaching"); needs the cache
+    teacher_side: int | None = None
 
 
 @dataclass
@@ -317,6 +320,12 @@ class TrainConfig:
                 raise ConfigError(f"data.train[{i}].repeat must be an integer >= 1, got {src.repeat}")
             if src.views < 1:
                 raise ConfigError(f"data.train[{i}].views must be an integer >= 1, got {src.views}")
+            if src.teacher_side is not None and src.teacher_side < 1:
+                raise ConfigError(f"data.train[{i}].teacher_side must be a positive number of pixels, "
+                                  f"got {src.teacher_side}")
+            if src.teacher_side is not None and not self.cache.enabled:
+                raise ConfigError(f"data.train[{i}].teacher_side needs cache.enabled: the reduced views are embedded "
+                                  "by the teacher once, before training")
 
 
 # (key, test, the valid values): numeric bounds checked once, before anything is built

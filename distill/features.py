@@ -44,7 +44,7 @@ def encode_rows(ds, cols, views: ViewSpec, transform, encode: Callable[[torch.Te
     def embed(start: int, end: int) -> np.ndarray:
         out = None if dim is None else torch.zeros(end - start, views.views, dim)
         for k in range(views.views):
-            view = (lambda image, i, k=k: views.apply(image, start + i, k)) if k else None
+            view = (lambda image, i, k=k: views.apply(image, start + i, k)) if k or views.changes_view0 else None
             sub = ImageDataset(ds.select(range(start, end)), {"x": transform}, cols, view=view)
             batches = DataLoader(sub, batch_size=batch_size, collate_fn=collate)
             for batch in tqdm(batches, desc=f"{desc}, view {k + 1}/{views.views}", unit="batch",
@@ -92,7 +92,8 @@ def cached_image_tower_features(model: DualEncoder, split: TowerSplit, ds, cols,
     with_imagenet = isinstance(model, TowerDualEncoder)
     transform = model.image_transform.to_json()
     tower_fp = module_fingerprint(split.image_tower, extra=transform)
-    key = cache_key(f"image-tower/{tower_fp}/imagenet={with_imagenet}", ds._fingerprint, transform, views.views, seed)
+    key = cache_key(f"image-tower/{tower_fp}/imagenet={with_imagenet}{views.cache_tag}", ds._fingerprint, transform,
+                    views.views, seed)
     store = _store(cache_dir, "towers-" + key, accelerator)
     rows = encode_rows(ds, cols, views, model.image_transform, _tower_encoder(model, split, with_imagenet),
                        batch_size, accelerator.device, "image-tower features")

@@ -15,6 +15,7 @@ the tower features that build cached; the vocabulary's teacher text embeddings a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import datasets
@@ -94,8 +95,8 @@ def _source_targets(cache: CacheConfig, teacher: DualEncoder, ds: datasets.Datas
     """(K * rows, 1, D) teacher image targets of one source, from its own cache entry: its K views
     (``data.train[i].views``) laid out view-major, as :class:`clipcore.augment.RowViews` reads them."""
     rows = teacher_image_rows(teacher, ds, Columns(image=column), views, cache.dir, views.seed, batch_size, accelerator)
-    key = cache_key(f"{teacher.fingerprint()}/images-only", ds._fingerprint, teacher.image_transform.to_json(),
-                    views.views, views.seed)
+    key = cache_key(f"{teacher.fingerprint()}/images-only{views.cache_tag}", ds._fingerprint,
+                    teacher.image_transform.to_json(), views.views, views.seed)
     store = TeacherTargetCache(cache.dir, key, accelerator.process_index, accelerator.num_processes,
                                accelerator.wait_for_everyone)
     targets = store.get_or_build(len(ds), rows)
@@ -174,8 +175,10 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
     bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator, source_captions(parts, sources))
     layout = RowViews([SourceViews(len(ds), ViewSpec(views=src.views, seed=seed), src.repeat)
                        for (ds, _), src in zip(parts, sources)])
-    cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, views=seg.views, batch_size=batch_size)
-                        .repeat(seg.repeat, 1, 1) for (ds, col), seg in zip(parts, layout.segments)]
+    # the student's views (layout) are never reduced; the teacher's are where a source asks (teacher_side)
+    cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, batch_size=batch_size,
+                                        views=dataclasses.replace(seg.views, reduce_to=src.teacher_side or 0))
+                        .repeat(seg.repeat, 1, 1) for (ds, col), seg, src in zip(parts, layout.segments, sources)]
                        ) if cache.enabled else None
     copies = [seg.views.views * seg.repeat for seg in layout.segments]
     parts = [datasets.concatenate_datasets([images_only(ds, col)] * c) if c > 1 else images_only(ds, col)

@@ -243,6 +243,62 @@ def test_a_source_with_views_is_k_rows_per_image_each_with_its_crop_and_target(m
         assert np.array_equal(store.pixels[row], pixel_store.to_uint8(crop, images.transforms["student"]))
 
 
+def test_teacher_side_gives_the_teacher_what_the_student_sees_of_each_view(mixture, tmp_path, monkeypatch):
+    """data.train[i].teacher_side: the teacher embeds each view reduced to that side and back; the student's
+    own pixels stay those of the unreduced view, and the cache keeps both kinds of targets apart."""
+    from clipcore.augment import ViewSpec, reduce_image
+    from clipcore.imaging import decode_image
+    from clipcore.loading import load_teacher
+
+    (tmp_path / "plain").mkdir()
+    plain = _train_with_source_b(mixture, tmp_path / "plain", monkeypatch, "optim.max_steps=1", views=2)
+    data = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=1", views=2, teacher_side=8)
+    targets, images = data.teacher_images, data.rows.images
+    torch.testing.assert_close(targets[:16], plain.teacher_images[:16])  # source a: untouched
+    teacher, spec = load_teacher(str(mixture[1])), ViewSpec(views=2, seed=0)
+    for i, view in [(0, 0), (7, 1)]:
+        row = 16 + view * 12 + i
+        image = decode_image(images.ds[row]["image"])
+        crop = spec.apply(image, i, view)
+        assert min(crop.size) > 8  # so the reduction changes it
+        want = teacher.encode_image(torch.from_numpy(teacher.image_transform(reduce_image(crop, 8)))[None]).float()
+        torch.testing.assert_close(targets[row].float(), torch.nn.functional.normalize(want, dim=-1),
+                                   atol=3e-3, rtol=0)
+        assert not torch.allclose(targets[row], plain.teacher_images[row], atol=1e-3)
+        torch.testing.assert_close(images[row]["pixel_values_student"],
+                                   torch.from_numpy(images.transforms["student"](crop)))
+
+
+def test_teacher_side_is_checked(mixture, tmp_path):
+    args = _general_args(mixture, tmp_path)
+    recipe = Path(args[1])
+    data = yaml.safe_load(recipe.read_text())
+    for side, overrides, message in [(0, [], r"data.train\[1\].teacher_side must be a positive number of pixels"),
+                                     (64, ["cache.enabled=false"], r"data.train\[1\].teacher_side needs cache.enabled")]:
+        data["data"]["train"][1]["teacher_side"] = side
+        recipe.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=message):
+            load_config(recipe, args[2:] + overrides)
+
+
+def test_reduced_views_are_the_views_scaled_down_and_back():
+    from PIL import Image
+
+    from clipcore.augment import ViewSpec, reduce_image
+
+    image = Image.effect_noise((90, 60), 64).convert("RGB")
+    full, reduced = ViewSpec(views=3, seed=2), ViewSpec(views=3, seed=2, reduce_to=16)
+    for view in range(3):
+        crop = full.apply(image, 4, view)
+        got = reduced.apply(image, 4, view)
+        assert got.size == crop.size and got.tobytes() == reduce_image(crop, 16).tobytes()
+        assert got.tobytes() != crop.tobytes()
+    assert full.cache_tag == "" and reduced.cache_tag == "/reduced=16" and reduced.changes_view0
+    assert reduce_image(image, 200).tobytes() == image.tobytes()  # already smaller: as it is
+    with pytest.raises(ValueError, match="teacher_side must be a positive number of pixels, got -1"):
+        ViewSpec(reduce_to=-1)
+
+
 class _Accel:
     is_local_main_process = is_main_process = True
 
