@@ -194,7 +194,8 @@ BUILTIN_STUDENTS: tuple[StudentConfig, ...] = (
         image_size=64, description="EfficientNet-Lite0 at 64 px (0.064 GFLOPs); init: imagenet; teacher text",
     ),
     # Lite0 at 96 px with 45 % of each block's expanded channels, cut from its ImageNet weights (students.narrow):
-    # 0.073 GFLOPs, within 1/8 of the reference teacher's, for photos that lose too much at 64 px (issue 26).
+    # 0.073 GFLOPs, within 1/8 of the reference teacher's. Tried as the general student (issue 26) and not adopted:
+    # 3,000 steps lost 6.5 points of Tiny-ImageNet validation and gained nothing on photos (docs/benchmarks.md).
     ImageStudentConfig(
         "efficientnet-lite0-96-h45", backbone="efficientnet_lite", backbone_config=dict(variant="lite0", hidden_keep=0.45),
         image_size=96, description="EfficientNet-Lite0, 45 % of its expanded channels, at 96 px (0.073 GFLOPs); "
