@@ -17,6 +17,7 @@ from clipcore.losses import (
     FeatureDistillLoss,
     InteractiveContrastiveLoss,
     KLDistillLoss,
+    TowerHintLoss,
     check_temperature,
     check_weight,
     logit_scale,
@@ -33,6 +34,8 @@ EMBEDDING_KEYS = (
     "teacher_class",
     "student_log_scale",
     "teacher_scale",
+    "student_tower",
+    "teacher_tower",
 )
 
 
@@ -47,6 +50,8 @@ class LossConfig:
     clip_weight: the student's own contrastive loss (:class:`ClipLoss`); needs image-text pairs.
     feature_weight / feature_kind ("cosine" | "mse"): :class:`FeatureDistillLoss`.
     interactive_weight: :class:`InteractiveContrastiveLoss`; needs image-text pairs.
+    tower_weight: :class:`TowerHintLoss`, the student's pooled image features (through a learned adapter)
+        against the teacher's cached frozen-tower features; needs a teacher built on frozen towers.
     """
 
     kl_weight: float = 1.0
@@ -57,9 +62,10 @@ class LossConfig:
     feature_weight: float = 1.0
     feature_kind: str = "cosine"
     interactive_weight: float = 0.0
+    tower_weight: float = 0.0
 
     def __post_init__(self):
-        for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight"):
+        for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight", "tower_weight"):
             check_weight(f, getattr(self, f))
         check_temperature("kl_temperature", self.kl_temperature)
         if self.feature_kind not in FEATURE_KINDS:
@@ -70,6 +76,7 @@ class LossConfig:
         if self.kl_weight > 0 and not (self.kl_on_classes or self.kl_on_affinity):
             raise ValueError("kl_on_classes and kl_on_affinity are both false while kl_weight > 0")
         if not any(getattr(self, f) > 0 for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight")):
+            # the tower hint alone would never train the student's embedding head
             raise ValueError("all loss weights (kl_weight, clip_weight, feature_weight, interactive_weight) are 0")
 
     @classmethod
@@ -98,6 +105,7 @@ class DistillLoss(nn.Module):
         self.kl = KLDistillLoss(cfg.kl_weight, cfg.kl_temperature, cfg.kl_on_classes, cfg.kl_on_affinity)
         self.feature = FeatureDistillLoss(cfg.feature_weight, cfg.feature_kind)
         self.interactive = InteractiveContrastiveLoss(cfg.interactive_weight)
+        self.tower = TowerHintLoss(cfg.tower_weight)
 
     def forward(self, **embeddings) -> dict[str, torch.Tensor]:
         unknown = sorted(set(embeddings) - set(EMBEDDING_KEYS))
@@ -105,7 +113,7 @@ class DistillLoss(nn.Module):
             raise ValueError(f"DistillLoss got unknown embedding keyword(s) {unknown}; known: {list(EMBEDDING_KEYS)}")
         cache = EmbeddingCache()
         out: dict[str, torch.Tensor] = {}
-        for term in (self.clip, self.kl, self.feature, self.interactive):
+        for term in (self.clip, self.kl, self.feature, self.interactive, self.tower):
             out.update(term(**embeddings, cache=cache))
         if "logit_scale" not in out and embeddings.get("student_log_scale") is not None:
             out["logit_scale"] = logit_scale(embeddings["student_log_scale"]).detach()

@@ -28,6 +28,9 @@ inputs all work (gradients flow back in the input dtype). Teacher inputs are det
                                  trainable module (never of a loss, which DDP would not wrap),
                                  clamped to ln(100) on use, see :func:`logit_scale`
     teacher_scale       () / float  the teacher's *multiplicative* logit scale (``teacher.logit_scale``)
+    student_tower       (B, Ft)  optional: the student's pooled image features mapped by a learned
+                                 adapter into the width of the teacher's frozen image tower
+    teacher_tower       (B, Ft)  that tower's features of the same images, standardised per dimension
 
 Across processes: losses that compare a row with the rest of the batch (clip, KL affinity,
 interactive) compare this rank's rows with the batch gathered from all ranks
@@ -400,6 +403,35 @@ class FeatureDistillLoss(nn.Module):
             _check_batch(name, student_text=s_text, teacher_text=t_text)
             out["feature_text_loss"] = self.weight * self._distance(s_text, t_text)
         return out
+
+
+class TowerHintLoss(nn.Module):
+    """A FitNets-style hint below the embedding: ``F.mse_loss(student_tower, teacher_tower)``.
+
+    The teacher's embedding is a head applied to its image tower's pooled features; those features
+    (1,280 numbers per image for EfficientNet-Lite2, against 512 in the embedding) carry what the head
+    drops, and a data-limited student may learn more from every image by matching them too. The
+    caller maps the student's pooled features through its own adapter and standardises the teacher's
+    per dimension (their scales differ by dimension), so a weight of 1 starts the term near 1.
+    Returns ``{"tower_loss"}``.
+    """
+
+    def __init__(self, weight: float = 0.0):
+        super().__init__()
+        self.weight = check_weight("TowerHintLoss weight", weight)
+
+    def forward(self, student_tower: torch.Tensor | None = None, teacher_tower: torch.Tensor | None = None,
+                **_unused) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            return {}
+        name = "TowerHintLoss"
+        s = _require(student_tower, "student_tower", name)
+        t = _require(teacher_tower, "teacher_tower", name)
+        _check_batch(name, student_tower=s, teacher_tower=t)
+        if s.shape[-1] != t.shape[-1]:
+            raise ValueError(f"{name}: student_tower has width {s.shape[-1]} but teacher_tower has width {t.shape[-1]}; "
+                             "the adapter must map the student's pooled features to the teacher tower's width")
+        return {"tower_loss": self.weight * F.mse_loss(s.float(), t.detach().float())}
 
 
 class InteractiveContrastiveLoss(nn.Module):

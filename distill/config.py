@@ -262,6 +262,11 @@ class TrainConfig:
             raise ConfigError(f"data.mix.share={self.data.mix.share} mixes a distilled student's images with the "
                               "teacher's targets of the mixes: it needs mode=distill and loss.clip_weight=0 (the CLIP "
                               "loss would take a mix and its first image's caption as a true pair)")
+        if self.loss.tower_weight and (self.mode != "distill" or not self.cache.enabled or self.data.mix.share
+                                       or self.data.streaming or is_shard_spec(self.data.train)):
+            raise ConfigError(f"loss.tower_weight={self.loss.tower_weight} matches the teacher's frozen-tower features "
+                              "cached with its targets: it needs mode=distill, cache.enabled=true, map-style data "
+                              "(no shards, data.streaming=false) and data.mix.share=0 (mixes have no cached features)")
         if self.mode == "contrastive" and (self.data.streaming or is_shard_spec(self.data.train)):
             raise ConfigError("streamed data (WebDataset shards or data.streaming=true) is for mode=distill only")
         if self.data.num_workers < 0 or self.data.prefetch_factor < 1:

@@ -148,6 +148,24 @@ def teacher_image_rows(teacher: DualEncoder, ds, cols, views: ViewSpec, cache_di
     return embed
 
 
+def teacher_tower_features(teacher: DualEncoder, ds, cols, views: ViewSpec, cache_dir: str, seed: int,
+                           batch_size: int, accelerator) -> torch.Tensor:
+    """``(N, K, F)`` the teacher's frozen image-tower features of every view of every row (``loss.tower_weight``).
+
+    The same cache entry :func:`teacher_image_rows` builds the targets from, so they cost no tower pass
+    of their own; the ImageNet logits stored beside them are left out.
+
+    Raises:
+        ValueError: the teacher is not built on frozen towers (it has no tower features to match).
+    """
+    if not isinstance(teacher, TowerDualEncoder):
+        raise ValueError(f"loss.tower_weight matches the features of a teacher built on frozen towers "
+                         f"(configs/reference_*.yaml); teacher {teacher.name!r} is a {type(teacher).__name__}")
+    feats, dim = cached_image_tower_features(teacher, teacher.tower_split(), ds, cols, views, cache_dir, seed,
+                                             batch_size, accelerator)
+    return feats[:, :, :dim].contiguous()
+
+
 @torch.no_grad()
 def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Normalised text embeddings ``(M, D)`` of ``texts``, on the CPU."""

@@ -62,6 +62,8 @@ class Feeder:
         cached = data.teacher_images
         # the whole (N, K, D) target table on the GPU once, rather than a host gather per step
         self.cached = cached.to(self.device) if cached is not None and self.pin else cached
+        towers = data.teacher_towers
+        self.towers = towers.to(self.device) if towers is not None and self.pin else towers
         self.sampler = EpochBatchSampler()
         self.loader: DataLoader | None = None
         self.stream: Iterator | None = None
@@ -125,6 +127,9 @@ class Feeder:
         if self.cached is not None and "teacher_image" not in out:
             where = self.cached.device
             out["teacher_image"] = self.cached[batch["index"].to(where), batch["view"].to(where)].to(self.device)
+        if self.towers is not None:
+            where = self.towers.device
+            out["teacher_tower"] = self.towers[batch["index"].to(where), batch["view"].to(where)].to(self.device)
         return out
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
 from distill import mosaics
 from distill.config import CacheConfig, ConfigError, DataConfig, TrainSource
-from distill.features import embed_texts, teacher_image_rows
+from distill.features import embed_texts, teacher_image_rows, teacher_tower_features
 from distill.task import TextBank
 from distill.train_data import TrainData, TrainRows, check_path
 
@@ -105,6 +105,15 @@ def _source_targets(cache: CacheConfig, teacher: DualEncoder, ds: datasets.Datas
     return images.transpose(0, 1).reshape(-1, 1, images.shape[-1])
 
 
+def _source_towers(cache: CacheConfig, teacher: DualEncoder, ds: datasets.Dataset, column: str, accelerator,
+                   *, views: ViewSpec, batch_size: int) -> torch.Tensor:
+    """(K * rows, 1, F) the teacher's frozen image-tower features of one source, laid out as
+    :func:`_source_targets` lays out its targets (``loss.tower_weight``)."""
+    feats = teacher_tower_features(teacher, ds, Columns(image=column), views, cache.dir, views.seed, batch_size,
+                                   accelerator)
+    return feats.transpose(0, 1).reshape(-1, 1, feats.shape[-1])
+
+
 def _text_targets(cache: CacheConfig, teacher: DualEncoder, texts: list[str], accelerator) -> torch.Tensor:
     embed = lambda t: embed_texts(teacher, t).numpy()  # noqa: E731
     if not cache.enabled:
@@ -166,8 +175,9 @@ def build_vocabulary_bank(data: DataConfig, cache: CacheConfig, teacher: DualEnc
 
 
 def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,
-                       accelerator, *, seed: int, batch_size: int) -> TrainData:
-    """:class:`distill.train_data.TrainData` for image-only training on ``data.train``'s sources."""
+                       accelerator, *, seed: int, batch_size: int, tower_targets: bool = False) -> TrainData:
+    """:class:`distill.train_data.TrainData` for image-only training on ``data.train``'s sources
+    (``tower_targets``: with the teacher's frozen image-tower features of every row, for ``loss.tower_weight``)."""
     parts = load_sources(data, seed)
     if data.mosaics.count:
         parts.append(mosaics.get_or_build(parts, data.mosaics, seed, accelerator))
@@ -175,11 +185,15 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
     bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator, source_captions(parts, sources))
     layout = RowViews([SourceViews(len(ds), ViewSpec(views=src.views, seed=seed), src.repeat)
                        for (ds, _), src in zip(parts, sources)])
-    # the student's views (layout) are never reduced; the teacher's are where a source asks (teacher_side)
-    cached = torch.cat([_source_targets(cache, teacher, ds, col, accelerator, batch_size=batch_size,
-                                        views=dataclasses.replace(seg.views, reduce_to=src.teacher_side or 0))
-                        .repeat(seg.repeat, 1, 1) for (ds, col), seg, src in zip(parts, layout.segments, sources)]
-                       ) if cache.enabled else None
+
+    def per_row(per_source) -> torch.Tensor:
+        # the student's views (layout) are never reduced; the teacher's are where a source asks (teacher_side)
+        return torch.cat([per_source(cache, teacher, ds, col, accelerator, batch_size=batch_size,
+                                     views=dataclasses.replace(seg.views, reduce_to=src.teacher_side or 0))
+                          .repeat(seg.repeat, 1, 1) for (ds, col), seg, src in zip(parts, layout.segments, sources)])
+
+    cached = per_row(_source_targets) if cache.enabled else None
+    towers = per_row(_source_towers) if tower_targets else None
     copies = [seg.views.views * seg.repeat for seg in layout.segments]
     parts = [datasets.concatenate_datasets([images_only(ds, col)] * c) if c > 1 else images_only(ds, col)
              for (ds, col), c in zip(parts, copies)]
@@ -191,4 +205,4 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
     view = layout if any(seg.views.views > 1 for seg in layout.segments) else None
     images = ImageDataset(ds, transforms, Columns(image=IMAGE), name="data.train", view=view)
     rows = TrainRows(len(ds), ViewSpec(views=1, seed=seed), images)
-    return TrainData(rows, bank, names, cached, None, class_head=class_head_from_bank(bank))
+    return TrainData(rows, bank, names, cached, None, class_head=class_head_from_bank(bank), teacher_towers=towers)

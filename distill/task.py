@@ -68,9 +68,11 @@ class DistillTask(nn.Module):
 
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
                  teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter(),
-                 mix: MixSpec = MixSpec(), self_reference: DualEncoder | None = None):
+                 mix: MixSpec = MixSpec(), self_reference: DualEncoder | None = None,
+                 tower_hint: nn.Module | None = None):
         super().__init__()
         self.student = student
+        self.tower_hint = tower_hint  # loss.tower_weight: distill.tower_hint.TowerHint, trained with the student
         self.jitter = jitter
         self.mix = mix
         self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
@@ -202,6 +204,9 @@ class DistillTask(nn.Module):
         if reference is not None:  # the fp32 self on exactly the pixels the fake-quantised student saw
             with torch.no_grad():
                 teacher_image, teacher_scale = reference.encode_image(pixels), reference.logit_scale.detach()
+        s_tower = t_tower = None
+        if self.tower_hint is not None:  # after the student's forward: it reads the pooled features that kept
+            s_tower, t_tower = self.tower_hint(batch.get("teacher_tower"))
         texts = batch.get("text")
         if texts is not None and all(t is not None for t in texts):  # streamed pairs: each its own caption
             t_txt, s_txt = self._streamed_texts(batch, list(texts), device)
@@ -223,6 +228,8 @@ class DistillTask(nn.Module):
             teacher_class=self.teacher_class_head,
             student_log_scale=self.student.log_logit_scale,
             teacher_scale=teacher_scale,
+            student_tower=s_tower,
+            teacher_tower=t_tower,
         )
         out["loss"] = total_loss(out)
         return out

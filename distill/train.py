@@ -44,6 +44,7 @@ from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
 from distill.rundir import LOG_FILE, RunLock, check_fresh_start, check_resumable, clear_outputs, truncate_log
 from distill.task import DistillTask, TrainingTask
+from distill.tower_hint import TowerHint, student_image_head
 from distill.feed import make_feeder
 from distill.stream_data import build_stream_data, is_stream
 from distill.mixture import build_mixture_data
@@ -233,11 +234,13 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     student = initial_student(cfg, teacher, tokenizer=_load_tokenizer(cfg.student.tokenizer))
     if cfg.export.enabled:
         with_text_student(cfg, student)  # a missing or mismatched export.text_student fails now, not after training
+    if cfg.loss.tower_weight > 0:
+        student_image_head(student)  # a student without one fails now, not after the teacher's passes
     reference = qat_self_reference(cfg, student)  # before attach_qat folds the student's batch norms
     qat = attach_qat(cfg, student)
     if is_mixture(cfg.data):  # image-only: several sources, a vocabulary
         data = build_mixture_data(cfg.data, cfg.cache, teacher, student, accelerator, seed=cfg.seed,
-                                  batch_size=cfg.optim.batch_size)
+                                  batch_size=cfg.optim.batch_size, tower_targets=cfg.loss.tower_weight > 0)
     else:
         build = build_stream_data if is_stream(cfg.data) else build_train_data  # shards / `datasets` streaming
         data = build(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,
@@ -249,7 +252,9 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift, cfg.data.student_lowres,
                            cfg.data.student_lowres_min)
     mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
-    task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix, self_reference=reference)
+    hint = TowerHint(student, data.teacher_towers) if cfg.loss.tower_weight > 0 else None
+    task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix, self_reference=reference,
+                       tower_hint=hint)
     task.qat = qat  # removed before the student is saved (finish_qat)
     return task, data
 

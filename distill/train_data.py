@@ -20,7 +20,7 @@ from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
 from clipcore.zeroshot import validate_zeroshot_inputs
 from distill.config import CacheConfig, ConfigError, DataConfig
-from distill.features import embed_texts, teacher_image_rows
+from distill.features import embed_texts, teacher_image_rows, teacher_tower_features
 from distill.task import TextBank
 
 log = logging.getLogger("distill.train")
@@ -97,6 +97,7 @@ class TrainData:
     teacher_images: torch.Tensor | None = None  # cached (N, K, D) teacher targets, or None to run the teacher online
     cache_hit: bool | None = None
     class_head: torch.Tensor | None = None  # the teacher's zero-shot head, when built with the data
+    teacher_towers: torch.Tensor | None = None  # cached (N, K, F) frozen-tower features (loss.tower_weight)
 
 
 def check_path(path: str, what: str) -> None:
@@ -147,7 +148,7 @@ def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, tea
         )
     if not texts:
         raise ValueError(f"{spec.label}: no class names and no captions; set data.classnames=... or data.caption_column")
-    cached, hit, teacher_text = None, None, None
+    cached, hit, teacher_text, towers = None, None, None, None
     views = ViewSpec(views=cache.views, seed=seed)
     if cache.enabled:
         key = cache_key(teacher.fingerprint(), ds._fingerprint, teacher.image_transform.to_json(), cache.views, seed)
@@ -158,6 +159,8 @@ def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, tea
         cached, hit = torch.from_numpy(targets.images), targets.hit
         teacher_text = torch.from_numpy(targets.texts)
         log.info("teacher-target cache %s: %s", "hit" if hit else "built", targets.path)
+        if loss.tower_weight > 0:
+            towers = teacher_tower_features(teacher, ds, cols, views, cache.dir, seed, batch_size, accelerator)
     else:
         teacher_text = embed_texts(teacher, texts)
     ids = mask = None
@@ -170,4 +173,4 @@ def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, tea
     if cached is None:
         transforms["teacher"] = teacher.image_transform
     rows = TrainRows(len(ds), views, ImageDataset(ds, transforms, cols, name=spec.label))
-    return TrainData(rows, bank, names, cached, hit)
+    return TrainData(rows, bank, names, cached, hit, teacher_towers=towers)
