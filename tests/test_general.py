@@ -84,6 +84,10 @@ def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     views, general = load_config(REPO / "configs" / "general_views.yaml"), load_config(REPO / "configs" / "general.yaml")
     assert views.data.sources() == general.data.sources() and views.output_dir == "outputs/general-views"
     assert (views.loss.feature_weight, general.loss.feature_weight) == (1.0, 4.0)
+    # the seventh to tenth sessions' recipe (no tower hint), still reproducible: the same data, its own directory
+    fw4 = load_config(REPO / "configs" / "general_fw4.yaml")
+    assert fw4.data.sources() == general.data.sources() and fw4.output_dir == "outputs/general-fw4"
+    assert (fw4.loss.tower_weight, general.loss.tower_weight) == (0.0, 4.0) and fw4.loss.feature_weight == 4.0
     qat = load_config(REPO / "configs" / "general_qat.yaml")  # fine-tunes on the general run's cached targets
     assert [(s.path, s.repeat, s.views) for s in qat.data.sources()] == [
         (s.path, s.repeat, s.views) for s in load_config(REPO / "configs" / "general.yaml").data.sources()]
