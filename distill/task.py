@@ -205,7 +205,7 @@ class DistillTask(nn.Module):
             with torch.no_grad():
                 teacher_image, teacher_scale = reference.encode_image(pixels), reference.logit_scale.detach()
         s_tower = t_tower = None
-        if self.tower_hint is not None:  # after the student's forward: it reads the pooled features that kept
+        if self.tower_hint is not None:  # after the student's forward, whose pooled features its pre-hook kept
             s_tower, t_tower = self.tower_hint(batch.get("teacher_tower"))
         texts = batch.get("text")
         if texts is not None and all(t is not None for t in texts):  # streamed pairs: each its own caption
