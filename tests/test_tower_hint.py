@@ -190,3 +190,27 @@ def test_the_config_names_what_the_hint_needs(towers, tmp_path, extra):
     args = _args(towers, tmp_path, _mixture(root), *extra)
     with pytest.raises(ConfigError, match="loss.tower_weight=1.0 matches the teacher's frozen-tower features"):
         load_config(args[1], args[2:])
+
+
+def test_a_resumed_run_restores_the_adapter(towers, tmp_path):
+    """The adapter is part of the trainable task: a run resumed from a checkpoint ends with the weights of one that
+    never stopped (a fresh adapter would steer the student elsewhere)."""
+    import shutil
+
+    from distill.train import main
+
+    root, _ = towers
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    common = ("optim.max_steps=4", "save_every=2", "optim.lr=3e-3", "data.student_flip=false", "data.student_shift=0")
+    main(_args(towers, tmp_path / "a", _mixture(root), *common))
+    args = _args(towers, tmp_path / "b", _mixture(root), *common)
+    main(args)
+    shutil.rmtree(tmp_path / "b" / "out" / "final")
+    shutil.rmtree(tmp_path / "b" / "out" / "checkpoints" / "step-4")
+    main(args + ["resume=latest"])
+    a = load_file(str(tmp_path / "a" / "out" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "out" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
