@@ -125,12 +125,15 @@ class Feeder:
         if UINT8_KEY in out:
             out["pixel_values_student"] = self.store.normalise(out.pop(UINT8_KEY))
         if self.cached is not None and "teacher_image" not in out:
-            where = self.cached.device
-            out["teacher_image"] = self.cached[batch["index"].to(where), batch["view"].to(where)].to(self.device)
+            out["teacher_image"] = self._rows_of(self.cached, batch)
         if self.towers is not None:
-            where = self.towers.device
-            out["teacher_tower"] = self.towers[batch["index"].to(where), batch["view"].to(where)].to(self.device)
+            out["teacher_tower"] = self._rows_of(self.towers, batch)
         return out
+
+    def _rows_of(self, table: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The batch's rows of an (N, K, F) table, each at its view, on the device."""
+        where = table.device
+        return table[batch["index"].to(where), batch["view"].to(where)].to(self.device)
 
     def close(self) -> None:
         self.loader = self.stream = None

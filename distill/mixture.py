@@ -101,17 +101,20 @@ def _source_targets(cache: CacheConfig, teacher: DualEncoder, ds: datasets.Datas
                                accelerator.wait_for_everyone)
     targets = store.get_or_build(len(ds), rows)
     log.info("teacher-target cache %s: %s", "hit" if targets.hit else "built", targets.path)
-    images = torch.from_numpy(targets.images)  # (rows, K, D)
-    return images.transpose(0, 1).reshape(-1, 1, images.shape[-1])
+    return _view_major(torch.from_numpy(targets.images))
+
+
+def _view_major(per_row: torch.Tensor) -> torch.Tensor:
+    """(rows, K, F) -> (K * rows, 1, F): each view a row of its own, as :class:`clipcore.augment.RowViews` reads them."""
+    return per_row.transpose(0, 1).reshape(-1, 1, per_row.shape[-1])
 
 
 def _source_towers(cache: CacheConfig, teacher: DualEncoder, ds: datasets.Dataset, column: str, accelerator,
                    *, views: ViewSpec, batch_size: int) -> torch.Tensor:
     """(K * rows, 1, F) the teacher's frozen image-tower features of one source, laid out as
     :func:`_source_targets` lays out its targets (``loss.tower_weight``)."""
-    feats = teacher_tower_features(teacher, ds, Columns(image=column), views, cache.dir, views.seed, batch_size,
-                                   accelerator)
-    return feats.transpose(0, 1).reshape(-1, 1, feats.shape[-1])
+    return _view_major(teacher_tower_features(teacher, ds, Columns(image=column), views, cache.dir, views.seed,
+                                              batch_size, accelerator))
 
 
 def _text_targets(cache: CacheConfig, teacher: DualEncoder, texts: list[str], accelerator) -> torch.Tensor:
