@@ -14,6 +14,10 @@ tenths of a point of agreement (docs/edge-bundle.md). Rows:
     activations N bits  int8 weights, every activation with 2^N levels over its range (8: what ships)
     site in float       8 bits everywhere but one site: the ``--top`` sites whose float restores most
     top-K in float      8 bits everywhere but the K sites of the rows above together
+    per-channel ranges  8 (7) bits, but one range per channel of every activation, each the exact
+                        min/max of the very images measured (an oracle: nothing is clipped): more
+                        than any equalising of channel ranges (cross-layer equalisation,
+                        SmoothQuant-style rescaling) could give one range per tensor
 
 Needs ``../shared/data/tiny-imagenet``. Writes nothing.
 """
@@ -34,14 +38,29 @@ from int8_placement import images, tiny_names  # noqa: E402
 import students.qat as qat  # noqa: E402
 from clipcore.imaging import decode_image  # noqa: E402
 from students import load_model  # noqa: E402
-from students.qat import ActivationQuant, load_ranges, prepare_qat  # noqa: E402
+from students.qat import ACT_QMIN, ActivationQuant, load_ranges, prepare_qat  # noqa: E402
 
 _quantise = ActivationQuant.__call__
+PER_CHANNEL = {"on": False, "calibrating": False}  # the per-channel rows: one range per channel (axis 1)
 
 
 def _call(self: ActivationQuant, x: torch.Tensor) -> torch.Tensor:
     """ActivationQuant's rounding, skipped for a site marked ``in_float`` or when every site is (``bits`` 0)."""
-    return x if getattr(self, "in_float", False) or qat.ACT_QMAX == 0 else _quantise(self, x)
+    if getattr(self, "in_float", False) or qat.ACT_QMAX == 0:
+        return x
+    return _per_channel(self, x) if PER_CHANNEL["on"] else _quantise(self, x)
+
+
+def _per_channel(self: ActivationQuant, x: torch.Tensor) -> torch.Tensor:
+    """uint8 rounding with one range per channel, set by the calibration pass (each range holding 0)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    if PER_CHANNEL["calibrating"]:
+        self.ch_low = x.amin(dim=dims).clamp_max(0.0)
+        self.ch_high = x.amax(dim=dims).clamp_min(0.0)
+        return x
+    scale = ((self.ch_high - self.ch_low) / (qat.ACT_QMAX - ACT_QMIN)).clamp_min(1e-8).float()
+    zero = torch.round(ACT_QMIN - self.ch_low / scale).clamp(ACT_QMIN, qat.ACT_QMAX).to(torch.int32)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero, 1, ACT_QMIN, qat.ACT_QMAX)
 
 
 def embed(student, pixels: np.ndarray) -> np.ndarray:
@@ -56,7 +75,8 @@ def main() -> None:
     p.add_argument("--student", required=True)
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--bits", default="8,9,10,12", help="activation bit widths to simulate")
-    p.add_argument("--top", type=int, default=5, help="sites kept in float one at a time, reported best first")
+    p.add_argument("--top", type=int, default=5,
+                   help="sites kept in float one at a time, reported best first (0: skip the site rows, 100 passes)")
     args = p.parse_args()
     torch.set_num_threads(2)
     student = load_model(args.student).eval()
@@ -88,20 +108,34 @@ def main() -> None:
     row("weights only", bits=0)
     for bits in (int(b) for b in args.bits.split(",")):
         row(f"activations {bits} bits", bits)
+    PER_CHANNEL.update(on=True, calibrating=True)
+    qat.ACT_QMAX = 255
+    with torch.no_grad():  # the oracle: ranges of the evaluated images themselves, all in one batch
+        tower(torch.from_numpy(pixels))
+    PER_CHANNEL["calibrating"] = False
+    for bits in (8, 7):
+        row(f"per-channel ranges, activations {bits} bits", bits)
+    PER_CHANNEL["on"] = False
+    if args.top > 0:
+        site_rows(handle, args.top, lambda: embed(student, pixels), ref, row)
+
+
+def site_rows(handle, top: int, run, ref: np.ndarray, row) -> None:
+    """The rows with 8-bit activations everywhere but the ``top`` sites whose float restores most cosine."""
     gains = []
     for observer in handle.observers:
         observer.in_float = True
         qat.ACT_QMAX = 255
-        emb = embed(student, pixels)
+        emb = run()
         gains.append((float((emb * ref).sum(1).mean()), observer.key))
         observer.in_float = False
     gains.sort(reverse=True)
     by_key = {o.key: o for o in handle.observers}
-    for _, key in gains[:args.top]:
+    for _, key in gains[:top]:
         by_key[key].in_float = True
         row(f"{key} in float")
         by_key[key].in_float = False
-    for k in sorted({1, 3, args.top, 10, 20}):
+    for k in sorted({1, 3, top, 10, 20}):
         for _, key in gains[:k]:
             by_key[key].in_float = True
         row(f"the {k} sites of most cosine in float ({len(handle.observers)} sites)")
