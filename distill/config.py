@@ -196,6 +196,12 @@ class QATConfig:
     # teacher: learn the teacher's targets with rounding in the loop; self: learn the fp32 student's own outputs
     # (a frozen copy of student.init, on the same pixels), so that the int8 model agrees with its fp32 self
     target: str = "teacher"
+    # > 0: also run the tower with its activations unrounded (weights on their int8 grids: the fp32 model the int8
+    # file is checked against) and add this weight x (1 - cosine) between the two image embeddings. Both forwards
+    # take gradients, so the weights learn to keep activation rounding from moving the embedding, the quantity
+    # int8's top-1 agreement measures (a consistency / Jacobian penalty; the student trains in eval mode so both
+    # forwards see the same network). Costs a second forward and backward per step.
+    consistency: float = 0.0
 
 
 @dataclass
@@ -298,6 +304,8 @@ class TrainConfig:
             raise ConfigError(f"qat.momentum={self.qat.momentum}; expected a fraction in (0, 1]")
         if self.qat.target not in ("teacher", "self"):
             raise ConfigError(f"qat.target={self.qat.target!r}; expected 'teacher' or 'self'")
+        if self.qat.consistency < 0 or (self.qat.consistency > 0 and not self.qat.enabled):
+            raise ConfigError(f"qat.consistency={self.qat.consistency}: a weight >= 0, and > 0 only with qat.enabled=true")
         return self
 
     def _validate_sources(self) -> None:

@@ -69,7 +69,7 @@ class DistillTask(nn.Module):
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
                  teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter(),
                  mix: MixSpec = MixSpec(), self_reference: DualEncoder | None = None,
-                 tower_hint: nn.Module | None = None):
+                 tower_hint: nn.Module | None = None, qat_consistency: float = 0.0):
         super().__init__()
         self.student = student
         self.tower_hint = tower_hint  # loss.tower_weight: distill.tower_hint.TowerHint, trained with the student
@@ -78,6 +78,8 @@ class DistillTask(nn.Module):
         self._teacher = [teacher]  # a list hides it from nn.Module: no DDP, no optimizer, no state_dict
         # qat.target=self: the frozen fp32 student whose image embeddings are the targets instead of the teacher's
         self._self_reference = [self_reference]
+        self.qat = None  # QAT's handle (students.qat.QATHandle), set by the builder when qat.enabled
+        self.qat_consistency = qat_consistency  # qat.consistency: weight of the rounded-vs-unrounded cosine loss
         self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
         self._step = 0  # the step of the batch in hand, for error messages
@@ -95,8 +97,8 @@ class DistillTask(nn.Module):
     def train(self, mode: bool = True) -> "DistillTask":
         super().train(mode)
         self.teacher.eval()  # dropout/BN in the teacher must never switch to training behaviour
-        if self._self_reference[0] is not None:
-            # qat.target=self: the student must compute what its fp32 self computes, rounding aside; with
+        if self._self_reference[0] is not None or self.qat_consistency > 0:
+            # qat.target=self / qat.consistency: the student must compute what its fp32 self computes, rounding aside; with
             # EfficientNet's drop-connect on, the loss measured dropped blocks, not rounding (QAT's observers
             # update on any step with gradients, whatever the mode)
             self.student.eval()
@@ -207,6 +209,7 @@ class DistillTask(nn.Module):
         s_tower = t_tower = None
         if self.tower_hint is not None:  # after the student's forward, whose pooled features its pre-hook kept
             s_tower, t_tower = self.tower_hint(batch.get("teacher_tower"))
+        consistency = self._qat_consistency(pixels, s_img)
         texts = batch.get("text")
         if texts is not None and all(t is not None for t in texts):  # streamed pairs: each its own caption
             t_txt, s_txt = self._streamed_texts(batch, list(texts), device)
@@ -231,5 +234,18 @@ class DistillTask(nn.Module):
             student_tower=s_tower,
             teacher_tower=t_tower,
         )
+        if consistency is not None:
+            out["qat_consistency_loss"] = consistency
         out["loss"] = total_loss(out)
         return out
+
+    def _qat_consistency(self, pixels: torch.Tensor, s_img: torch.Tensor) -> torch.Tensor | None:
+        """``qat.consistency``: weight x mean (1 - cosine) between the fake-quantised image embeddings and those
+        of the same pixels with activations unrounded (weights on their grids: the fp32 model the int8 file must
+        agree with). Gradients reach both, so rounding's effect on the embedding is what shrinks."""
+        if self.qat_consistency <= 0 or self.qat is None:
+            return None
+        with self.qat.float_activations():
+            s_float = self.student.encode_image(pixels)
+        cos = F.cosine_similarity(s_img.float(), s_float.float(), dim=-1)
+        return self.qat_consistency * (1.0 - cos).mean()

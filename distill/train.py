@@ -254,7 +254,7 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
     hint = TowerHint(student, data.teacher_towers) if cfg.loss.tower_weight > 0 else None
     task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix, self_reference=reference,
-                       tower_hint=hint)
+                       tower_hint=hint, qat_consistency=cfg.qat.consistency)
     task.qat = qat  # removed before the student is saved (finish_qat)
     return task, data
 

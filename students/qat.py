@@ -28,9 +28,10 @@ once with hooks (:func:`trace_calls`): which module's output feeds which, by ten
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Mapping
+from typing import Callable, Collection, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -163,6 +164,7 @@ class ActivationQuant:
     low: torch.Tensor | None = None
     high: torch.Tensor | None = None
     key: str = ""  # where it sits (site_key): saved with its range, matched to an ONNX tensor at export
+    bypass: bool = False  # QATHandle.float_activations: pass the tensor through unrounded and unobserved
 
     def observe(self, x: torch.Tensor) -> None:
         low, high = x.detach().amin().clamp_max(0.0), x.detach().amax().clamp_min(0.0)
@@ -173,6 +175,8 @@ class ActivationQuant:
             self.high = self.high + self.momentum * (high - self.high)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if torch.is_grad_enabled() or self.low is None:
             self.observe(x)
         scale = ((self.high - self.low) / (ACT_QMAX - ACT_QMIN)).clamp_min(1e-8).float().reshape(1)
@@ -202,6 +206,18 @@ class QATHandle:
         for norm in self.norms:
             norm.__dict__.pop("forward", None)
         self.handles, self.layers, self.norms = [], [], []
+
+    @contextmanager
+    def float_activations(self) -> Iterator[None]:
+        """Within: activations pass unrounded (ranges untouched), weights stay on their int8 grids: the model
+        :meth:`strip` will leave, which the int8 export is checked against (``qat.consistency``)."""
+        for observer in self.observers:
+            observer.bypass = True
+        try:
+            yield
+        finally:
+            for observer in self.observers:
+                observer.bypass = False
 
     def ranges(self) -> dict[str, list[float]]:
         """``{site key: [low, high]}`` of every activation range set so far: what the export should use

@@ -111,6 +111,22 @@ def test_strip_leaves_weights_on_their_int8_grid():
     assert not hasattr(net.stem, "parametrizations")
 
 
+def test_float_activations_is_the_model_strip_leaves_and_keeps_the_ranges():
+    """qat.consistency's second forward: weights on their int8 grids, activations unrounded and unobserved."""
+    net, x = _net(), _pixels()
+    handle = prepare_qat(net, lambda: net(x))
+    net.train()
+    ranges = handle.ranges()
+    with handle.float_activations():
+        unrounded = net(x * 3)  # with gradients on: an observer would widen its range to these pixels
+    assert handle.ranges() == ranges
+    rounded = net(x)
+    handle.strip()  # weights left on their grids, no activation rounding: what the int8 file is checked against
+    net.eval()  # the folded norms' running statistics, as during QAT
+    torch.testing.assert_close(unrounded, net(x * 3), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(rounded, net(x), atol=1e-6)  # outside the context the activations were rounded
+
+
 def test_prepare_qat_refuses_a_model_without_layers():
     net = nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match="no Conv2d/Linear"):
@@ -350,6 +366,38 @@ def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
                            None)
     with pytest.raises(ConfigError, match=r"qat.target='fp32'; expected 'teacher' or 'self'"):
         load_config(None, _overrides(saved, tmp_path / "o", "qat.target=fp32"))
+
+
+def test_qat_consistency_adds_the_rounded_vs_unrounded_loss(saved, tmp_path):
+    """qat.consistency: a second forward with activations unrounded; the loss is weight x (1 - cosine) between
+    the two embeddings, logged, summed into the total, and the student trains in eval mode (same network twice)."""
+    import json
+
+    from distill.config import ConfigError, load_config
+    from distill.task import DistillTask
+    from distill.train import main as train
+
+    from students import load_student
+
+    root = saved[0]
+    rows = {}
+    for weight in (0, 1000):
+        out = tmp_path / f"w{weight}"
+        train(["--config", str(root / "empty.yaml"),
+               *_overrides(saved, out, f"qat.consistency={weight}", "optim.max_steps=1", "log_every=1")])
+        rows[weight] = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert "qat_consistency_loss" not in rows[0]
+    assert 0 < rows[1000]["qat_consistency_loss"] < 1000  # rounding moves the embedding, a little
+    others = sum(v for k, v in rows[1000].items() if k.endswith("_loss") and k != "qat_consistency_loss")
+    assert rows[1000]["loss"] == pytest.approx(others + rows[1000]["qat_consistency_loss"], rel=1e-5)
+    cfg = load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=1"))
+    student = load_student(str(root / "start"), teacher=saved[2]).train()
+    task = DistillTask(student, saved[2], cfg.loss, None, None, qat_consistency=cfg.qat.consistency).train()
+    assert task.training and not task.student.training
+    with pytest.raises(ConfigError, match=r"qat.consistency=-1.0: a weight >= 0"):
+        load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=-1"))
+    with pytest.raises(ConfigError, match=r"qat.consistency=2.0: .* only with qat.enabled=true"):
+        load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=2", "qat.enabled=false"))
 
 
 def test_qat_on_two_cpu_processes(saved, tmp_path):
