@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from clipcore.losses import (
     FEATURE_KINDS,
+    CaptionBankKL,
     ClipLoss,
     EmbeddingCache,
     FeatureDistillLoss,
@@ -36,6 +37,7 @@ EMBEDDING_KEYS = (
     "teacher_scale",
     "student_tower",
     "teacher_tower",
+    "caption_bank",
 )
 
 
@@ -52,6 +54,9 @@ class LossConfig:
     interactive_weight: :class:`InteractiveContrastiveLoss`; needs image-text pairs.
     tower_weight: :class:`TowerHintLoss`, the student's pooled image features (through a learned adapter)
         against the teacher's cached frozen-tower features; needs a teacher built on frozen towers.
+    caption_weight: :class:`CaptionBankKL`, the teacher's image->caption distribution over a bank of the training
+        sources' captions (``data.train[i].caption_column``), ``caption_bank_size`` of them drawn each step, at
+        ``kl_temperature``; needs an image-only student on a mixture.
     """
 
     kl_weight: float = 1.0
@@ -63,9 +68,11 @@ class LossConfig:
     feature_kind: str = "cosine"
     interactive_weight: float = 0.0
     tower_weight: float = 0.0
+    caption_weight: float = 0.0
+    caption_bank_size: int = 4096
 
     def __post_init__(self):
-        for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight", "tower_weight"):
+        for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight", "tower_weight", "caption_weight"):
             check_weight(f, getattr(self, f))
         check_temperature("kl_temperature", self.kl_temperature)
         if self.feature_kind not in FEATURE_KINDS:
@@ -73,6 +80,9 @@ class LossConfig:
         for f in ("kl_on_classes", "kl_on_affinity"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f} must be true or false, got {getattr(self, f)!r}")
+        if isinstance(self.caption_bank_size, bool) or not isinstance(self.caption_bank_size, int) \
+                or self.caption_bank_size < 1:
+            raise ValueError(f"caption_bank_size must be a positive number of captions, got {self.caption_bank_size!r}")
         if self.kl_weight > 0 and not (self.kl_on_classes or self.kl_on_affinity):
             raise ValueError("kl_on_classes and kl_on_affinity are both false while kl_weight > 0")
         if not any(getattr(self, f) > 0 for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight")):
@@ -106,6 +116,7 @@ class DistillLoss(nn.Module):
         self.feature = FeatureDistillLoss(cfg.feature_weight, cfg.feature_kind)
         self.interactive = InteractiveContrastiveLoss(cfg.interactive_weight)
         self.tower = TowerHintLoss(cfg.tower_weight)
+        self.caption = CaptionBankKL(cfg.caption_weight, cfg.kl_temperature)
 
     def forward(self, **embeddings) -> dict[str, torch.Tensor]:
         unknown = sorted(set(embeddings) - set(EMBEDDING_KEYS))
@@ -113,7 +124,7 @@ class DistillLoss(nn.Module):
             raise ValueError(f"DistillLoss got unknown embedding keyword(s) {unknown}; known: {list(EMBEDDING_KEYS)}")
         cache = EmbeddingCache()
         out: dict[str, torch.Tensor] = {}
-        for term in (self.clip, self.kl, self.feature, self.interactive, self.tower):
+        for term in (self.clip, self.kl, self.feature, self.interactive, self.tower, self.caption):
             out.update(term(**embeddings, cache=cache))
         if "logit_scale" not in out and embeddings.get("student_log_scale") is not None:
             out["logit_scale"] = logit_scale(embeddings["student_log_scale"]).detach()

@@ -434,6 +434,47 @@ class TowerHintLoss(nn.Module):
         return {"tower_loss": self.weight * F.mse_loss(s.float(), t.detach().float())}
 
 
+class CaptionBankKL(nn.Module):
+    """The teacher's image->caption affinities over a bank of captions (TinyCLIP's affinity mimicking,
+    with a fixed text bank instead of the batch's texts).
+
+    ``caption_bank`` holds the teacher's embeddings of captions (any number of rows, e.g. a per-step
+    sample of a photo set's captions); every image of the batch, student and teacher, is scored
+    against all of them: ``kl_distill(s * student_image @ bank.T, t * teacher_image @ bank.T, T)``. The
+    class KL does this over class prompts; captions are sentences about whole scenes, whose fine
+    directions image->text retrieval rests on. The bank is the teacher's text, so the student image
+    side is ``student_image_proj`` when given (the teacher space). Returns ``{"kl_caption_loss"}``.
+    """
+
+    def __init__(self, weight: float = 0.0, temperature: float = 1.0):
+        super().__init__()
+        self.weight = check_weight("CaptionBankKL weight", weight)
+        self.temperature = check_temperature("CaptionBankKL temperature", temperature)
+
+    def forward(self, student_image: torch.Tensor | None = None, teacher_image: torch.Tensor | None = None,
+                caption_bank: torch.Tensor | None = None, student_image_proj: torch.Tensor | None = None,
+                student_log_scale: torch.Tensor | None = None, teacher_scale=None,
+                cache: EmbeddingCache | None = None, **_unused) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            return {}
+        name = "CaptionBankKL"
+        s_image = _require(_in_teacher_space(student_image, student_image_proj), "student_image", name)
+        t_image = _require(teacher_image, "teacher_image", name)
+        bank = _require(caption_bank, "caption_bank", name)
+        if bank.dim() != 2 or bank.shape[0] == 0:
+            raise ValueError(f"{name}: caption_bank must be a non-empty (N, D) matrix, got shape {tuple(bank.shape)}")
+        _check_batch(name, student_image=s_image, teacher_image=t_image)
+        _same_dim(s_image, bank, "student_image", "caption_bank", name)
+        _same_dim(t_image, bank, "teacher_image", "caption_bank", name)
+        s_scale = logit_scale(_require(student_log_scale, "student_log_scale", name))
+        t_scale = _teacher_scale(_require(teacher_scale, "teacher_scale", name), s_scale.device)
+        cache = cache or EmbeddingCache()
+        bank = F.normalize(bank.detach().float(), dim=-1)
+        s_logits = s_scale * cache.norm(s_image) @ bank.t()
+        t_logits = t_scale * cache.norm(t_image, detach=True) @ bank.t()
+        return {"kl_caption_loss": self.weight * kl_distill(s_logits, t_logits, self.temperature)}
+
+
 class InteractiveContrastiveLoss(nn.Module):
     """CLIP-KD's interactive contrastive learning (ICL).
 

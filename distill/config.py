@@ -48,6 +48,8 @@ class TrainSource:
     # a column of captions (a string or a list per row; rows may have none): each row's affinity text is one of
     # its own captions, embedded by the teacher once, instead of a random vocabulary prompt (photos with captions)
     caption_column: str | None = None
+    # false: the captions only join loss.caption_weight's bank, and the rows keep vocabulary prompts as affinity texts
+    caption_affinity: bool = True
     # K fixed views per row, each a row of its own every epoch: view 0 the plain image, then seeded crops (scale
     # 0.5-1) and flips, embedded by the teacher once and cached (K teacher passes over the source): more distinct
     # targets for a small source than `repeat`, whose copies share one
@@ -306,6 +308,11 @@ class TrainConfig:
             raise ConfigError(f"qat.target={self.qat.target!r}; expected 'teacher' or 'self'")
         if self.qat.consistency < 0 or (self.qat.consistency > 0 and not self.qat.enabled):
             raise ConfigError(f"qat.consistency={self.qat.consistency}: a weight >= 0, and > 0 only with qat.enabled=true")
+        if self.loss.caption_weight > 0 and (isinstance(self.data.train, str)
+                                            or not any(src.caption_column for src in self.data.train)):
+            raise ConfigError(f"loss.caption_weight={self.loss.caption_weight} scores images against the captions of the "
+                              "training sources: make data.train a list of sources and name a caption column "
+                              "(data.train[i].caption_column), or set loss.caption_weight=0")
         return self
 
     def _validate_sources(self) -> None:

@@ -139,14 +139,16 @@ def source_captions(parts: list[tuple[datasets.Dataset, str]], sources: list[Tra
                     ) -> tuple[list[str], list[list[int]]]:
     """The captions of every source that names a ``caption_column`` (each once, whatever its repeat),
     and for every row of the mixture, repeats included, the indices of its own captions among them
-    (``[]``: a row without captions, which takes a vocabulary prompt as its affinity text)."""
+    (``[]``: a row without captions, or of a source with ``caption_affinity: false``, which takes a
+    vocabulary prompt as its affinity text)."""
     texts, rows = [], []
     for (ds, _), src in zip(parts, sources):
         own: list[list[int]] = [[] for _ in range(len(ds))]
         if src.caption_column:
             caps, owner = flatten_captions(ds, src.caption_column)
-            for j, row in enumerate(owner):
-                own[row].append(len(texts) + j)
+            if src.caption_affinity:
+                for j, row in enumerate(owner):
+                    own[row].append(len(texts) + j)
             texts += caps
         rows += own * (src.views * src.repeat)
     return texts, rows

@@ -233,11 +233,26 @@ class DistillTask(nn.Module):
             teacher_scale=teacher_scale,
             student_tower=s_tower,
             teacher_tower=t_tower,
+            caption_bank=self._caption_bank(torch.Generator().manual_seed(seed * 1_000_003 + step + 900_007), device),
         )
         if consistency is not None:
             out["qat_consistency_loss"] = consistency
         out["loss"] = total_loss(out)
         return out
+
+    def _caption_bank(self, generator: torch.Generator, device) -> torch.Tensor | None:
+        """``loss.caption_weight``: the teacher's embeddings of ``loss.caption_bank_size`` captions of the bank,
+        drawn afresh each step (its own generator: the texts sampled for the other terms stay the same)."""
+        if self.loss_cfg.caption_weight <= 0:
+            return None
+        first = self.bank.prompt_rows.numel()  # the bank holds the prompts first, then the sources' captions
+        count = len(self.bank.texts) - first
+        if count <= 0:
+            raise ValueError("loss.caption_weight > 0 but the training sources gave no captions: name a caption "
+                             "column (data.train[i].caption_column) whose rows hold text")
+        take = min(self.loss_cfg.caption_bank_size, count)
+        rows = torch.randperm(count, generator=generator)[:take] if take < count else torch.arange(count)
+        return self.bank.teacher_emb[first + rows].to(device)
 
     def _qat_consistency(self, pixels: torch.Tensor, s_img: torch.Tensor) -> torch.Tensor | None:
         """``qat.consistency``: weight x mean (1 - cosine) between the fake-quantised image embeddings and those

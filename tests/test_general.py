@@ -347,6 +347,42 @@ def test_a_captioned_source_teaches_its_own_captions_as_affinity_texts(mixture, 
     assert bank.texts[int(rows[2])] in captions[1] and bank.texts[int(rows[3])] in captions[11]
 
 
+def test_a_caption_bank_scores_every_image_against_the_sources_captions(mixture, tmp_path, monkeypatch):
+    from distill.task import DistillTask
+
+    banks = []
+    real = DistillTask._caption_bank
+
+    def spy(self, generator, device):
+        banks.append(real(self, generator, device))
+        return banks[-1]
+
+    monkeypatch.setattr(DistillTask, "_caption_bank", spy)
+    data = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=3", "loss.caption_weight=2",
+                                "loss.caption_bank_size=10", caption_column="captions", caption_affinity=False)
+    bank, prompts = data.bank, 6
+    assert len(bank.texts) == prompts + 18 and bank.caption_rows == [[]] * (16 + 12)  # affinity texts: prompts only
+    assert len(banks) == 3 and all(b.shape == (10, bank.teacher_emb.shape[1]) for b in banks)  # 10 of 18 each step
+    caption_emb = bank.teacher_emb[prompts:].float()
+    for b in banks:  # every row is one caption's teacher embedding, none twice
+        match = (b.float() @ caption_emb.t()).argmax(1)
+        torch.testing.assert_close(b.float(), caption_emb[match])
+        assert len(set(match.tolist())) == 10
+    assert not torch.equal(banks[0], banks[1])  # drawn afresh each step
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert all(row["kl_caption_loss"] > 0 for row in log)
+
+
+def test_the_caption_bank_needs_captions(mixture, tmp_path):
+    with pytest.raises(ConfigError, match=r"loss.caption_weight=1.0 .*data.train\[i\].caption_column"):
+        main(_general_args(mixture, tmp_path, "loss.caption_weight=1"))
+    with pytest.raises(ConfigError, match=r"data.train\[1\].caption_affinity: expected true/false, got 'maybe'"):
+        load_config(_recipe(tmp_path, {"data": {"train": [{"path": "a"}, {"path": "b", "caption_affinity": "maybe"}],
+                                                "eval": "c"}}))
+    with pytest.raises(ValueError, match="caption_bank_size must be a positive number"):
+        main(_general_args(mixture, tmp_path, "loss.caption_bank_size=0"))
+
+
 def test_a_missing_caption_column_names_the_source(mixture, tmp_path):
     args = _general_args(mixture, tmp_path, "optim.max_steps=1")
     recipe = Path(args[1])

@@ -10,6 +10,7 @@ import torch
 from clipcore.distill_loss import DistillLoss, LossConfig, build_losses
 from clipcore.losses import (
     LOG_SCALE_MAX,
+    CaptionBankKL,
     ClipLoss,
     FeatureDistillLoss,
     InteractiveContrastiveLoss,
@@ -186,6 +187,39 @@ def test_kl_distill_loss_parts_and_frozen_text_student():
     assert_same_forward_backward(out["kl_class_loss"], ref_cls, [x["student_image"], x["student_log_scale"]])
     with pytest.raises(ValueError, match="student_class"):
         KLDistillLoss(1.0)(**{k: v for k, v in x.items() if k != "student_class"})
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_caption_bank_kl_matches_reference(T):
+    x = make_inputs()
+    bank = torch.randn(7, DT, generator=torch.Generator().manual_seed(3))
+    out = CaptionBankKL(weight=3.0, temperature=T)(**x, caption_bank=bank)
+    ref = 3.0 * ref_kl_class(x["student_image"], bank, x["teacher_image"], bank, x["student_log_scale"],
+                             TEACHER_SCALE, T)
+    assert set(out) == {"kl_caption_loss"}
+    assert_same_forward_backward(out["kl_caption_loss"], ref, [x["student_image"], x["student_log_scale"]])
+    # the student in the teacher space: zero when it equals the teacher's image side, whatever the bank
+    same = CaptionBankKL(1.0)(**{**x, "student_image": x["teacher_image"],
+                                 "student_log_scale": torch.tensor(math.log(TEACHER_SCALE))}, caption_bank=bank)
+    torch.testing.assert_close(same["kl_caption_loss"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    # through a projection when the student is narrower
+    narrow = make_inputs(student_dim=DS)
+    proj = torch.randn(B, DT, requires_grad=True)
+    got = CaptionBankKL(1.0)(**narrow, caption_bank=bank, student_image_proj=proj)["kl_caption_loss"]
+    assert torch.autograd.grad(got, proj)[0].abs().sum() > 0
+    assert CaptionBankKL(0.0)(**x, caption_bank=bank) == {}
+
+
+def test_caption_bank_kl_checks_its_inputs():
+    x = make_inputs()
+    with pytest.raises(ValueError, match="caption_bank"):
+        CaptionBankKL(1.0)(**x)
+    with pytest.raises(ValueError, match="non-empty"):
+        CaptionBankKL(1.0)(**x, caption_bank=torch.zeros(0, DT))
+    with pytest.raises(ValueError, match="caption_bank has width 5"):
+        CaptionBankKL(1.0)(**x, caption_bank=torch.randn(4, 5))
+    assert "kl_caption_loss" in DistillLoss(LossConfig(caption_weight=1.0))(**x, caption_bank=torch.randn(4, DT))
+    assert "kl_caption_loss" not in DistillLoss(LossConfig())(**x, caption_bank=torch.randn(4, DT))
 
 
 # ------------------------------------------------------------------------------------------- CLIP
