@@ -56,7 +56,7 @@ class LossConfig:
         against the teacher's cached frozen-tower features; needs a teacher built on frozen towers.
     caption_weight: :class:`CaptionBankKL`, the teacher's image->caption distribution over a bank of the training
         sources' captions (``data.train[i].caption_column``), ``caption_bank_size`` of them drawn each step, at
-        ``kl_temperature``; needs an image-only student on a mixture.
+        ``kl_temperature``; needs data.train as a list of sources, one of them with a caption column.
     """
 
     kl_weight: float = 1.0
