@@ -189,13 +189,32 @@ def _train_with_source_b(mixture, tmp_path, monkeypatch, *extra, **source_b):
         return seen["data"]
 
     monkeypatch.setattr(train_mod, "build_mixture_data", spy)
-    args = _general_args(mixture, tmp_path, *extra)
+    main(_with_source_b(_general_args(mixture, tmp_path, *extra), **source_b))
+    return seen["data"]
+
+
+def _with_source_b(args: list[str], **source_b) -> list[str]:
+    """``args`` of :func:`_general_args`, their recipe's second source updated with ``source_b``."""
     recipe = Path(args[1])
     data = yaml.safe_load(recipe.read_text())
     data["data"]["train"][1].update(source_b)
     recipe.write_text(yaml.safe_dump(data))
-    main(args)
-    return seen["data"]
+    return args
+
+
+def torchrun_train(args: list[str]):
+    """``distill/train.py args`` in two CPU processes (gloo, torchrun); the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    from clipcore.testing import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "distill" / "train.py"), *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp_path, monkeypatch):
@@ -375,23 +394,9 @@ def test_a_caption_bank_scores_every_image_against_the_sources_captions(mixture,
 
 def test_two_processes_train_with_a_caption_bank(mixture, tmp_path):
     """Each process scores its own images against the same per-step draw of captions (gloo, torchrun)."""
-    import os
-    import subprocess
-    import sys
-
-    from clipcore.testing import free_port
-
     args = _general_args(mixture, tmp_path, "cpu=true", "optim.max_steps=2", "loss.caption_weight=1",
                          "loss.caption_bank_size=5")
-    recipe = Path(args[1])
-    data = yaml.safe_load(recipe.read_text())
-    data["data"]["train"][1].update(caption_column="captions", caption_affinity=False)
-    recipe.write_text(yaml.safe_dump(data))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "distill" / "train.py"), *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_train(_with_source_b(args, caption_column="captions", caption_affinity=False))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(row["kl_caption_loss"] > 0 for row in log)

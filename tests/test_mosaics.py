@@ -123,20 +123,10 @@ def test_mixture_trains_on_mosaics_as_one_more_cached_source(mixture, tmp_path, 
 
 def test_two_processes_build_the_mosaics_once_and_share_them(mixture, tmp_path):  # noqa: F811
     """The main process composes, the other waits and loads the same frames (gloo, torchrun)."""
-    import os
-    import subprocess
-    import sys
+    from tests.test_general import torchrun_train
 
-    from clipcore.testing import free_port
-    from tests.test_general import REPO
-
-    args = _general_args(mixture, tmp_path, "data.mosaics.count=8", "data.mosaics.tile=16", "cpu=true",
-                         f"data.mosaics.dir={tmp_path / 'mosaics'}", "optim.max_steps=2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "distill" / "train.py"), *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_train(_general_args(mixture, tmp_path, "data.mosaics.count=8", "data.mosaics.tile=16", "cpu=true",
+                                        f"data.mosaics.dir={tmp_path / 'mosaics'}", "optim.max_steps=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("mosaics: composing") == 1, proc.stderr[-3000:]
     assert [p.name.endswith(".tmp") for p in (tmp_path / "mosaics").iterdir()] == [False]
