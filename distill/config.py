@@ -204,6 +204,12 @@ class QATConfig:
     # int8's top-1 agreement measures (a consistency / Jacobian penalty; the student trains in eval mode so both
     # forwards see the same network). Costs a second forward and backward per step.
     consistency: float = 0.0
+    # what the consistency loss compares. embedding: 1 - cosine of the two image embeddings. classes: KL from the
+    # unrounded forward's class distribution over the vocabulary (the class KL's head, the student's own logit scale,
+    # held fixed) to the rounded one's. The cosine penalty is met by shrinking the margins between classes too (a
+    # tenth of the rounding error bought 1.3 points of agreement and cost 7.6 of top-1); the KL is ~ half the logit
+    # error weighted by the softmax's covariance, which vanishes for a confident prediction, so it rewards margins.
+    consistency_on: str = "embedding"
 
 
 @dataclass
@@ -308,6 +314,8 @@ class TrainConfig:
             raise ConfigError(f"qat.target={self.qat.target!r}; expected 'teacher' or 'self'")
         if self.qat.consistency < 0 or (self.qat.consistency > 0 and not self.qat.enabled):
             raise ConfigError(f"qat.consistency={self.qat.consistency}: a weight >= 0, and > 0 only with qat.enabled=true")
+        if self.qat.consistency_on not in ("embedding", "classes"):
+            raise ConfigError(f"qat.consistency_on={self.qat.consistency_on!r}; expected 'embedding' or 'classes'")
         if self.loss.caption_weight > 0 and (isinstance(self.data.train, str)
                                             or not any(src.caption_column for src in self.data.train)):
             raise ConfigError(f"loss.caption_weight={self.loss.caption_weight} scores images against the captions of the "

@@ -69,7 +69,8 @@ class DistillTask(nn.Module):
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
                  teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter(),
                  mix: MixSpec = MixSpec(), self_reference: DualEncoder | None = None,
-                 tower_hint: nn.Module | None = None, qat_consistency: float = 0.0):
+                 tower_hint: nn.Module | None = None, qat_consistency: float = 0.0,
+                 qat_consistency_on: str = "embedding"):
         super().__init__()
         self.student = student
         self.tower_hint = tower_hint  # loss.tower_weight: distill.tower_hint.TowerHint, trained with the student
@@ -79,7 +80,8 @@ class DistillTask(nn.Module):
         # qat.target=self: the frozen fp32 student whose image embeddings are the targets instead of the teacher's
         self._self_reference = [self_reference]
         self.qat = None  # QAT's handle (students.qat.QATHandle), set by the builder when qat.enabled
-        self.qat_consistency = qat_consistency  # qat.consistency: weight of the rounded-vs-unrounded cosine loss
+        self.qat_consistency = qat_consistency  # qat.consistency: weight of the rounded-vs-unrounded loss
+        self.qat_consistency_on = qat_consistency_on  # qat.consistency_on: embedding (cosine) | classes (KL)
         self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
         self._step = 0  # the step of the batch in hand, for error messages
@@ -255,12 +257,22 @@ class DistillTask(nn.Module):
         return self.bank.teacher_emb[first + rows].to(device)
 
     def _qat_consistency(self, pixels: torch.Tensor, s_img: torch.Tensor) -> torch.Tensor | None:
-        """``qat.consistency``: weight x mean (1 - cosine) between the fake-quantised image embeddings and those
-        of the same pixels with activations unrounded (weights on their grids: the fp32 model the int8 file must
-        agree with). Gradients reach both, so rounding's effect on the embedding is what shrinks."""
+        """``qat.consistency``: weight x how far the fake-quantised image embeddings are from those of the same pixels
+        with activations unrounded (weights on their grids: the fp32 model the int8 file must agree with), as
+        1 - cosine (``consistency_on: embedding``) or as KL(unrounded || rounded) between their class distributions
+        over the class KL's vocabulary at the student's logit scale, held fixed (``classes``). Gradients reach both
+        forwards, so rounding's effect on the embedding (or on the decisions) is what shrinks."""
         if self.qat_consistency <= 0 or self.qat is None:
             return None
         with self.qat.float_activations():
             s_float = self.student.encode_image(pixels)
+        if self.qat_consistency_on == "classes":
+            scale = self.student.log_logit_scale.detach().exp()  # a lower scale would flatten both, not agree
+            head = self.teacher_class_head.float()
+            # the class KL's image side: the embedding mapped into the teacher's space where the widths differ
+            side = (lambda z: z) if self.image_proj is None else self.image_proj
+            log_q = F.log_softmax(scale * F.normalize(side(s_img).float(), dim=-1) @ head.T, dim=-1)
+            log_p = F.log_softmax(scale * F.normalize(side(s_float).float(), dim=-1) @ head.T, dim=-1)
+            return self.qat_consistency * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
         cos = F.cosine_similarity(s_img.float(), s_float.float(), dim=-1)
         return self.qat_consistency * (1.0 - cos).mean()

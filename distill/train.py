@@ -39,7 +39,7 @@ from clipcore.zeroshot import build_classifier
 from distill.checkpoint import (RunInfo, load_state, read_manifest, resolve_resume, save_checkpoint,
                                set_aside_other_runs)
 from distill.cli import debug_requested, run_cli
-from distill.config import TrainConfig, dump_config, load_config, to_dict
+from distill.config import ConfigError, TrainConfig, dump_config, load_config, to_dict
 from distill.contrastive import build_contrastive
 from distill.evaluate import embed_images, zeroshot_eval
 from distill.rundir import LOG_FILE, RunLock, check_fresh_start, check_resumable, clear_outputs, truncate_log
@@ -254,7 +254,11 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
     hint = TowerHint(student, data.teacher_towers) if cfg.loss.tower_weight > 0 else None
     task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix, self_reference=reference,
-                       tower_hint=hint, qat_consistency=cfg.qat.consistency)
+                       tower_hint=hint, qat_consistency=cfg.qat.consistency, qat_consistency_on=cfg.qat.consistency_on)
+    if cfg.qat.consistency > 0 and cfg.qat.consistency_on == "classes" and head is None:
+        raise ConfigError("qat.consistency_on=classes compares class distributions over the class KL's vocabulary: "
+                          "set data.vocabulary (or data.classnames) and loss.kl_on_classes=true, or use "
+                          "qat.consistency_on=embedding")
     task.qat = qat  # removed before the student is saved (finish_qat)
     return task, data
 

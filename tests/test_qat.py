@@ -400,6 +400,58 @@ def test_qat_consistency_adds_the_rounded_vs_unrounded_loss(saved, tmp_path):
         load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=2", "qat.enabled=false"))
 
 
+def test_qat_consistency_on_classes_is_the_kl_between_the_two_class_distributions(saved, tmp_path):
+    """qat.consistency_on=classes: KL(unrounded || rounded) of the class distributions over the class KL's head at the
+    student's logit scale, held fixed; it trains, is logged and summed, and is refused without a head."""
+    import json
+
+    import torch.nn.functional as F
+
+    from distill.config import ConfigError, load_config
+    from distill.student_init import attach_qat
+    from distill.task import DistillTask
+    from distill.train import main as train
+
+    from students import load_student
+
+    root, _, teacher = saved
+    cfg = load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=5", "qat.consistency_on=classes"))
+    student = load_student(str(root / "start"), teacher=teacher)
+    handle = attach_qat(cfg, student)
+    head = F.normalize(torch.randn(7, teacher.embed_dim, generator=torch.Generator().manual_seed(3)), dim=-1)
+    task = DistillTask(student, teacher, cfg.loss, None, head, qat_consistency=5.0, qat_consistency_on="classes").train()
+    task.qat = handle
+    pixels = torch.randn(4, 3, *student.image_transform.output_size, generator=torch.Generator().manual_seed(4))
+    s_img = student.encode_image(pixels)  # the first batch sets the activation ranges
+    got = task._qat_consistency(pixels, s_img)
+    with torch.no_grad(), handle.float_activations():
+        s_float = student.encode_image(pixels)
+    scale = student.log_logit_scale.exp()
+    p = torch.softmax(scale * F.normalize(s_float, dim=-1) @ head.T, dim=-1)
+    q = torch.softmax(scale * F.normalize(s_img, dim=-1) @ head.T, dim=-1)
+    want = 5.0 * (p * (p.log() - q.log())).sum(dim=-1).mean()
+    assert got.item() > 0
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    got.backward()
+    assert student.log_logit_scale.grad is None or student.log_logit_scale.grad.abs().item() == 0  # scale held fixed
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.image_tower.parameters())
+
+    out = tmp_path / "classes"
+    train(["--config", str(root / "empty.yaml"), *_overrides(saved, out, "qat.consistency=1000",
+                                                             "qat.consistency_on=classes", "optim.max_steps=1",
+                                                             "log_every=1")])
+    row = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert row["qat_consistency_loss"] > 0
+    others = sum(v for k, v in row.items() if k.endswith("_loss") and k != "qat_consistency_loss")
+    assert row["loss"] == pytest.approx(others + row["qat_consistency_loss"], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"qat.consistency_on='logits'; expected 'embedding' or 'classes'"):
+        load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=1", "qat.consistency_on=logits"))
+    with pytest.raises(ConfigError, match=r"qat.consistency_on=classes compares class distributions .*kl_on_classes"):
+        train(["--config", str(root / "empty.yaml"), *_overrides(saved, tmp_path / "nohead", "qat.consistency=1",
+                                                                 "qat.consistency_on=classes",
+                                                                 "loss.kl_on_classes=false")])
+
+
 def test_qat_on_two_cpu_processes(saved, tmp_path):
     """torchrun, gloo: each process rounds alike (ranges are per process); the saved student loads."""
     import os
