@@ -210,6 +210,9 @@ class QATConfig:
     # tenth of the rounding error bought 1.3 points of agreement and cost 7.6 of top-1); the KL is ~ half the logit
     # error weighted by the softmax's covariance, which vanishes for a confident prediction, so it rewards margins.
     consistency_on: str = "embedding"
+    # classes: the logit scale of both distributions; 0 = the student's own (held fixed). A sharper one (CLIP's cap,
+    # 100) leaves a confident image's KL near 0 and puts the loss on near-ties, the images whose top-1 rounding flips.
+    consistency_scale: float = 0.0
 
 
 @dataclass
@@ -316,6 +319,9 @@ class TrainConfig:
             raise ConfigError(f"qat.consistency={self.qat.consistency}: a weight >= 0, and > 0 only with qat.enabled=true")
         if self.qat.consistency_on not in ("embedding", "classes"):
             raise ConfigError(f"qat.consistency_on={self.qat.consistency_on!r}; expected 'embedding' or 'classes'")
+        if self.qat.consistency_scale < 0:
+            raise ConfigError(f"qat.consistency_scale={self.qat.consistency_scale}: a logit scale > 0, or 0 for the "
+                              "student's own")
         if self.loss.caption_weight > 0 and (isinstance(self.data.train, str)
                                             or not any(src.caption_column for src in self.data.train)):
             raise ConfigError(f"loss.caption_weight={self.loss.caption_weight} scores images against the captions of the "

@@ -70,7 +70,7 @@ class DistillTask(nn.Module):
                  teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter(),
                  mix: MixSpec = MixSpec(), self_reference: DualEncoder | None = None,
                  tower_hint: nn.Module | None = None, qat_consistency: float = 0.0,
-                 qat_consistency_on: str = "embedding"):
+                 qat_consistency_on: str = "embedding", qat_consistency_scale: float = 0.0):
         super().__init__()
         self.student = student
         self.tower_hint = tower_hint  # loss.tower_weight: distill.tower_hint.TowerHint, trained with the student
@@ -82,6 +82,7 @@ class DistillTask(nn.Module):
         self.qat = None  # QAT's handle (students.qat.QATHandle), set by the builder when qat.enabled
         self.qat_consistency = qat_consistency  # qat.consistency: weight of the rounded-vs-unrounded loss
         self.qat_consistency_on = qat_consistency_on  # qat.consistency_on: embedding (cosine) | classes (KL)
+        self.qat_consistency_scale = qat_consistency_scale  # classes: their logit scale (0: the student's own)
         self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
         self._step = 0  # the step of the batch in hand, for error messages
@@ -260,14 +261,16 @@ class DistillTask(nn.Module):
         """``qat.consistency``: weight x how far the fake-quantised image embeddings are from those of the same pixels
         with activations unrounded (weights on their grids: the fp32 model the int8 file must agree with), as
         1 - cosine (``consistency_on: embedding``) or as KL(unrounded || rounded) between their class distributions
-        over the class KL's vocabulary at the student's logit scale, held fixed (``classes``). Gradients reach both
-        forwards, so rounding's effect on the embedding (or on the decisions) is what shrinks."""
+        over the class KL's vocabulary at a fixed logit scale (``classes``: ``qat.consistency_scale``, or the
+        student's own). Gradients reach both forwards, so rounding's effect on the embedding (or on the decisions)
+        is what shrinks."""
         if self.qat_consistency <= 0 or self.qat is None:
             return None
         with self.qat.float_activations():
             s_float = self.student.encode_image(pixels)
         if self.qat_consistency_on == "classes":
-            scale = self.student.log_logit_scale.detach().exp()  # a lower scale would flatten both, not agree
+            # fixed: a lower scale would flatten both distributions, not make them agree
+            scale = self.qat_consistency_scale or self.student.log_logit_scale.detach().exp()
             head = self.teacher_class_head.float()
             # the class KL's image side: the embedding mapped into the teacher's space where the widths differ
             side = (lambda z: z) if self.image_proj is None else self.image_proj

@@ -435,6 +435,11 @@ def test_qat_consistency_on_classes_is_the_kl_between_the_two_class_distribution
     got.backward()
     assert student.log_logit_scale.grad is None or student.log_logit_scale.grad.abs().item() == 0  # scale held fixed
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.image_tower.parameters())
+    task.qat_consistency_scale = 100.0  # qat.consistency_scale: a fixed sharper scale instead of the student's
+    p = torch.softmax(100 * F.normalize(s_float, dim=-1) @ head.T, dim=-1)
+    q = torch.softmax(100 * F.normalize(s_img, dim=-1) @ head.T, dim=-1)
+    torch.testing.assert_close(task._qat_consistency(pixels, s_img),
+                               5.0 * (p * (p.log() - q.log())).sum(dim=-1).mean(), atol=1e-6, rtol=1e-4)
 
     out = tmp_path / "classes"
     train(["--config", str(root / "empty.yaml"), *_overrides(saved, out, "qat.consistency=1000",
@@ -446,6 +451,8 @@ def test_qat_consistency_on_classes_is_the_kl_between_the_two_class_distribution
     assert row["loss"] == pytest.approx(others + row["qat_consistency_loss"], rel=1e-5)
     with pytest.raises(ConfigError, match=r"qat.consistency_on='logits'; expected 'embedding' or 'classes'"):
         load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=1", "qat.consistency_on=logits"))
+    with pytest.raises(ConfigError, match=r"qat.consistency_scale=-1.0: a logit scale > 0, or 0 for the student's own"):
+        load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency_scale=-1"))
     with pytest.raises(ConfigError, match=r"qat.consistency_on=classes compares class distributions .*kl_on_classes"):
         train(["--config", str(root / "empty.yaml"), *_overrides(saved, tmp_path / "nohead", "qat.consistency=1",
                                                                  "qat.consistency_on=classes",
