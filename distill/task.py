@@ -19,6 +19,7 @@ from clipcore.cache import NonFiniteTargets
 from clipcore.distill_loss import DistillLoss, LossConfig
 from clipcore.dual_encoder import DualEncoder
 from clipcore.losses import clamp_log_scale_, make_feature_projection, total_loss
+from distill.config import QATConfig
 
 
 def finite_teacher(targets: torch.Tensor, what: str, step: int) -> torch.Tensor:
@@ -69,8 +70,7 @@ class DistillTask(nn.Module):
     def __init__(self, student: DualEncoder, teacher: DualEncoder, loss_cfg: LossConfig, bank: TextBank,
                  teacher_class_head: torch.Tensor | None, jitter: StudentJitter = StudentJitter(),
                  mix: MixSpec = MixSpec(), self_reference: DualEncoder | None = None,
-                 tower_hint: nn.Module | None = None, qat_consistency: float = 0.0,
-                 qat_consistency_on: str = "embedding", qat_consistency_scale: float = 0.0):
+                 tower_hint: nn.Module | None = None, qat_cfg: QATConfig = QATConfig()):
         super().__init__()
         self.student = student
         self.tower_hint = tower_hint  # loss.tower_weight: distill.tower_hint.TowerHint, trained with the student
@@ -80,9 +80,7 @@ class DistillTask(nn.Module):
         # qat.target=self: the frozen fp32 student whose image embeddings are the targets instead of the teacher's
         self._self_reference = [self_reference]
         self.qat = None  # QAT's handle (students.qat.QATHandle), set by the builder when qat.enabled
-        self.qat_consistency = qat_consistency  # qat.consistency: weight of the rounded-vs-unrounded loss
-        self.qat_consistency_on = qat_consistency_on  # qat.consistency_on: embedding (cosine) | classes (KL)
-        self.qat_consistency_scale = qat_consistency_scale  # classes: their logit scale (0: the student's own)
+        self.qat_cfg = qat_cfg  # qat.consistency*: the rounded-vs-unrounded loss (its weight, what it compares)
         self.losses = DistillLoss(loss_cfg)
         self.loss_cfg = loss_cfg
         self._step = 0  # the step of the batch in hand, for error messages
@@ -100,7 +98,7 @@ class DistillTask(nn.Module):
     def train(self, mode: bool = True) -> "DistillTask":
         super().train(mode)
         self.teacher.eval()  # dropout/BN in the teacher must never switch to training behaviour
-        if self._self_reference[0] is not None or self.qat_consistency > 0:
+        if self._self_reference[0] is not None or self.qat_cfg.consistency > 0:
             # qat.target=self / qat.consistency: the student must compute what its fp32 self computes, rounding aside; with
             # EfficientNet's drop-connect on, the loss measured dropped blocks, not rounding (QAT's observers
             # update on any step with gradients, whatever the mode)
@@ -264,18 +262,19 @@ class DistillTask(nn.Module):
         over the class KL's vocabulary at a fixed logit scale (``classes``: ``qat.consistency_scale``, or the
         student's own). Gradients reach both forwards, so rounding's effect on the embedding (or on the decisions)
         is what shrinks."""
-        if self.qat_consistency <= 0 or self.qat is None:
+        weight = self.qat_cfg.consistency
+        if weight <= 0 or self.qat is None:
             return None
         with self.qat.float_activations():
             s_float = self.student.encode_image(pixels)
-        if self.qat_consistency_on == "classes":
+        if self.qat_cfg.consistency_on == "classes":
             # fixed: a lower scale would flatten both distributions, not make them agree
-            scale = self.qat_consistency_scale or self.student.log_logit_scale.detach().exp()
+            scale = self.qat_cfg.consistency_scale or self.student.log_logit_scale.detach().exp()
             head = self.teacher_class_head.float()
             # the class KL's image side: the embedding mapped into the teacher's space where the widths differ
             side = (lambda z: z) if self.image_proj is None else self.image_proj
             log_q = F.log_softmax(scale * F.normalize(side(s_img).float(), dim=-1) @ head.T, dim=-1)
             log_p = F.log_softmax(scale * F.normalize(side(s_float).float(), dim=-1) @ head.T, dim=-1)
-            return self.qat_consistency * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+            return weight * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
         cos = F.cosine_similarity(s_img.float(), s_float.float(), dim=-1)
-        return self.qat_consistency * (1.0 - cos).mean()
+        return weight * (1.0 - cos).mean()

@@ -254,8 +254,7 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
     hint = TowerHint(student, data.teacher_towers) if cfg.loss.tower_weight > 0 else None
     task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix, self_reference=reference,
-                       tower_hint=hint, qat_consistency=cfg.qat.consistency, qat_consistency_on=cfg.qat.consistency_on,
-                       qat_consistency_scale=cfg.qat.consistency_scale)
+                       tower_hint=hint, qat_cfg=cfg.qat)
     if cfg.qat.consistency > 0 and cfg.qat.consistency_on == "classes" and head is None:
         raise ConfigError("qat.consistency_on=classes compares class distributions over the class KL's vocabulary: "
                           "set data.vocabulary (or data.classnames) and loss.kl_on_classes=true, or use "

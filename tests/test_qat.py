@@ -392,7 +392,7 @@ def test_qat_consistency_adds_the_rounded_vs_unrounded_loss(saved, tmp_path):
     assert rows[1000]["loss"] == pytest.approx(others + rows[1000]["qat_consistency_loss"], rel=1e-5)
     cfg = load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=1"))
     student = load_student(str(root / "start"), teacher=saved[2]).train()
-    task = DistillTask(student, saved[2], cfg.loss, None, None, qat_consistency=cfg.qat.consistency).train()
+    task = DistillTask(student, saved[2], cfg.loss, None, None, qat_cfg=cfg.qat).train()
     assert task.training and not task.student.training
     with pytest.raises(ConfigError, match=r"qat.consistency=-1.0: a weight >= 0"):
         load_config(None, _overrides(saved, tmp_path / "o", "qat.consistency=-1"))
@@ -404,6 +404,7 @@ def test_qat_consistency_on_classes_is_the_kl_between_the_two_class_distribution
     """qat.consistency_on=classes: KL(unrounded || rounded) of the class distributions over the class KL's head at the
     student's logit scale, held fixed; it trains, is logged and summed, and is refused without a head."""
     import json
+    from dataclasses import replace
 
     import torch.nn.functional as F
 
@@ -419,7 +420,7 @@ def test_qat_consistency_on_classes_is_the_kl_between_the_two_class_distribution
     student = load_student(str(root / "start"), teacher=teacher)
     handle = attach_qat(cfg, student)
     head = F.normalize(torch.randn(7, teacher.embed_dim, generator=torch.Generator().manual_seed(3)), dim=-1)
-    task = DistillTask(student, teacher, cfg.loss, None, head, qat_consistency=5.0, qat_consistency_on="classes").train()
+    task = DistillTask(student, teacher, cfg.loss, None, head, qat_cfg=cfg.qat).train()
     task.qat = handle
     pixels = torch.randn(4, 3, *student.image_transform.output_size, generator=torch.Generator().manual_seed(4))
     s_img = student.encode_image(pixels)  # the first batch sets the activation ranges
@@ -435,7 +436,7 @@ def test_qat_consistency_on_classes_is_the_kl_between_the_two_class_distribution
     got.backward()
     assert student.log_logit_scale.grad is None or student.log_logit_scale.grad.abs().item() == 0  # scale held fixed
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.image_tower.parameters())
-    task.qat_consistency_scale = 100.0  # qat.consistency_scale: a fixed sharper scale instead of the student's
+    task.qat_cfg = replace(cfg.qat, consistency_scale=100.0)  # a fixed sharper scale instead of the student's
     p = torch.softmax(100 * F.normalize(s_float, dim=-1) @ head.T, dim=-1)
     q = torch.softmax(100 * F.normalize(s_img, dim=-1) @ head.T, dim=-1)
     torch.testing.assert_close(task._qat_consistency(pixels, s_img),
