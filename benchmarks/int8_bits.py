@@ -19,6 +19,11 @@ tenths of a point of agreement (docs/edge-bundle.md). Rows:
                         than any equalising of channel ranges (cross-layer equalisation,
                         SmoothQuant-style rescaling) could give one range per tensor
 
+``--margins`` adds two tables from the 8-bit run: the flips by the unquantised student's top-1 margin (the
+cosine gap between its two best classes), and the agreement a student with K times larger margins would keep
+under the same rounding error (argmax of the unquantised cosines plus the 8-bit run's cosine error / K: the
+decisions of logits scaled by K around the same error).
+
 Needs ``../shared/data/tiny-imagenet``. Writes nothing.
 """
 
@@ -77,6 +82,8 @@ def main() -> None:
     p.add_argument("--bits", default="8,9,10,12", help="activation bit widths to simulate")
     p.add_argument("--top", type=int, default=5,
                    help="sites kept in float one at a time, reported best first (0: skip the site rows, 100 passes)")
+    p.add_argument("--margins", action="store_true",
+                   help="add the flips by margin and the agreement with K times larger margins (8 bits)")
     args = p.parse_args()
     torch.set_num_threads(2)
     student = load_model(args.student).eval()
@@ -108,6 +115,9 @@ def main() -> None:
     row("weights only", bits=0)
     for bits in (int(b) for b in args.bits.split(",")):
         row(f"activations {bits} bits", bits)
+    if args.margins:
+        qat.ACT_QMAX = 255
+        rounded = embed(student, pixels) @ head.T  # the 8-bit run's cosines, for the tables at the end
     PER_CHANNEL.update(on=True, calibrating=True)
     qat.ACT_QMAX = 255
     with torch.no_grad():  # the oracle: ranges of the evaluated images themselves, all in one batch
@@ -118,6 +128,27 @@ def main() -> None:
     PER_CHANNEL["on"] = False
     if args.top > 0:
         site_rows(handle, args.top, lambda: embed(student, pixels), ref, row)
+    if args.margins:
+        margin_rows(ref @ head.T, rounded)
+
+
+def margin_rows(clean: np.ndarray, rounded: np.ndarray) -> None:
+    """Flips by the unquantised top-1 margin (quintiles), and agreement with the margins scaled by K."""
+    top2 = np.sort(clean, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    flip = rounded.argmax(1) != clean.argmax(1)
+    error = rounded - clean
+    print(f"\n8-bit flips: {int(flip.sum())} of {len(flip)}; median |cosine error| of a class "
+          f"{float(np.median(np.abs(error))):.5f}\n")
+    print("| unquantised top-1 margin (cosine gap), quintile | images | flipped |\n|---|---|---|")
+    edges = np.quantile(margin, [0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (margin >= lo) & (margin <= hi)
+        print(f"| {lo:.4f} - {hi:.4f} | {int(inside.sum())} | {flip[inside].mean():.1%} |")
+    print("\n| margins x K, same 8-bit error | top-1 agreement |\n|---|---|")
+    for k in (1, 1.5, 2, 3, 4, 6):
+        agree = float(((clean + error / k).argmax(1) == clean.argmax(1)).mean())
+        print(f"| K = {k:g} | {agree:.1%} |")
 
 
 def site_rows(handle, top: int, run, ref: np.ndarray, row) -> None:

@@ -1,0 +1,35 @@
+"""benchmarks/int8_bits.py --margins: flips by the unquantised margin and the agreement with K-times margins."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports int8_placement from beside it
+    try:
+        spec = importlib.util.spec_from_file_location("int8_bits", REPO / "benchmarks" / "int8_bits.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def test_margin_rows_count_flips_and_scale_the_margins(capsys):
+    # five images, two classes; margins 0.01 .. 0.05; a rounding error of -0.03 on the winner of the first two
+    clean = np.array([[0.51, 0.50], [0.52, 0.50], [0.53, 0.50], [0.54, 0.50], [0.55, 0.50]])
+    rounded = clean + np.array([[-0.03, 0.0], [-0.03, 0.0], [-0.02, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    _script().margin_rows(clean, rounded)
+    out = capsys.readouterr().out
+    assert "8-bit flips: 2 of 5" in out  # the 0.01 and 0.02 margins flip, the 0.03 one holds (0.03 > 0.02)
+    assert "| K = 1 | 60.0% |" in out
+    assert "| K = 2 | 80.0% |" in out  # error / 2 = 0.015 still beats the 0.01 margin
+    assert "| K = 4 | 100.0% |" in out  # 0.0075 < 0.01
+    assert out.count("| 1 |") == 5  # one image per quintile
