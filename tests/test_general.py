@@ -88,6 +88,10 @@ def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     fw4 = load_config(REPO / "configs" / "general_fw4.yaml")
     assert fw4.data.sources() == general.data.sources() and fw4.output_dir == "outputs/general-fw4"
     assert (fw4.loss.tower_weight, general.loss.tower_weight) == (0.0, 4.0) and fw4.loss.feature_weight == 4.0
+    # the eleventh to fifteenth sessions' recipe (6,000 steps), still reproducible: only the length and directory differ
+    hint = load_config(REPO / "configs" / "general_hint.yaml")
+    assert hint.data.sources() == general.data.sources() and hint.loss == general.loss and hint.student == general.student
+    assert (hint.optim.max_steps, general.optim.max_steps) == (6000, 7000) and hint.output_dir == "outputs/general-hint"
     qat = load_config(REPO / "configs" / "general_qat.yaml")  # fine-tunes on the general run's cached targets
     assert [(s.path, s.repeat, s.views) for s in qat.data.sources()] == [
         (s.path, s.repeat, s.views) for s in load_config(REPO / "configs" / "general.yaml").data.sources()]
