@@ -131,6 +131,9 @@ class OptimConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     init_logit_scale: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+    # > 0: evaluate, save and export an exponential moving average of the student's weights (distill/ema.py),
+    # decay x average + (1 - decay) x weights after every step; 0.999 averages over the last ~1,000 steps
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -312,6 +315,10 @@ class TrainConfig:
         if self.qat.enabled and self.mixed_precision != "no":
             # the fake-quantised forward is the int8 model's arithmetic in fp32; half precision would add its own rounding
             raise ConfigError(f"qat.enabled=true trains in fp32: mixed_precision={self.mixed_precision!r} must be no")
+        if self.qat.enabled and self.optim.ema_decay > 0:
+            # the int8 export takes QAT's ranges from the live tower; an average of its weights was never rounded
+            raise ConfigError(f"optim.ema_decay={self.optim.ema_decay} averages weights that QAT does not train "
+                              "against its int8 ranges: set optim.ema_decay=0 with qat.enabled=true")
         if not 0.0 < self.qat.momentum <= 1.0:
             raise ConfigError(f"qat.momentum={self.qat.momentum}; expected a fraction in (0, 1]")
         if self.qat.target not in ("teacher", "self"):
@@ -385,6 +392,7 @@ _BOUNDS = (
     ("data.mosaics.count", lambda v: v >= 0, "an integer >= 0 (0: no mosaics)"),
     ("data.mosaics.grid", lambda v: v >= 2, "an integer >= 2 (tiles per side)"),
     ("data.mosaics.tile", lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    ("optim.ema_decay", lambda v: 0 <= v < 1, "a decay in [0, 1) (0: no average of the weights)"),
     ("data.mix.share", lambda v: 0 <= v <= 1, "a fraction of the batch in [0, 1] (0: no mixes)"),
     ("data.mix.cutmix", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("export.parity_limit", lambda v: v is None or v >= 1, "an integer >= 1 or null"),

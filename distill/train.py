@@ -54,6 +54,7 @@ from distill.final import save_final
 from distill.student_init import (attach_qat, finish_qat, initial_student, qat_checkpoint_writer, qat_self_reference,
                                   restore_qat_ranges, with_text_student)
 # NonFiniteLossError and NonFiniteWeightsError are imported from here by callers and tests
+from distill.ema import attach_ema, checkpoint_writers
 from distill.divergence import (  # noqa: F401
     NonFiniteLossError,
     NonFiniteWeightsError,
@@ -330,17 +331,22 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     accelerator.init_trackers("distill", config=_scalar_config(cfg))
 
     qat = getattr(accelerator.unwrap_model(task), "qat", None)  # QAT's handle, or None
+    live = accelerator.unwrap_model(task).export_student()
+    ema = attach_ema(cfg.optim.ema_decay, live)  # None unless optim.ema_decay > 0
+    kept = live if ema is None else ema.student  # what is evaluated, saved and exported
     state = {"step": 0, "epoch": 0, "batch": 0}
     last_ckpt = resume
     if resume is not None:
         accelerator.load_state(str(resume))
         restore_qat_ranges(qat, resume)
+        if ema is not None:
+            ema.load(resume)
         state = load_state(resume)
         log.info("resumed from %s at step %d", resume, state["step"])
     if accelerator.is_main_process:  # the steps logged after the checkpoint run again: no repeated rows
         truncate_log(out / LOG_FILE, state["step"])
 
-    extra = qat_checkpoint_writer(qat)
+    extra = checkpoint_writers(qat_checkpoint_writer(qat), None if ema is None else ema.save)
     accum, bs = cfg.optim.grad_accum, cfg.optim.batch_size
     feeder = make_feeder(cfg, data, accelerator)  # before the clock starts: it may decode the images once
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not (cfg.progress and accelerator.is_local_main_process),
@@ -364,6 +370,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
                     accelerator.unwrap_model(task).clamp_logit_scale_()
+                    if ema is not None:
+                        ema.update(live)
             state["batch"] += 1
             seen += bs * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -381,10 +389,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 tick, seen = time.perf_counter(), 0
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.optim.max_steps:
                 check_weights_finite(task, state["step"], last_ckpt)
-                metrics = _evaluate(cfg, accelerator, task, data, state["step"])
+                metrics = _evaluate(cfg, accelerator, kept, data, state["step"])
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.optim.max_steps:
                 check_weights_finite(task, state["step"], last_ckpt)
-                check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
+                check_student_finite(kept, state["step"], last_ckpt)
                 last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run, extra)
             if state["step"] >= cfg.optim.max_steps:
                 break
@@ -393,19 +401,19 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     bar.close()
     feeder.close()
     check_weights_finite(task, state["step"], last_ckpt)
-    check_student_finite(accelerator.unwrap_model(task).export_student(), state["step"], last_ckpt)
+    check_student_finite(kept, state["step"], last_ckpt)
     if usable is not None:  # else a resume at optim.max_steps: its checkpoint is already this state
         last_ckpt = save_checkpoint(accelerator, out, _next_position(state, usable), cfg.keep_checkpoints, run, extra)
     finish_qat(qat)
-    metrics = _evaluate(cfg, accelerator, task, data, state["step"])
+    metrics = _evaluate(cfg, accelerator, kept, data, state["step"])
     if accelerator.is_main_process:
-        final = save_final(cfg, accelerator.unwrap_model(task).export_student(), out, metrics, state["step"])
+        final = save_final(cfg, kept, out, metrics, state["step"])
         log.info("saved the student to %s", final)
         if cfg.export.enabled:
             unwrapped: TrainingTask = accelerator.unwrap_model(task)
             fp32_self = unwrapped.agreement_reference()
             metrics["export/parity_passed"] = export_student(
-                cfg, unwrapped.parity_reference(), with_text_student(cfg, unwrapped.export_student()), out,
+                cfg, unwrapped.parity_reference(), with_text_student(cfg, kept), out,
                 reference=None if fp32_self is None else with_text_student(cfg, fp32_self))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()  # `final/` exists for every process once train() returns
@@ -423,10 +431,10 @@ def _next_position(state: dict, usable: int) -> dict:
     return dict(state)
 
 
-def _evaluate(cfg: TrainConfig, accelerator, task, data: TrainData, step: int) -> dict:
+def _evaluate(cfg: TrainConfig, accelerator, student: DualEncoder, data: TrainData, step: int) -> dict:
     metrics = {}
     if accelerator.is_main_process:
-        metrics = evaluate_student(cfg, accelerator.unwrap_model(task).export_student(), data.classnames)
+        metrics = evaluate_student(cfg, student, data.classnames)
         if metrics:
             # at the training step, so TensorBoard draws a curve (step=None put every evaluation at 0)
             accelerator.log(metrics, step=step)

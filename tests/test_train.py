@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,18 +247,56 @@ def test_resume_after_sigkill_gives_identical_weights(setup, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_ema_is_what_is_saved_and_resumes(setup, tmp_path):
+    """optim.ema_decay: every step's checkpoint holds the live weights and the average; the average follows them by
+    hand, is what final/ holds, and a run resumed from an earlier checkpoint continues it to the same final."""
+    from distill.ema import EMA_FILE
+    from students.checkpoint import load_student
+
+    decay = 0.8
+    main(_args(setup, tmp_path, "optim.max_steps=4", "save_every=1", "keep_checkpoints=10", "optim.lr=2e-3",
+               f"optim.ema_decay={decay}"))
+    ckpts = tmp_path / "out" / "checkpoints"
+    expected = None
+    for step in (1, 2, 3, 4):
+        live = {k[len("student."):]: v for k, v in load_file(str(ckpts / f"step-{step}" / "model.safetensors")).items()
+                if k.startswith("student.") and v.is_floating_point()}
+        expected = live if expected is None else {k: decay * expected[k] + (1 - decay) * v for k, v in live.items()}
+        ema = load_file(str(ckpts / f"step-{step}" / EMA_FILE))
+        assert int(ema["n_averaged"]) == step
+        for k, v in expected.items():
+            torch.testing.assert_close(ema["module." + k], v, msg=f"step {step}: {k}")
+    moved = [k for k in expected if not torch.equal(ema["module." + k], live[k])]
+    assert moved, "the average equals the live weights: nothing was averaged"
+    final = load_student(tmp_path / "out" / "final").state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(final[k], ema["module." + k], rtol=0, atol=0, msg=k)
+    # resume from step 2: the average must continue from the checkpoint's, not restart from the live weights
+    saved = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    shutil.rmtree(tmp_path / "out" / "final")
+    for step in (3, 4):
+        shutil.rmtree(ckpts / f"step-{step}")
+    main(_args(setup, tmp_path, "optim.max_steps=4", "save_every=1", "keep_checkpoints=10", "optim.lr=2e-3",
+               f"optim.ema_decay={decay}", "resume=latest"))
+    again = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    assert saved.keys() == again.keys()
+    for k in saved:
+        assert torch.equal(saved[k], again[k]), k
+
+
 def test_two_cpu_processes(setup, captions, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "distill" / "train.py"),
            *_args(setup, tmp_path, f"output_dir={out}", "optim.max_steps=3", "optim.batch_size=4", "cpu=true",
                   "loss.clip_weight=1.0", f"data.train={captions}", "data.eval_split=train",
-                  "loss.kl_on_classes=false")]
+                  "loss.kl_on_classes=false", "optim.ema_decay=0.5")]
     proc = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "final" / "model.safetensors").is_file()
     assert len(list((out / "checkpoints" / "step-3").glob("random_states_*.pkl"))) == 2  # one per process
+    assert (out / "checkpoints" / "step-3" / "ema_student.safetensors").is_file()  # written once, by the main process
 
 
 def test_augmented_views_are_deterministic_and_match_the_cache(setup, tmp_path):
