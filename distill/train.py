@@ -53,8 +53,8 @@ from exports.pipeline import export_and_check
 from distill.final import save_final
 from distill.student_init import (attach_qat, finish_qat, initial_student, qat_checkpoint_writer, qat_self_reference,
                                   restore_qat_ranges, with_text_student)
-# NonFiniteLossError and NonFiniteWeightsError are imported from here by callers and tests
 from distill.ema import attach_ema, checkpoint_writers
+# NonFiniteLossError and NonFiniteWeightsError are imported from here by callers and tests
 from distill.divergence import (  # noqa: F401
     NonFiniteLossError,
     NonFiniteWeightsError,
