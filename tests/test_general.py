@@ -91,7 +91,13 @@ def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     # the eleventh to fifteenth sessions' recipe (6,000 steps), still reproducible: only the length and directory differ
     hint = load_config(REPO / "configs" / "general_hint.yaml")
     assert hint.data.sources() == general.data.sources() and hint.loss == general.loss and hint.student == general.student
+    assert hint.optim.ema_decay == 0.0
     assert (hint.optim.max_steps, general.optim.max_steps) == (6000, 7000) and hint.output_dir == "outputs/general-hint"
+    # the sixteenth session's 7,000 steps without the weight average, still reproducible
+    steps7k = load_config(REPO / "configs" / "general_7000.yaml")
+    assert steps7k.data.sources() == general.data.sources() and steps7k.loss == general.loss
+    assert steps7k.optim.max_steps == general.optim.max_steps and steps7k.output_dir == "outputs/general-7000"
+    assert (steps7k.optim.ema_decay, general.optim.ema_decay) == (0.0, 0.9995)
     qat = load_config(REPO / "configs" / "general_qat.yaml")  # fine-tunes on the general run's cached targets
     assert [(s.path, s.repeat, s.views) for s in qat.data.sources()] == [
         (s.path, s.repeat, s.views) for s in load_config(REPO / "configs" / "general.yaml").data.sources()]
