@@ -34,6 +34,7 @@ class StudentConfig:
     image_size: int | None = None  # None: the registry default for arch
     tokenizer: str | None = None  # None: the teacher's tokenizer
     head: str = "linear"  # image-only students: linear | mlp | teacher (copy a tower teacher's MLP image head)
+    head_hidden: int | None = None  # head: mlp only: its hidden size (None: 1024)
     freeze_blocks: int = 0  # efficientnet_lite students: freeze the stem and the first N blocks (faster steps)
 
 
@@ -271,6 +272,9 @@ class TrainConfig:
             raise ConfigError("mode=contrastive needs contrastive.model (a hub id, directory or reference:lite0)")
         if self.student.head not in ("linear", "mlp", "teacher"):
             raise ConfigError(f"student.head={self.student.head!r}; expected linear, mlp or teacher")
+        if self.student.head_hidden is not None and (self.student.head != "mlp" or self.student.head_hidden < 1):
+            raise ConfigError(f"student.head_hidden={self.student.head_hidden} sizes an MLP head: it needs "
+                              f"student.head=mlp (got {self.student.head!r}) and a size >= 1")
         if self.student.freeze_blocks < 0:
             raise ConfigError(f"student.freeze_blocks={self.student.freeze_blocks}; expected a block count >= 0")
         if self.contrastive.head not in ("linear", "mlp"):

@@ -46,7 +46,8 @@ def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> D
             tower.qat_ranges = None             # (a QAT run records its own when it finishes)
     else:
         student = build_student(cfg.student.arch, teacher=teacher, image_size=cfg.student.image_size,
-                                init=cfg.student.init, tokenizer=tokenizer, head=cfg.student.head)
+                                init=cfg.student.init, tokenizer=tokenizer, head=cfg.student.head,
+                                head_hidden=cfg.student.head_hidden)
         if not student.has_own_text_tower:  # a CLIP student keeps its own (or inherited) temperature
             with torch.no_grad():
                 student.log_logit_scale.fill_(cfg.optim.init_logit_scale)

@@ -48,6 +48,7 @@ def build_frozen_text_student(
     teacher: DualEncoder | None = None,
     init: str | Path | None = None,
     head: str = "linear",
+    head_hidden: int | None = None,
 ) -> FrozenTextStudent:
     """An image-only student from its config.
 
@@ -58,6 +59,7 @@ def build_frozen_text_student(
         teacher: supplies text features and tokenisation; may be attached later.
         init: hub id or directory of pretrained backbone weights.
         head: one of :data:`HEADS` (see :func:`build_student`).
+        head_hidden: the MLP head's hidden size (``head="mlp"`` only); None: :data:`MLP_HIDDEN`.
 
     Returns:
         the :class:`FrozenTextStudent` (train mode).
@@ -68,7 +70,7 @@ def build_frozen_text_student(
     if teacher_head is not None:
         hidden = teacher_head[0].out_features
     else:
-        hidden = MLP_HIDDEN if head == "mlp" else None
+        hidden = (head_hidden or MLP_HIDDEN) if head == "mlp" else None
     tower = build_image_tower(cfg.backbone, config, embed_dim=embed_dim, init=init, head_hidden=hidden)
     if teacher_head is not None:
         _copy_head(tower.head, teacher_head, teacher)
@@ -102,6 +104,7 @@ def build_student(
     image_size: int | None = None,
     init: str | Path | None = None,
     head: str = "linear",
+    head_hidden: int | None = None,
 ) -> DualEncoder:
     """Build a student as a :class:`DualEncoder` with the teacher's API.
 
@@ -118,6 +121,8 @@ def build_student(
             hidden 1024, random) or ``"teacher"`` (the tower teacher's own MLP image head, copied:
             the student starts from a projection that already maps EfficientNet-like pooled
             features into the embedding space).
+        head_hidden: ``head="mlp"`` only: its hidden size (default 1024); a smaller one keeps the
+            head's parameters, and so an int8 bundle, small.
 
     Returns:
         a ``HFDualEncoder`` (CLIP students) or :class:`FrozenTextStudent`, in train mode.
@@ -135,6 +140,9 @@ def build_student(
         raise ValueError(f"student.head={head!r}; expected one of {', '.join(HEADS)}")
     if head != "linear" and not isinstance(cfg, ImageStudentConfig):
         raise ValueError(f"student.head={head!r} is for image-only students; {cfg.name} is a CLIP student")
+    if head_hidden is not None and (head != "mlp" or int(head_hidden) < 1):
+        raise ValueError(f"student.head_hidden={head_hidden!r} sizes an MLP head: it needs student.head=mlp "
+                         f"(got {head!r}) and a size >= 1")
     if init == TEACHER_INIT and teacher is None:
         raise ValueError("init='teacher' needs teacher=")
     dim = _resolve_embed_dim(embed_dim, teacher)
@@ -150,7 +158,7 @@ def build_student(
         if tokenizer is not None:
             raise ValueError(f"{cfg.name} is image-only: its text side and tokenizer are the teacher's")
         student = build_frozen_text_student(cfg, embed_dim=dim, transform=transform, teacher=teacher, init=checkpoint,
-                                            head=head)
+                                            head=head, head_hidden=head_hidden)
     else:
         raise TypeError(f"not a student config: {type(cfg).__name__}")
     if init == TEACHER_INIT:

@@ -50,6 +50,8 @@ def test_train_as_a_list_of_sources(tmp_path):
     ({"train": [{"path": "a"}], "eval": "c", "streaming": True}, {}, "streamed data"),
     ({"train": [{"path": "a"}], "eval": "c"}, {"student": {"head": "wide"}}, r"student.head='wide'.*linear, mlp or"),
     ({"train": [{"path": "a"}], "eval": "c"}, {"student": {"freeze_blocks": -1}}, r"student.freeze_blocks=-1"),
+    ({"train": [{"path": "a"}], "eval": "c"}, {"student": {"head_hidden": 512}}, r"head_hidden=512.*'linear'"),
+    ({"train": [{"path": "a"}], "eval": "c"}, {"student": {"head": "mlp", "head_hidden": 0}}, r"head_hidden=0"),
     ({"train": "a", "mosaics": {"count": 4}}, {}, r"data.mosaics.count > 0 needs image-only"),
     ({"train": [{"path": "a"}], "eval": "c", "mosaics": {"count": -1}}, {}, r"data.mosaics.count=-1"),
     ({"train": [{"path": "a"}], "eval": "c", "mosaics": {"count": 4, "grid": 1}}, {}, r"data.mosaics.grid=1"),

@@ -117,6 +117,23 @@ def test_mlp_head_is_random_and_costs_little(tiny_clip, pretrained):
     assert 0 < extra < 0.005  # 1280x1024 + 1024xD multiply-adds
 
 
+def test_mlp_head_hidden_size_is_chosen_and_survives_save_load(tiny_clip, tmp_path):
+    from clipcore.flops import image_parameters
+
+    small = build_student(NAME, teacher=tiny_clip, init="imagenet", head="mlp", head_hidden=48).eval()
+    assert [m.out_features for m in small.image_tower.head if isinstance(m, torch.nn.Linear)] == [48, tiny_clip.embed_dim]
+    default = build_student(NAME, teacher=tiny_clip, init="imagenet", head="mlp")
+    assert image_parameters(default) - image_parameters(small) == (1024 - 48) * (1280 + 1 + tiny_clip.embed_dim)
+    loaded = load_student(save_student(small, tmp_path / "s"), teacher=tiny_clip)
+    assert loaded.image_tower.head[0].out_features == 48
+    pixels = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.image_features(pixels), small.image_features(pixels))
+    with pytest.raises(ValueError, match=r"student.head_hidden=48 sizes an MLP head.*'linear'"):
+        build_student(NAME, teacher=tiny_clip, head_hidden=48)
+    with pytest.raises(ValueError, match=r"student.head_hidden=0"):
+        build_student(NAME, teacher=tiny_clip, head="mlp", head_hidden=0)
+
+
 def test_bad_head_names_the_value(tiny_clip):
     with pytest.raises(ValueError, match=r"student.head='wide'"):
         build_student(NAME, teacher=tiny_clip, head="wide")
