@@ -450,13 +450,14 @@ def test_mixture_trains_the_pretrained_lite_student(mixture, tmp_path):
     from students import build_student, load_student
 
     main(_general_args(mixture, tmp_path, "student.arch=efficientnet-lite0-64", "student.init=imagenet",
-                       "student.head=mlp", "student.freeze_blocks=2", "optim.max_steps=2"))
+                       "student.head=mlp", "student.head_hidden=24", "student.freeze_blocks=2", "optim.max_steps=2"))
     student = load_student(tmp_path / "out" / "final")
     wheel = build_student("efficientnet-lite0-64", embed_dim=student.embed_dim, init="imagenet").image_tower
     net, fresh = student.image_tower.backbone.net, wheel.backbone.net
     assert torch.equal(net._blocks[1]._depthwise_conv.weight, fresh._blocks[1]._depthwise_conv.weight)  # frozen
     assert not torch.equal(net._blocks[2]._depthwise_conv.weight, fresh._blocks[2]._depthwise_conv.weight)
     assert isinstance(student.image_tower.head, torch.nn.Sequential)  # the MLP head was saved and reloaded
+    assert student.image_tower.head[0].out_features == 24  # student.head_hidden reached the model
     assert student.image_tower.family == "efficientnet_lite" and student.image_transform.output_size == (64, 64)
     assert all(torch.isfinite(p).all() for p in student.parameters())
 
