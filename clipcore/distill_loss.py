@@ -16,6 +16,7 @@ from clipcore.losses import (
     ClipLoss,
     EmbeddingCache,
     FeatureDistillLoss,
+    ImageAffinityKL,
     InteractiveContrastiveLoss,
     KLDistillLoss,
     TowerHintLoss,
@@ -57,6 +58,8 @@ class LossConfig:
     caption_weight: :class:`CaptionBankKL`, the teacher's image->caption distribution over a bank of the training
         sources' captions (``data.train[i].caption_column``), ``caption_bank_size`` of them drawn each step, at
         ``kl_temperature``; needs data.train as a list of sources, one of them with a caption column.
+    image_affinity_weight: :class:`ImageAffinityKL`, the teacher's image->image affinities within the batch (each
+        student image against the teacher's embeddings of the batch's images) at ``kl_temperature``.
     """
 
     kl_weight: float = 1.0
@@ -70,9 +73,11 @@ class LossConfig:
     tower_weight: float = 0.0
     caption_weight: float = 0.0
     caption_bank_size: int = 4096
+    image_affinity_weight: float = 0.0
 
     def __post_init__(self):
-        for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight", "tower_weight", "caption_weight"):
+        for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight", "tower_weight", "caption_weight",
+                  "image_affinity_weight"):
             check_weight(f, getattr(self, f))
         check_temperature("kl_temperature", self.kl_temperature)
         if self.feature_kind not in FEATURE_KINDS:
@@ -117,6 +122,7 @@ class DistillLoss(nn.Module):
         self.interactive = InteractiveContrastiveLoss(cfg.interactive_weight)
         self.tower = TowerHintLoss(cfg.tower_weight)
         self.caption = CaptionBankKL(cfg.caption_weight, cfg.kl_temperature)
+        self.image_affinity = ImageAffinityKL(cfg.image_affinity_weight, cfg.kl_temperature)
 
     def forward(self, **embeddings) -> dict[str, torch.Tensor]:
         unknown = sorted(set(embeddings) - set(EMBEDDING_KEYS))
@@ -124,7 +130,8 @@ class DistillLoss(nn.Module):
             raise ValueError(f"DistillLoss got unknown embedding keyword(s) {unknown}; known: {list(EMBEDDING_KEYS)}")
         cache = EmbeddingCache()
         out: dict[str, torch.Tensor] = {}
-        for term in (self.clip, self.kl, self.feature, self.interactive, self.tower, self.caption):
+        for term in (self.clip, self.kl, self.feature, self.interactive, self.tower, self.caption,
+                     self.image_affinity):
             out.update(term(**embeddings, cache=cache))
         if "logit_scale" not in out and embeddings.get("student_log_scale") is not None:
             out["logit_scale"] = logit_scale(embeddings["student_log_scale"]).detach()

@@ -475,6 +475,43 @@ class CaptionBankKL(nn.Module):
         return {"kl_caption_loss": self.weight * kl_distill(s_logits, t_logits, self.temperature)}
 
 
+class ImageAffinityKL(nn.Module):
+    """The teacher's image->image affinities within the batch (relational distillation, CLIP-KD's CRD family).
+
+    Each student image row is scored against the teacher's embeddings of every image of the batch
+    (gathered from all processes) and matched to the teacher's own row scored the same way:
+    ``kl_distill(s * student_image @ T_all.T, t * teacher_image @ T_all.T, T)``. The cosine feature loss pulls
+    every direction of the embedding alike; this term asks the student's embedding to be nearer its own
+    image's teacher embedding than to the other images' *in the proportions the teacher's are*, which is
+    what ranking many photos against each other (retrieval) rests on. Gradients reach the student row only.
+    The student image side is ``student_image_proj`` when given (the teacher space). Returns
+    ``{"kl_image_affinity_loss"}``.
+    """
+
+    def __init__(self, weight: float = 0.0, temperature: float = 1.0):
+        super().__init__()
+        self.weight = check_weight("ImageAffinityKL weight", weight)
+        self.temperature = check_temperature("ImageAffinityKL temperature", temperature)
+
+    def forward(self, student_image: torch.Tensor | None = None, teacher_image: torch.Tensor | None = None,
+                student_image_proj: torch.Tensor | None = None, student_log_scale: torch.Tensor | None = None,
+                teacher_scale=None, cache: EmbeddingCache | None = None, **_unused) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            return {}
+        name = "ImageAffinityKL"
+        s_image = _require(_in_teacher_space(student_image, student_image_proj), "student_image", name)
+        t_image = _require(teacher_image, "teacher_image", name)
+        _check_batch(name, student_image=s_image, teacher_image=t_image)
+        _same_dim(s_image, t_image, "student_image", "teacher_image", name)
+        s_scale = logit_scale(_require(student_log_scale, "student_log_scale", name))
+        t_scale = _teacher_scale(_require(teacher_scale, "teacher_scale", name), s_scale.device)
+        cache = cache or EmbeddingCache()
+        t_all = cache.gathered(t_image, detach=True)
+        s_logits = s_scale * cache.norm(s_image) @ t_all.t()
+        t_logits = t_scale * cache.norm(t_image, detach=True) @ t_all.t()
+        return {"kl_image_affinity_loss": self.weight * kl_distill(s_logits, t_logits, self.temperature)}
+
+
 class InteractiveContrastiveLoss(nn.Module):
     """CLIP-KD's interactive contrastive learning (ICL).
 

@@ -407,12 +407,29 @@ def test_a_caption_bank_scores_every_image_against_the_sources_captions(mixture,
 def test_two_processes_train_with_a_caption_bank(mixture, tmp_path):
     """Each process scores its own images against the same per-step draw of captions (gloo, torchrun)."""
     args = _general_args(mixture, tmp_path, "cpu=true", "optim.max_steps=2", "loss.caption_weight=1",
-                         "loss.caption_bank_size=5")
+                         "loss.caption_bank_size=5", "loss.image_affinity_weight=1")
     proc = torchrun_train(_with_source_b(args, caption_column="captions", caption_affinity=False))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(row["kl_caption_loss"] > 0 for row in log)
+    # the image affinities over the images of both processes (gathered): trained, and finite
+    assert all(0 < row["kl_image_affinity_loss"] < float("inf") for row in log)
     assert (tmp_path / "out" / "final").is_dir()
+
+
+def test_image_affinities_train_the_student(mixture, tmp_path):
+    """loss.image_affinity_weight reaches the loss dict, and its gradient the student: weighted 0 vs 50, the same
+    batches and seed give other weights."""
+    from students import load_student
+
+    for weight in (0, 50):
+        main(_general_args(mixture, tmp_path, "optim.max_steps=2", f"loss.image_affinity_weight={weight}",
+                           f"output_dir={tmp_path / f'w{weight}'}"))
+    log = [json.loads(x) for x in (tmp_path / "w50" / "train_log.jsonl").read_text().splitlines()]
+    assert all(row["kl_image_affinity_loss"] > 0 for row in log)
+    assert "kl_image_affinity_loss" not in json.loads((tmp_path / "w0" / "train_log.jsonl").read_text().splitlines()[0])
+    off, on = (load_student(tmp_path / f"w{w}" / "final").image_tower.state_dict() for w in (0, 50))
+    assert any(not torch.equal(off[k], on[k]) for k in off)
 
 
 def test_the_caption_bank_needs_captions(mixture, tmp_path):

@@ -13,6 +13,7 @@ from clipcore.losses import (
     CaptionBankKL,
     ClipLoss,
     FeatureDistillLoss,
+    ImageAffinityKL,
     InteractiveContrastiveLoss,
     KLDistillLoss,
     clamp_log_scale_,
@@ -220,6 +221,45 @@ def test_caption_bank_kl_checks_its_inputs():
         CaptionBankKL(1.0)(**x, caption_bank=torch.randn(4, 5))
     assert "kl_caption_loss" in DistillLoss(LossConfig(caption_weight=1.0))(**x, caption_bank=torch.randn(4, DT))
     assert "kl_caption_loss" not in DistillLoss(LossConfig())(**x, caption_bank=torch.randn(4, DT))
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_image_affinity_kl_matches_reference(T):
+    """Each student image against the teacher's embeddings of the batch's images, as the teacher's own row is."""
+    x = make_inputs()
+    out = ImageAffinityKL(weight=3.0, temperature=T)(**x)
+    t_img = x["teacher_image"]
+    ref = 3.0 * ref_kl_class(x["student_image"], t_img, t_img, t_img, x["student_log_scale"], TEACHER_SCALE, T)
+    assert set(out) == {"kl_image_affinity_loss"}
+    assert_same_forward_backward(out["kl_image_affinity_loss"], ref, [x["student_image"], x["student_log_scale"]])
+    # zero when the student is the teacher (its embeddings and scale)
+    same = ImageAffinityKL(1.0)(**{**x, "student_image": t_img.clone().requires_grad_(),
+                                   "student_log_scale": torch.tensor(math.log(TEACHER_SCALE))})
+    torch.testing.assert_close(same["kl_image_affinity_loss"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    # a student nearer another image's teacher embedding than its own pays more than one nearer its own
+    swapped = ImageAffinityKL(1.0)(**{**x, "student_image": t_img.roll(1, 0),
+                                      "student_log_scale": torch.tensor(math.log(TEACHER_SCALE))})
+    assert swapped["kl_image_affinity_loss"] > 1.0
+    # through a projection when the student is narrower
+    narrow = make_inputs(student_dim=DS)
+    proj = torch.randn(B, DT, requires_grad=True)
+    got = ImageAffinityKL(1.0)(**narrow, student_image_proj=proj)["kl_image_affinity_loss"]
+    assert torch.autograd.grad(got, proj)[0].abs().sum() > 0
+    assert ImageAffinityKL(0.0)(**x) == {}
+
+
+def test_image_affinity_kl_checks_its_inputs():
+    x = make_inputs()
+    with pytest.raises(ValueError, match="teacher_image"):
+        ImageAffinityKL(1.0)(**{k: v for k, v in x.items() if k != "teacher_image"})
+    with pytest.raises(ValueError, match="student_image has width 6"):
+        ImageAffinityKL(1.0)(**make_inputs(student_dim=DS))  # narrower and no projection into the teacher space
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        ImageAffinityKL(1.0)(**{**x, "teacher_image": x["teacher_image"][:3]})
+    with pytest.raises(ValueError, match="image_affinity_weight"):
+        LossConfig(image_affinity_weight=-1.0)
+    assert "kl_image_affinity_loss" in DistillLoss(LossConfig(image_affinity_weight=1.0))(**x)
+    assert "kl_image_affinity_loss" not in DistillLoss(LossConfig())(**x)
 
 
 # ------------------------------------------------------------------------------------------- CLIP
