@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from clipcore.distill_loss import LossConfig
 from clipcore.dual_encoder import DualEncoder
 from clipcore.towers import TowerDualEncoder
 from distill.config import TrainConfig, dump_config
@@ -55,6 +56,21 @@ def _head_note(cfg: TrainConfig) -> str:
     return notes.get(cfg.student.head, "")
 
 
+def _loss_note(loss: LossConfig) -> str:
+    """Every term the run trained with (weight > 0), with its weight: what the card's reader needs to rerun it."""
+    kl_on = [name for name, on in (("classes", loss.kl_on_classes), ("affinities", loss.kl_on_affinity)) if on]
+    terms = [
+        (loss.kl_weight, f"KL {loss.kl_weight} (T={loss.kl_temperature}; {', '.join(kl_on)})"),
+        (loss.clip_weight, f"CLIP {loss.clip_weight}"),
+        (loss.feature_weight, f"feature {loss.feature_weight} ({loss.feature_kind})"),
+        (loss.interactive_weight, f"interactive {loss.interactive_weight}"),
+        (loss.tower_weight, f"tower hint {loss.tower_weight}"),
+        (loss.caption_weight, f"caption bank {loss.caption_weight} ({loss.caption_bank_size} captions a step)"),
+        (loss.image_affinity_weight, f"image affinities {loss.image_affinity_weight}"),
+    ]
+    return ", ".join(text for weight, text in terms if weight > 0)
+
+
 def write_model_card(directory: Path, cfg: TrainConfig, metrics: dict, steps: int) -> None:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (no evaluation) | |"
     directory.joinpath("README.md").write_text(
@@ -68,8 +84,7 @@ tags: [clip, knowledge-distillation, zero-shot-image-classification]
 - **Teacher:** `{cfg.teacher.name_or_path}`{" (random weights: a pipeline check, not a useful model)" if cfg.teacher.random_init else ""}
 - **Training data:** {_training_data(cfg)}
 - **Recipe:** {steps} steps, batch {cfg.optim.batch_size} x {cfg.optim.grad_accum} accumulation, lr {cfg.optim.lr},
-  losses: KL {cfg.loss.kl_weight} (T={cfg.loss.kl_temperature}), CLIP {cfg.loss.clip_weight},
-  feature {cfg.loss.feature_weight} ({cfg.loss.feature_kind}), interactive {cfg.loss.interactive_weight};
+  losses: {_loss_note(cfg.loss)};
   precision `{cfg.mixed_precision}`. The full resolved config is `training_config.yaml`.
 
 ## Zero-shot evaluation (`{cfg.data.eval or cfg.data.train}` split `{cfg.data.eval_split}`, templates `{cfg.data.templates}`)

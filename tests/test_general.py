@@ -428,6 +428,9 @@ def test_image_affinities_train_the_student(mixture, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "w50" / "train_log.jsonl").read_text().splitlines()]
     assert all(row["kl_image_affinity_loss"] > 0 for row in log)
     assert "kl_image_affinity_loss" not in json.loads((tmp_path / "w0" / "train_log.jsonl").read_text().splitlines()[0])
+    card = (tmp_path / "w50" / "final" / "README.md").read_text()  # the model card names every term trained with
+    assert "image affinities 50.0" in card and "affinities), feature" in card
+    assert "image affinities" not in (tmp_path / "w0" / "final" / "README.md").read_text()
     off, on = (load_student(tmp_path / f"w{w}" / "final").image_tower.state_dict() for w in (0, 50))
     assert any(not torch.equal(off[k], on[k]) for k in off)
 
