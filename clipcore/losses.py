@@ -434,6 +434,17 @@ class TowerHintLoss(nn.Module):
         return {"tower_loss": self.weight * F.mse_loss(s.float(), t.detach().float())}
 
 
+def _kl_over_rows(name: str, s_image: torch.Tensor, t_image: torch.Tensor, rows: torch.Tensor, student_log_scale,
+                  teacher_scale, cache: EmbeddingCache, T: float) -> torch.Tensor:
+    """``kl_distill`` of the student's and the teacher's image rows, each scored against the same normalised ``rows``
+    at its own logit scale (the caption bank's captions, the batch's teacher images)."""
+    s_scale = logit_scale(_require(student_log_scale, "student_log_scale", name))
+    t_scale = _teacher_scale(_require(teacher_scale, "teacher_scale", name), s_scale.device)
+    s_logits = s_scale * cache.norm(s_image) @ rows.t()
+    t_logits = t_scale * cache.norm(t_image, detach=True) @ rows.t()
+    return kl_distill(s_logits, t_logits, T)
+
+
 class CaptionBankKL(nn.Module):
     """The teacher's image->caption affinities over a bank of captions (TinyCLIP's affinity mimicking,
     with a fixed text bank instead of the batch's texts).
@@ -466,13 +477,10 @@ class CaptionBankKL(nn.Module):
         _check_batch(name, student_image=s_image, teacher_image=t_image)
         _same_dim(s_image, bank, "student_image", "caption_bank", name)
         _same_dim(t_image, bank, "teacher_image", "caption_bank", name)
-        s_scale = logit_scale(_require(student_log_scale, "student_log_scale", name))
-        t_scale = _teacher_scale(_require(teacher_scale, "teacher_scale", name), s_scale.device)
-        cache = cache or EmbeddingCache()
         bank = F.normalize(bank.detach().float(), dim=-1)
-        s_logits = s_scale * cache.norm(s_image) @ bank.t()
-        t_logits = t_scale * cache.norm(t_image, detach=True) @ bank.t()
-        return {"kl_caption_loss": self.weight * kl_distill(s_logits, t_logits, self.temperature)}
+        kl = _kl_over_rows(name, s_image, t_image, bank, student_log_scale, teacher_scale, cache or EmbeddingCache(),
+                           self.temperature)
+        return {"kl_caption_loss": self.weight * kl}
 
 
 class ImageAffinityKL(nn.Module):
@@ -503,13 +511,10 @@ class ImageAffinityKL(nn.Module):
         t_image = _require(teacher_image, "teacher_image", name)
         _check_batch(name, student_image=s_image, teacher_image=t_image)
         _same_dim(s_image, t_image, "student_image", "teacher_image", name)
-        s_scale = logit_scale(_require(student_log_scale, "student_log_scale", name))
-        t_scale = _teacher_scale(_require(teacher_scale, "teacher_scale", name), s_scale.device)
         cache = cache or EmbeddingCache()
-        t_all = cache.gathered(t_image, detach=True)
-        s_logits = s_scale * cache.norm(s_image) @ t_all.t()
-        t_logits = t_scale * cache.norm(t_image, detach=True) @ t_all.t()
-        return {"kl_image_affinity_loss": self.weight * kl_distill(s_logits, t_logits, self.temperature)}
+        kl = _kl_over_rows(name, s_image, t_image, cache.gathered(t_image, detach=True), student_log_scale,
+                           teacher_scale, cache, self.temperature)
+        return {"kl_image_affinity_loss": self.weight * kl}
 
 
 class InteractiveContrastiveLoss(nn.Module):
