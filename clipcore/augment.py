@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -151,6 +151,9 @@ class StudentJitter:
     shift: int = 0
     lowres: float = 0.0
     lowres_min: int = 16
+    # one probability per dataset row instead of ``lowres`` (a mixture's ``data.train[i].student_lowres``), looked
+    # up by the batch's row indices; the draws stay those of ``lowres``, so two runs differ only where it differs
+    lowres_rows: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.shift < 0:
@@ -159,11 +162,26 @@ class StudentJitter:
             raise ValueError(f"data.student_lowres is a probability in [0, 1], got {self.lowres}")
         if self.lowres_min < 1:
             raise ValueError(f"data.student_lowres_min must be >= 1 pixel, got {self.lowres_min}")
+        if self.lowres_rows is not None and not bool(((self.lowres_rows >= 0) & (self.lowres_rows <= 1)).all()):
+            raise ValueError("per-source data.train[i].student_lowres are probabilities in [0, 1]")
 
     def __bool__(self) -> bool:
-        return self.flip or self.shift > 0 or self.lowres > 0
+        return self.flip or self.shift > 0 or self._any_lowres
 
-    def _lowres(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    @property
+    def _any_lowres(self) -> bool:
+        return self.lowres > 0 if self.lowres_rows is None else bool((self.lowres_rows > 0).any())
+
+    def _share(self, rows: torch.Tensor | None, b: int) -> torch.Tensor | float:
+        """The probability of a low-resolution copy for each of the batch's ``b`` images."""
+        if self.lowres_rows is None:
+            return self.lowres
+        if rows is None or len(rows) != b:
+            raise ValueError("per-source student_lowres needs the batch's dataset row of every image ('index')")
+        return self.lowres_rows[rows.cpu()]
+
+    def _lowres(self, pixels: torch.Tensor, generator: torch.Generator,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """A ``lowres`` share of the images down to one side drawn from [lowres_min, H) and back up:
         the student learns the sharp image's target from a blurred one, as a small (32 px) photo
         upsampled to its input looks. One side per batch keeps it a single interpolate call."""
@@ -171,15 +189,17 @@ class StudentJitter:
         if self.lowres_min >= min(h, w):
             return pixels
         side = int(torch.randint(self.lowres_min, min(h, w), (1,), generator=generator))
-        pick = (torch.rand(b, generator=generator) < self.lowres).to(pixels.device)
+        pick = (torch.rand(b, generator=generator) < self._share(rows, b)).to(pixels.device)
         small = torch.nn.functional.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True,
                                                 align_corners=False)
         blurred = torch.nn.functional.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
         return torch.where(pick[:, None, None, None], blurred, pixels)
 
-    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.lowres:
-            pixels = self._lowres(pixels, generator)
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows``: the dataset row of each image, for per-row ``lowres_rows``."""
+        if self._any_lowres:
+            pixels = self._lowres(pixels, generator, rows)
         b, _, h, w = pixels.shape
         if self.flip:
             flip = (torch.rand(b, generator=generator) < 0.5).to(pixels.device)

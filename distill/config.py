@@ -58,6 +58,9 @@ class TrainSource:
     # embed this source's views for the teacher at this short side and back (what a student with that input side
     # sees of them) instead of at full size: targets the student can reach ("consistent teaching"); needs the cache
     teacher_side: int | None = None
+    # this source's share of low-resolution student copies instead of data.student_lowres (e.g. 0 keeps photos sharp
+    # while the 64 px crops learn small inputs); the jitter's random draws stay those of data.student_lowres
+    student_lowres: float | None = None
 
 
 @dataclass
@@ -369,6 +372,9 @@ class TrainConfig:
             if src.teacher_side is not None and src.teacher_side < 1:
                 raise ConfigError(f"data.train[{i}].teacher_side must be a positive number of pixels, "
                                   f"got {src.teacher_side}")
+            if src.student_lowres is not None and not 0.0 <= src.student_lowres <= 1.0:
+                raise ConfigError(f"data.train[{i}].student_lowres={src.student_lowres} must be a probability in "
+                                  "[0, 1] (or null: data.student_lowres)")
             if src.teacher_side is not None and not self.cache.enabled:
                 raise ConfigError(f"data.train[{i}].teacher_side needs cache.enabled: the reduced views are embedded "
                                   "by the teacher once, before training")

@@ -210,4 +210,14 @@ def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncode
     view = layout if any(seg.views.views > 1 for seg in layout.segments) else None
     images = ImageDataset(ds, transforms, Columns(image=IMAGE), name="data.train", view=view)
     rows = TrainRows(len(ds), ViewSpec(views=1, seed=seed), images)
-    return TrainData(rows, bank, names, cached, None, class_head=class_head_from_bank(bank), teacher_towers=towers)
+    return TrainData(rows, bank, names, cached, None, class_head=class_head_from_bank(bank), teacher_towers=towers,
+                     student_lowres=per_row_lowres(data, sources, [len(p) for p in parts]))
+
+
+def per_row_lowres(data: DataConfig, sources: list[TrainSource], rows: list[int]) -> torch.Tensor | None:
+    """Each training row's share of low-resolution student copies (``rows``: the rows of each source, copies
+    included), or None when no source sets its own ``student_lowres`` (data.student_lowres applies to all)."""
+    if all(src.student_lowres is None for src in sources):
+        return None
+    shares = [data.student_lowres if src.student_lowres is None else src.student_lowres for src in sources]
+    return torch.cat([torch.full((n,), p) for p, n in zip(shares, rows)])

@@ -200,7 +200,8 @@ class DistillTask(nn.Module):
                                               torch.Generator().manual_seed(seed * 1_000_003 + step + 700_001))
         if self.training and self.jitter:
             # its own generator, so that runs with and without jitter sample the same texts
-            pixels = self.jitter(pixels, torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009))
+            pixels = self.jitter(pixels, torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009),
+                                 batch.get("index"))
         s_img = self.student.encode_image(pixels)
         teacher_scale = self.teacher.logit_scale.detach()
         reference = self._self_reference[0]

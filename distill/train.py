@@ -251,7 +251,7 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
         head = (data.class_head if data.class_head is not None
                 else build_classifier(teacher, data.classnames, cfg.data.templates)).to(accelerator.device)
     jitter = StudentJitter(cfg.data.student_flip, cfg.data.student_shift, cfg.data.student_lowres,
-                           cfg.data.student_lowres_min)
+                           cfg.data.student_lowres_min, lowres_rows=data.student_lowres)
     mix = MixSpec(cfg.data.mix.share, cfg.data.mix.cutmix)
     hint = TowerHint(student, data.teacher_towers) if cfg.loss.tower_weight > 0 else None
     task = DistillTask(student, teacher, cfg.loss, data.bank, head, jitter, mix, self_reference=reference,

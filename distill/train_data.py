@@ -98,6 +98,7 @@ class TrainData:
     cache_hit: bool | None = None
     class_head: torch.Tensor | None = None  # the teacher's zero-shot head, when built with the data
     teacher_towers: torch.Tensor | None = None  # cached (N, K, F) frozen-tower features (loss.tower_weight)
+    student_lowres: torch.Tensor | None = None  # (N,) per-row share of low-resolution student copies (a mixture's)
 
 
 def check_path(path: str, what: str) -> None:

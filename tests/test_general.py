@@ -44,6 +44,8 @@ def test_train_as_a_list_of_sources(tmp_path):
     ({"train": [{"path": "a", "limit": 0}], "eval": "c"}, {}, r"data.train\[0\].limit"),
     ({"train": [{"path": "a"}, {"path": "b", "repeat": 0}], "eval": "c"}, {}, r"data.train\[1\].repeat must be"),
     ({"train": [{"path": "a"}, {"path": "b", "views": 0}], "eval": "c"}, {}, r"data.train\[1\].views must be"),
+    ({"train": [{"path": "a"}, {"path": "b", "student_lowres": 1.5}], "eval": "c"}, {},
+     r"data.train\[1\].student_lowres=1.5 must be a probability"),
     ({"train": [{"path": "a", "colour": 1}], "eval": "c"}, {}, r"data.train\[0\].colour"),
     ({"train": [{"path": "a"}], "eval": "c"}, {"mode": "contrastive", "contrastive": {"model": "m"}}, "contrastive"),
     ({"train": [{"path": "a"}, {"path": "s/{0..3}.tar"}], "eval": "c"}, {}, "streamed data"),
@@ -240,6 +242,29 @@ def test_a_repeated_source_appears_that_many_times_with_its_targets(mixture, tmp
     cache_rows = {json.loads((p / "meta.json").read_text())["num_rows"] for p in (tmp_path / "cache").iterdir()}
     assert cache_rows == {16, 12, 0}  # cached once, not once per repeat
 
+
+
+def test_a_source_keeps_its_own_lowres_share_for_every_row_and_copy(mixture, tmp_path, monkeypatch):
+    from distill import train as train_mod
+
+    seen = {}
+    real = train_mod.DistillTask
+
+    def spy(student, teacher, loss_cfg, bank, head, jitter, *args, **kwargs):
+        seen["jitter"] = jitter
+        return real(student, teacher, loss_cfg, bank, head, jitter, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "DistillTask", spy)
+    data = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=2", views=2, repeat=2,
+                                student_lowres=0.0)
+    shares = data.student_lowres
+    assert shares.shape == (16 + 2 * 2 * 12,) and len(data.rows) == len(shares)
+    assert bool((shares[:16] == 0.5).all()) and bool((shares[16:] == 0).all())  # a: data.student_lowres; b: its own
+    assert seen["jitter"].lowres_rows is shares and seen["jitter"].lowres == 0.5
+    log = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 2  # the batches' row indices reached the jitter
+    (tmp_path / "plain").mkdir()
+    assert _train_with_source_b(mixture, tmp_path / "plain", monkeypatch, "optim.max_steps=1").student_lowres is None
 
 
 def test_a_source_with_views_is_k_rows_per_image_each_with_its_crop_and_target(mixture, tmp_path, monkeypatch):

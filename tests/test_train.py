@@ -399,6 +399,35 @@ def test_student_lowres_jitter_blurs_a_share_of_whole_images():
         TrainConfig(teacher=TeacherConfig(name_or_path="t"), data=DataConfig(train="x", student_lowres=-0.1)).validate()
 
 
+def test_per_row_lowres_keeps_the_draws_and_changes_only_the_rows_it_names():
+    """lowres_rows (a mixture's per-source student_lowres): rows at 0 stay sharp, rows at 1 are all blurred,
+    and rows at the global share get exactly the images the global share would have given them."""
+    from clipcore.augment import StudentJitter
+
+    x = torch.randn(64, 3, 16, 16)
+    rows = torch.arange(64).flip(0) + 100  # dataset rows 163..100, not batch positions
+    shares = torch.full((200,), 0.5)
+    shares[100:132] = 0.0  # the batch's last 32 images (rows 131..100) come from a source kept sharp
+    shares[148:] = 1.0  # and its first 16 (rows 163..148) from a source always reduced
+    per_row = StudentJitter(flip=True, shift=1, lowres=0.5, lowres_min=4, lowres_rows=shares)
+    out = per_row(x, torch.Generator().manual_seed(3), rows)
+    same = StudentJitter(flip=True, shift=1, lowres=0.5, lowres_min=4)(x, torch.Generator().manual_seed(3))
+    middle = (shares[rows] == 0.5).nonzero().squeeze(1)
+    assert torch.equal(out[middle], same[middle])  # the same draws: flips and shifts included
+    blur = StudentJitter(lowres=0.5, lowres_min=4, lowres_rows=shares)
+    lowres = blur(x, torch.Generator().manual_seed(3), rows)
+    sharp = rows < 132
+    assert sharp.sum() == 32 and torch.equal(lowres[sharp], x[sharp])
+    assert all(not torch.equal(a, b) for a, b in zip(lowres[rows >= 148], x[rows >= 148]))
+    assert len(middle) == 16 and torch.equal(lowres[middle], StudentJitter(lowres=0.5, lowres_min=4)(
+        x, torch.Generator().manual_seed(3))[middle])
+    assert StudentJitter(lowres=0.0, lowres_rows=shares) and not StudentJitter(lowres=0.3, lowres_rows=shares * 0)
+    with pytest.raises(ValueError, match="row of every image"):
+        blur(x, torch.Generator(), None)
+    with pytest.raises(ValueError, match=r"student_lowres are probabilities"):
+        StudentJitter(lowres_rows=shares + 1)
+
+
 def test_jitter_reaches_the_student_only_and_only_in_training(setup):
     from clipcore.augment import StudentJitter
     from clipcore.loading import load_teacher
