@@ -102,3 +102,17 @@ def test_distributed_check_retries_once_after_a_worker_is_killed_by_a_signal(mon
     monkeypatch.setattr(mp, "spawn", always_killed)
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
         gpu_check.distributed_parity(torch.device("cpu"), gpu_check.Settings.quick())
+
+
+def test_train_loop_precisions_runs_every_precision_of_the_real_loop(tmp_path):
+    """benchmarks/train_loop_precisions.py on the CPU: both tasks, three precisions, the real entry point."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import train_loop_precisions
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = train_loop_precisions.run(["--steps", "2", "--cpu", "--out", str(tmp_path / "rows.json")])
+    assert [(r["task"], r["precision"]) for r in rows] == [
+        (t, p) for t in ("labelled", "captions+clip") for p in ("no", "bf16", "fp16")]
+    assert all(r["steps"] == 2 and r["finite"] and r["peak_gpu_mib"] is None for r in rows)
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
