@@ -59,7 +59,7 @@ class TrainSource:
     # sees of them) instead of at full size: targets the student can reach ("consistent teaching"); needs the cache
     teacher_side: int | None = None
     # this source's share of low-resolution student copies instead of data.student_lowres (e.g. 0 keeps photos sharp
-    # while the 64 px crops learn small inputs); the jitter's random draws stay those of data.student_lowres
+    # while the 64 px crops learn small inputs); with data.student_lowres > 0 the random draws stay its own
     student_lowres: float | None = None
 
 
