@@ -11,6 +11,7 @@ Python's salted ``hash()`` would differ between processes and runs.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 from dataclasses import dataclass, field
@@ -168,8 +169,9 @@ class StudentJitter:
     def __bool__(self) -> bool:
         return self.flip or self.shift > 0 or self._any_lowres
 
-    @property
+    @functools.cached_property
     def _any_lowres(self) -> bool:
+        # once, not every step: lowres_rows holds one share per training row
         return self.lowres > 0 if self.lowres_rows is None else bool((self.lowres_rows > 0).any())
 
     def _share(self, rows: torch.Tensor | None, b: int) -> torch.Tensor | float:
