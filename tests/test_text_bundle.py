@@ -147,6 +147,11 @@ def test_open_vocabulary_bundle_builds_and_caches_heads_on_the_device(gated, tmp
     assert manifest["tokenizer.json"]["sha256"] == gated["report"]["student"]["text_tokenizer"]["sha256"]
     cert = json.loads((bundle / "certificate.json").read_text())
     assert cert["text_encoder"]["variant"] == "text-fp32" and cert["text_encoder"]["gate"]["name"] == "fp32"
+    assert predict_main([str(bundle), "--info"]) == 0
+    info = capsys.readouterr().out
+    assert "text encoder text-fp32 (fp32) kept: prompt cosine min" in info
+    # the text encoder's own gate checks, each with its measured value
+    assert "min_agreement: agreement_student = 1 >= 1  pass" in info and "max_emb_abs_diff: emb_max_abs_diff" in info
 
     names, cache = ["cat", "dog", "red fox", "Zürich tram"], tmp_path / "cache"
     clf = classifier_for_classes(load_bundle(bundle, threads=1), names, ["a photo of a {}."], cache_dir=cache)
