@@ -345,6 +345,10 @@ class TrainConfig:
         return self
 
     def _validate_sources(self) -> None:
+        # checked here, not where streams are built: a map-style run would otherwise ignore it silently
+        if self.data.targets and not (isinstance(self.data.train, str) and is_shard_spec(self.data.train)):
+            raise ConfigError(f"data.targets={self.data.targets} holds sidecars of WebDataset shards; "
+                              f"data.train={self.data.train} is not a shard spec")
         if isinstance(self.data.train, str):
             if self.data.mosaics.count and not self.data.vocabulary:
                 raise ConfigError("data.mosaics.count > 0 needs image-only training (distill/mixture.py): "

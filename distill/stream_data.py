@@ -172,8 +172,6 @@ def _check(d: DataConfig, cache: CacheConfig) -> None:
         raise ConfigError("data.streaming=true runs the teacher online (rows have no stable key for cached "
                           "targets): set cache.enabled=false, or write WebDataset shards and precompute their "
                           "targets with `python -m distill.precompute`")
-    if d.targets and not shards.is_shard_spec(d.train):
-        raise ConfigError(f"data.targets={d.targets} holds sidecars of WebDataset shards; data.train={d.train} is not")
 
 
 def _bank(data: DataConfig, teacher: DualEncoder, student: DualEncoder, names: list[str] | None) -> TextBank:

@@ -255,6 +255,40 @@ def test_datasets_streaming(tmp_path):
     assert len(_log(tmp_path / "out")) == 3
 
 
+@pytest.mark.parametrize("case, message", [
+    ("no-eval", r"is streamed; set data.eval to a map-style dataset"),
+    ("streaming-shards", r"data.streaming=true is for `datasets` sources; WebDataset shards stream anyway"),
+    ("views-without-targets", r"cache.views > 1 on shards needs precomputed targets \(data.targets\)"),
+    ("targets-on-parquet", r"data.targets=.* holds sidecars of WebDataset shards; data.train=.* is not a shard spec"),
+])
+def test_streamed_data_settings_are_checked(corpus, tmp_path, case, message):
+    from distill.config import ConfigError
+
+    root, rows, names, teacher, spec = corpus
+    parquet = write_parquet(rows[:8], names, tmp_path / "ev")
+    train = {"no-eval": [f"data.train={spec}", "data.eval="],
+             "streaming-shards": [f"data.train={spec}", "data.streaming=true"],
+             "views-without-targets": [f"data.train={spec}", "cache.views=2"],
+             "targets-on-parquet": [f"data.train={parquet}", f"data.targets={tmp_path}"]}[case]
+    args = _train_args(root, teacher, tmp_path / "out", "optim.max_steps=1", f"data.eval={parquet}",
+                       f"data.classnames={','.join(names)}", *train)
+    with pytest.raises(ConfigError, match=message):
+        main(args)
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+
+
+def test_the_shuffle_buffer_permutes_every_item_once_and_is_seeded():
+    import random
+
+    items = list(range(50))
+    a = list(shards.shuffled(iter(items), 8, random.Random(3)))
+    assert sorted(a) == items and a != items
+    assert a == list(shards.shuffled(iter(items), 8, random.Random(3)))
+    # a buffer of 8 can delay an item without bound but never emit one before it has been read
+    assert all(a.index(i) >= i - 7 for i in items)
+    assert list(shards.shuffled(iter(items), 1, random.Random(3))) == items
+
+
 def test_targets_from_another_teacher_are_refused(corpus, one_process_targets, tmp_path):
     from distill.config import ConfigError
 
