@@ -227,6 +227,28 @@ def test_path_errors(tmp_path):
         load_hf_dataset(DataSpec(path="../no/such/dir"))
 
 
+def test_single_file_errors(parquet_dir, tmp_path):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("image,label\n")
+    with pytest.raises(DataSpecError, match=r"rows.csv: a single data file must be .parquet; or pass its directory"):
+        load_hf_dataset(DataSpec(path=str(csv)))
+    with pytest.raises(DataSpecError, match=r"rows.csv is not a directory"):
+        available_splits(str(csv))
+    assert available_splits(str(parquet_dir)) == ["test", "train"]
+
+
+def test_several_columns_of_one_role_must_be_chosen():
+    names = datasets.ClassLabel(names=["a", "b"])
+    ds = datasets.Dataset.from_dict({"image": ["a.png"], "coarse": [0], "fine": [1]},
+                                    features=datasets.Features({"image": datasets.Value("string"),
+                                                                "coarse": names, "fine": names}))
+    with pytest.raises(DataSpecError, match=r"several label columns \['coarse', 'fine'\]; choose one with label_column="):
+        resolve_columns(ds)
+    assert resolve_columns(ds, DataSpec(path="x", label_column="fine")).label == "fine"
+    single = ds.remove_columns("coarse")
+    assert resolve_columns(single).label == "fine"  # one ClassLabel column, whatever its name
+
+
 def test_hub_id_offline_says_pass_a_local_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

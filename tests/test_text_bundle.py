@@ -184,6 +184,16 @@ def test_classes_need_a_text_encoder_and_valid_names(gated, tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert predict_main([str(bundle), str(image), "--classes-file", str(bad)]) == 2
     assert "bad.json: a JSON file must hold a list of strings" in capsys.readouterr().err
+    files = {"broken.json": '["cat", ', "blank.txt": "\n  \n", "latin1.txt": "caf\xe9\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text.encode("latin-1"))
+    expect = {"broken.json": "broken.json: invalid JSON", "blank.txt": "blank.txt: no class names",
+              "latin1.txt": "latin1.txt: unreadable (UnicodeDecodeError"}
+    for name, message in expect.items():
+        assert predict_main([str(bundle), str(image), "--classes-file", str(tmp_path / name)]) == 2, name
+        assert message in capsys.readouterr().err
+    both = [str(bundle), str(image), "--classes", "cat", "--classes-file", str(tmp_path / "blank.txt")]
+    assert predict_main(both) == 2 and "give --classes or --classes-file, not both" in capsys.readouterr().err
 
 
 def test_write_bundle_with_the_models_own_text_tower(tiny_clip, tmp_path):
