@@ -128,6 +128,19 @@ def test_stream_reads_each_shard_in_one_worker_of_one_process(corpus):
     assert sorted(keys) == sorted(f"r{i:06d}" for i in range(32))
 
 
+def test_fewer_shards_than_readers_is_an_error_naming_the_counts(corpus):
+    from clipcore.augment import ViewSpec
+    from distill.stream_data import ShardStream
+    from clipcore.loading import load_teacher
+
+    root, rows, _, teacher_dir, spec = corpus
+    transform = load_teacher(str(teacher_dir)).image_transform
+    stream = ShardStream(shards.expand_urls(spec)[:1], None, ViewSpec(), {"student": transform}, 0, 0, 1, 2)
+    with pytest.raises(shards.ShardError, match=r"1 shards for 2 processes x 1 DataLoader workers: each shard is read "
+                                                r"by one worker of one process"):
+        next(iter(stream))
+
+
 def test_precompute_two_processes_equal_one(corpus, one_process_targets, tmp_path):
     targets = tmp_path / "targets-2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
