@@ -1,0 +1,132 @@
+"""How tightly a student's image embeddings gather around their mean, and what centring them does.
+
+    python benchmarks/embedding_spread.py --student outputs/general/final
+
+A student that cannot see what decides the teacher's embedding (a 64 px photo) learns the
+teacher's expected embedding, which lies nearer the mean of all embeddings than any one of the
+teacher's: its embeddings gather more tightly around the mean. Image->text retrieval ranks captions
+by (image . caption); the image's share along the mean then adds the same caption-specific bias
+(mean . caption) to every image's ranking, so the same few captions rank high for every image.
+Text->image ranks images for one caption, where that bias is a constant and drops out.
+
+This prints, for the teacher and the student, the mean resultant length |mean of unit embeddings|
+of training images (``--mean-data``, seeded subsets) and of the validation photos, then each suite
+entry's score with every embedding centred, e -> normalise(e - gamma * m), m the model's own mean of
+those training images, for each ``--gammas`` value, with the paired difference to gamma 0 and its
+95 % interval, and the student's mean cosine to the teacher's (uncentred) embedding. The suite
+defaults to the validation splits (suites/validation.yaml): a diagnosis, never read on a test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clipcore.bootstrap import difference_interval
+from clipcore.data import DataSpec, ImageDataset, load_hf_dataset, make_loader, resolve_columns
+from distill.benchmark import evaluate_entry, retrieval_query_hits, score_of, zeroshot_hits
+from distill.evaluate import (EmbeddedImages, embed_captions, embed_images, retrieval_eval, zeroshot_eval,
+                              zeroshot_logits)
+from distill.suite import load_suite, prepare_suite
+from students import load_model
+
+MEAN_DATA = ("../shared/data/scene-photos:train", "../shared/data/tiny-imagenet:train")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--student", required=True, help="a saved image student (its text side is the teacher's)")
+    p.add_argument("--teacher", default="outputs/reference-zeroshot/final")
+    p.add_argument("--suite", default="suites/validation.yaml")
+    p.add_argument("--mean-data", action="append", help=f"PATH:SPLIT of training images for the mean "
+                                                         f"(repeatable; default {', '.join(MEAN_DATA)})")
+    p.add_argument("--mean-limit", type=int, default=1000, help="images per --mean-data source (seeded)")
+    p.add_argument("--gammas", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--batch-size", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def centred(embeddings: torch.Tensor, mean: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Unit embeddings moved away from ``mean``: normalise(e - gamma * mean)."""
+    return F.normalize(embeddings.float() - gamma * mean.float(), dim=-1)
+
+
+def mean_resultant_length(embeddings: torch.Tensor) -> float:
+    """|mean of the unit embeddings|: 0 spread evenly over the sphere, 1 all the same."""
+    return float(F.normalize(embeddings.float(), dim=-1).mean(0).norm())
+
+
+def embed_source(model, source: str, limit: int, batch_size: int) -> torch.Tensor:
+    path, _, split = source.rpartition(":")
+    spec = DataSpec(path, split=split or None, limit=limit, shuffle_seed=0)
+    ds = load_hf_dataset(spec)
+    data = ImageDataset(ds, {"model": model.image_transform}, resolve_columns(ds, spec), name=source)
+    return embed_images(model, make_loader(data, batch_size), progress=False).embeddings
+
+
+def score(model, prepared, images: EmbeddedImages, captions=None):
+    """The entry's score and per-query hits for already-embedded (possibly centred) images."""
+    e = prepared.entry
+    if e.task == "zeroshot":
+        logits = zeroshot_logits(model, images, prepared.classnames, prepared.templates, allow_duplicates=True)
+        metrics = zeroshot_eval(model, images, prepared.classnames, prepared.templates, logits=logits)
+        return score_of(metrics, e.metric), zeroshot_hits(e.metric, logits, images)
+    metrics = retrieval_eval(model, images, prepared.texts, prepared.text_to_image, captions=captions)
+    return score_of(metrics, e.metric), retrieval_query_hits(e.metric, images, captions)
+
+
+def with_embeddings(images: EmbeddedImages, embeddings: torch.Tensor) -> EmbeddedImages:
+    return EmbeddedImages(embeddings, images.labels, images.indices, images.num_failed, images.seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    gammas = [float(g) for g in args.gammas.split(",")]
+    prepared = prepare_suite(load_suite(args.suite))
+    teacher = load_model(args.teacher).eval()
+    models = {"teacher": teacher, "student": load_model(args.student, teacher=teacher).eval()}
+    sources = args.mean_data or list(MEAN_DATA)
+    means, rows, embedded = {}, [], {}
+    for role, model in models.items():
+        train = torch.cat([embed_source(model, s, args.mean_limit, args.batch_size) for s in sources])
+        means[role] = train.mean(0)
+        print(f"{role}: mean resultant length {mean_resultant_length(train):.3f} over {len(train)} training images "
+              f"({', '.join(sources)})", flush=True)
+        for p in prepared:
+            _, images, _ = evaluate_entry(model, p, batch_size=args.batch_size, num_workers=0, progress=False)
+            embedded[role, p.entry.name] = images
+            print(f"{role}: mean resultant length {mean_resultant_length(images.embeddings):.3f} on "
+                  f"{p.entry.name} ({len(images.embeddings)} images)", flush=True)
+    print("\n| model | gamma | " + " | ".join(f"{p.entry.name} {p.entry.metric} (paired vs 0) [95 %]"
+                                             for p in prepared) + " | cosine to the teacher, per entry |")
+    print("|---|---|" + "---|" * len(prepared) + "---|")
+    for role, model in models.items():
+        base, captions = {}, {}
+        for gamma in gammas:
+            cells, cosines, row = [], [], {"model": role, "gamma": gamma}
+            for p in prepared:
+                images = embedded[role, p.entry.name]
+                moved = with_embeddings(images, centred(images.embeddings, means[role], gamma))
+                if p.entry.task != "zeroshot" and p.entry.name not in captions:  # texts do not move with gamma
+                    captions[p.entry.name] = embed_captions(model, moved, p.texts, p.text_to_image)
+                value, hits = score(model, p, moved, captions.get(p.entry.name))
+                first_value, first_hits = base.setdefault(p.entry.name, (value, hits))
+                lo, hi = difference_interval(p.entry.name, hits, first_hits)
+                cos = float(F.cosine_similarity(moved.embeddings, embedded["teacher", p.entry.name].embeddings).mean())
+                cells.append(f"{100 * value:.1f} % ({100 * (value - first_value):+.1f}) [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+                cosines.append(f"{cos:.3f}")
+                row[p.entry.name] = {"score": value, "difference": value - first_value, "interval": [lo, hi],
+                                     "cosine": cos}
+            rows.append(row)
+            print(f"| {role} | {gamma:g} | " + " | ".join(cells) + " | " + " / ".join(cosines) + " |", flush=True)
+    print(f"\n{time.perf_counter() - start:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
