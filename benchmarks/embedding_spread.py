@@ -12,8 +12,10 @@ Text->image ranks images for one caption, where that bias is a constant and drop
 This prints, for the teacher and the student, the mean resultant length |mean of unit embeddings|
 of training images (``--mean-data``, seeded subsets) and of the validation photos, then each suite
 entry's score with every embedding centred, e -> normalise(e - gamma * m), m the model's own mean of
-those training images, for each ``--gammas`` value, with the paired difference to gamma 0 and its
-95 % interval, and the student's mean cosine to the teacher's (uncentred) embedding. The suite
+those training images, for each ``--gammas`` value, and (``--shares``) with every embedding given
+the same share a along m's direction (a * m/|m| + sqrt(1 - a^2) * the unit residual), each with the
+paired difference to the first row (gamma 0: the model as it is) and its 95 % interval, and the mean
+cosine to the teacher's unchanged embedding. The suite
 defaults to the validation splits (suites/validation.yaml): a diagnosis, never read on a test set.
 """
 
@@ -45,7 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mean-data", action="append", help=f"PATH:SPLIT of training images for the mean "
                                                          f"(repeatable; default {', '.join(MEAN_DATA)})")
     p.add_argument("--mean-limit", type=int, default=1000, help="images per --mean-data source (seeded)")
-    p.add_argument("--gammas", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--gammas", default="0,0.25,0.5,0.75,1", help="centring strengths (0: the model as it is)")
+    p.add_argument("--shares", default="", help="fixed shares along the mean direction to try (comma list)")
     p.add_argument("--batch-size", type=int, default=64)
     return p.parse_args(argv)
 
@@ -53,6 +56,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def centred(embeddings: torch.Tensor, mean: torch.Tensor, gamma: float) -> torch.Tensor:
     """Unit embeddings moved away from ``mean``: normalise(e - gamma * mean)."""
     return F.normalize(embeddings.float() - gamma * mean.float(), dim=-1)
+
+
+def fixed_share(embeddings: torch.Tensor, mean: torch.Tensor, share: float) -> torch.Tensor:
+    """Every embedding given the same component ``share`` along the mean direction, its residual
+    (what is left after removing that component) scaled to the rest of a unit vector."""
+    axis = F.normalize(mean.float(), dim=0)
+    e = embeddings.float()
+    residual = F.normalize(e - (e @ axis)[:, None] * axis, dim=-1)
+    return share * axis + (1 - share ** 2) ** 0.5 * residual
 
 
 def mean_resultant_length(embeddings: torch.Tensor) -> float:
@@ -86,7 +98,8 @@ def with_embeddings(images: EmbeddedImages, embeddings: torch.Tensor) -> Embedde
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     start = time.perf_counter()
-    gammas = [float(g) for g in args.gammas.split(",")]
+    gammas = [float(g) for g in args.gammas.split(",") if g.strip()]
+    shares = [float(a) for a in args.shares.split(",") if a.strip()]
     prepared = prepare_suite(load_suite(args.suite))
     teacher = load_model(args.teacher).eval()
     models = {"teacher": teacher, "student": load_model(args.student, teacher=teacher).eval()}
@@ -102,17 +115,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             embedded[role, p.entry.name] = images
             print(f"{role}: mean resultant length {mean_resultant_length(images.embeddings):.3f} on "
                   f"{p.entry.name} ({len(images.embeddings)} images)", flush=True)
-    print("\n| model | gamma | " + " | ".join(f"{p.entry.name} {p.entry.metric} (paired vs 0) [95 %]"
-                                             for p in prepared) + " | cosine to the teacher, per entry |")
+    transforms = [("centre", g, centred) for g in gammas] + [("share", a, fixed_share) for a in shares]
+    print("\n| model | transform | " + " | ".join(f"{p.entry.name} {p.entry.metric} (paired vs the first) [95 %]"
+                                                 for p in prepared) + " | cosine to the teacher, per entry |")
     print("|---|---|" + "---|" * len(prepared) + "---|")
     for role, model in models.items():
         base, captions = {}, {}
-        for gamma in gammas:
-            cells, cosines, row = [], [], {"model": role, "gamma": gamma}
+        for kind, value_of, transform in transforms:
+            cells, cosines, row = [], [], {"model": role, "transform": kind, "value": value_of}
             for p in prepared:
                 images = embedded[role, p.entry.name]
-                moved = with_embeddings(images, centred(images.embeddings, means[role], gamma))
-                if p.entry.task != "zeroshot" and p.entry.name not in captions:  # texts do not move with gamma
+                moved = with_embeddings(images, transform(images.embeddings, means[role], value_of))
+                if p.entry.task != "zeroshot" and p.entry.name not in captions:  # texts do not move with the images
                     captions[p.entry.name] = embed_captions(model, moved, p.texts, p.text_to_image)
                 value, hits = score(model, p, moved, captions.get(p.entry.name))
                 first_value, first_hits = base.setdefault(p.entry.name, (value, hits))
@@ -123,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 row[p.entry.name] = {"score": value, "difference": value - first_value, "interval": [lo, hi],
                                      "cosine": cos}
             rows.append(row)
-            print(f"| {role} | {gamma:g} | " + " | ".join(cells) + " | " + " / ".join(cosines) + " |", flush=True)
+            print(f"| {role} | {kind} {value_of:g} | " + " | ".join(cells) + " | " + " / ".join(cosines) + " |",
+                  flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s")
     return rows
 

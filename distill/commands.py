@@ -62,6 +62,8 @@ COMMANDS = {c.name: c for c in (
             "distil the teacher's text side into a small text encoder, on texts alone"),
     Command("pair", "distill.pair:cli", "python -m distill.pair",
             "pair a saved image model with a text student into one model directory"),
+    Command("mean-share", "distill.mean_share:cli", "python -m distill.mean_share",
+            "give an image-only student the teacher's share along its mean embedding (no training)"),
     Command("soup", "distill.soup:cli", "python -m distill.soup",
             "average the weights of image students trained from the same start into one student"),
     Command("evaluate", "distill.evaluate:cli", "python -m distill.evaluate",

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from clipcore import compat
@@ -85,6 +86,9 @@ def _save_frozen_text(student: FrozenTextStudent, directory: Path) -> dict[str, 
         # absent or null: the bias-free linear head; else the MLP head's hidden size
         "head_hidden": tower.head[0].out_features if isinstance(tower.head, nn.Sequential) else None,
         "teacher": _teacher_reference(student.teacher),
+        # absent or null: embeddings as the tower gives them; else FrozenTextStudent.set_mean_share's values
+        "mean_share": None if student.mean_axis is None else {
+            "share": student.mean_share, "axis": student.mean_axis.cpu().tolist()},
     }
 
 
@@ -180,6 +184,8 @@ def load_student(directory: str | Path, *, teacher: DualEncoder | str | None = N
     student = FrozenTextStudent(tower, transform, embed_dim=meta["embed_dim"], name=meta["name"],
                                 teacher=_resolve_teacher(teacher, meta.get("teacher")) if with_teacher else None)
     load_weights(student, str(directory / WEIGHTS_FILE), strict=True)
+    if meta.get("mean_share"):
+        student.set_mean_share(torch.tensor(meta["mean_share"]["axis"]), meta["mean_share"]["share"])
     ranges = load_ranges(directory)
     if ranges:
         tower.qat_ranges = ranges

@@ -7,12 +7,26 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipcore.dual_encoder import DualEncoder, module_fingerprint
 from clipcore.imaging import ImageTransform
 
 CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
+
+
+def with_mean_share(embeddings: torch.Tensor, axis: torch.Tensor, share: float) -> torch.Tensor:
+    """Unit embeddings given one and the same component ``share`` along ``axis``'s direction; what is left
+    of each (its residual) keeps its direction and fills the rest of the unit length.
+
+    The projection is a product and a sum, not a matrix product, so that a static int8 export (which
+    quantises MatMul) leaves it in float.
+    """
+    axis = F.normalize(axis.to(embeddings.device, torch.float32), dim=0)
+    e = embeddings.float()
+    residual = F.normalize(e - (e * axis).sum(-1, keepdim=True) * axis, dim=-1)
+    return share * axis + (1.0 - share * share) ** 0.5 * residual
 
 
 class ImageTower(nn.Module):
@@ -66,6 +80,8 @@ class FrozenTextStudent(DualEncoder):
         # and save/load carry it (state-dict key "log_scale", as when it was a buffer)
         self.log_scale = nn.Parameter(torch.tensor(float(log_logit_scale)))
         self._embed_dim = int(embed_dim)
+        self.mean_share: float | None = None
+        self.register_buffer("mean_axis", None, persistent=False)  # set_mean_share; saved in student.json
         self.__dict__["_teacher"] = None  # bypasses nn.Module.__setattr__, which would register it
         if teacher is not None:
             self.attach_teacher(teacher)
@@ -120,6 +136,35 @@ class FrozenTextStudent(DualEncoder):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.image_tower(pixel_values)
 
+    def set_mean_share(self, axis: torch.Tensor | None, share: float | None = None) -> None:
+        """From now on give every image embedding the same ``share`` along ``axis`` (None: stop).
+
+        A student that cannot see what decides the teacher's embedding learns its expectation, which
+        lies nearer the mean of all embeddings than the teacher's own: its share along the mean varies
+        more from image to image than its residual does, and image->text retrieval then ranks the same
+        captions high for every image (docs/general-student.md). ``distill.mean_share`` sets ``axis``
+        and ``share`` to the direction and length of the teacher's mean embedding.
+
+        Raises:
+            ValueError: ``axis`` is not a finite non-zero vector of the embedding size, or ``share`` is
+                not in [0, 1).
+        """
+        if axis is None:
+            self.mean_axis, self.mean_share = None, None
+            return
+        axis = torch.as_tensor(axis, dtype=torch.float32).detach().cpu()
+        if axis.shape != (self._embed_dim,) or not torch.isfinite(axis).all() or float(axis.norm()) == 0.0:
+            raise ValueError(f"{self.name}: mean_share axis must be a finite non-zero vector of {self._embed_dim} "
+                             f"values, got shape {tuple(axis.shape)}")
+        if share is None or not 0.0 <= float(share) < 1.0:
+            raise ValueError(f"{self.name}: mean_share share={share!r}; expected a number in [0, 1)")
+        device = next(self.parameters()).device
+        self.mean_axis, self.mean_share = axis.to(device), float(share)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        emb = super().encode_image(pixel_values)
+        return emb if self.mean_axis is None else with_mean_share(emb, self.mean_axis, self.mean_share)
+
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         teacher = self._require_teacher()
         device = teacher.device
@@ -134,4 +179,5 @@ class FrozenTextStudent(DualEncoder):
     def fingerprint(self) -> str:
         """Hash of the student weights and transform, plus the teacher's (its text side is ours)."""
         teacher = "" if self.teacher is None else self.teacher.fingerprint()
-        return module_fingerprint(self, extra=self.image_transform.to_json() + teacher)
+        share = "" if self.mean_axis is None else f"{self.mean_share!r}{self.mean_axis.cpu().numpy().tobytes().hex()}"
+        return module_fingerprint(self, extra=self.image_transform.to_json() + teacher + share)

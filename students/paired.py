@@ -57,6 +57,9 @@ class PairedStudent(DualEncoder):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.image_model.image_features(pixel_values)
 
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.image_model.encode_image(pixel_values)  # with whatever the image model does after its tower
+
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.text_student.text_features(input_ids, attention_mask)
 

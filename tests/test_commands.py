@@ -18,6 +18,7 @@ OWN_FLAGS = {
     "text-student": ["--config", "overrides"],
     "pair": ["--image", "--text", "--out"],
     "soup": ["students", "--out", "--debug"],
+    "mean-share": ["--student", "--data", "--limit"],
     "evaluate": ["--model", "--data", "--batch-size", "--classnames"],
     "benchmark": ["--suite", "--reference", "--out"],
     "parity": ["--teacher", "--student", "--variants"],

@@ -35,6 +35,9 @@ def test_centring_and_the_mean_resultant_length():
     moved = spread.centred(e, mean, 1.0)
     assert torch.allclose(moved.norm(dim=-1), torch.ones(3))
     assert spread.mean_resultant_length(moved) < spread.mean_resultant_length(e)  # spread apart
+    shared = spread.fixed_share(e, mean, 0.3)
+    axis = mean / mean.norm()
+    assert torch.allclose(shared.norm(dim=-1), torch.ones(3)) and torch.allclose(shared @ axis, torch.full((3,), 0.3))
 
 
 def test_a_run_on_tiny_models_prints_every_entry_and_gamma(tmp_path, capsys):
@@ -50,13 +53,14 @@ def test_a_run_on_tiny_models_prints_every_entry_and_gamma(tmp_path, capsys):
          "metric": "image_to_text_R@5"},
     ]))
     rows = _script().main(["--student", str(student), "--teacher", str(teacher_dir), "--suite", str(suite),
-                           "--mean-data", f"{labelled}:train", "--mean-limit", "8", "--gammas", "0,1"])
+                           "--mean-data", f"{labelled}:train", "--mean-limit", "8", "--gammas", "0,1", "--shares", "0.2"])
     out = capsys.readouterr().out
     assert "teacher: mean resultant length" in out and "student: mean resultant length" in out
-    assert [(r["model"], r["gamma"]) for r in rows] == [("teacher", 0.0), ("teacher", 1.0), ("student", 0.0),
-                                                        ("student", 1.0)]
+    assert [(r["model"], r["transform"], r["value"]) for r in rows] == [
+        (model, kind, value) for model in ("teacher", "student") for kind, value in
+        (("centre", 0.0), ("centre", 1.0), ("share", 0.2))]
     first = rows[0]["photos"]
     assert first["difference"] == 0.0 and first["interval"] == [0.0, 0.0]
     assert first["cosine"] == pytest.approx(1.0, abs=1e-5)  # the teacher uncentred against itself
     assert rows[1]["photos"]["cosine"] < 1.0
-    assert out.count("| student |") == 2
+    assert out.count("| student |") == 3 and "| student | share 0.2 |" in out
