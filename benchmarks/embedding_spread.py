@@ -35,6 +35,7 @@ from distill.evaluate import (EmbeddedImages, embed_captions, embed_images, retr
                               zeroshot_logits)
 from distill.suite import load_suite, prepare_suite
 from students import load_model
+from students.image_only import with_mean_share
 
 MEAN_DATA = ("../shared/data/scene-photos:train", "../shared/data/tiny-imagenet:train")
 
@@ -59,12 +60,9 @@ def centred(embeddings: torch.Tensor, mean: torch.Tensor, gamma: float) -> torch
 
 
 def fixed_share(embeddings: torch.Tensor, mean: torch.Tensor, share: float) -> torch.Tensor:
-    """Every embedding given the same component ``share`` along the mean direction, its residual
-    (what is left after removing that component) scaled to the rest of a unit vector."""
-    axis = F.normalize(mean.float(), dim=0)
-    e = embeddings.float()
-    residual = F.normalize(e - (e @ axis)[:, None] * axis, dim=-1)
-    return share * axis + (1 - share ** 2) ** 0.5 * residual
+    """Every embedding given the same component ``share`` along the mean direction (what
+    ``python -m distill.mean_share`` gives a student, with the teacher's mean and share)."""
+    return with_mean_share(embeddings, mean, share)
 
 
 def mean_resultant_length(embeddings: torch.Tensor) -> float:
