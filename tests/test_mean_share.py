@@ -61,6 +61,20 @@ def test_the_share_is_saved_loaded_exported_and_paired(setup, tmp_path):
     graph = OnnxGraph(export_image_encoder(loaded, tmp_path / "image.onnx"), IMAGE_ENCODER)
     onnx = graph.run({IMAGE_ENCODER.inputs[0].name: pixels.numpy()})[IMAGE_ENCODER.outputs[0].name]
     np.testing.assert_allclose(onnx, shared.detach().numpy(), atol=1e-5)
+    # static int8 rounds the tower, not the share: the share's ops take no quantised input of their own
+    import onnx
+
+    from exports.precision import ArrayCalibrationReader, quantize_int8_static
+
+    name = IMAGE_ENCODER.inputs[0].name
+    int8 = quantize_int8_static(tmp_path / "image.onnx", tmp_path / "image.int8.onnx",
+                                ArrayCalibrationReader([{name: example_pixels(loaded, 4, seed=s).numpy()} for s in range(3)]))
+    nodes = onnx.load(str(int8)).graph.node
+    produced_by = {out: n.op_type for n in nodes for out in n.output}
+    projections = [n for n in nodes if n.op_type == "ReduceSum"]
+    assert projections and all(produced_by.get(i) != "DequantizeLinear" for n in projections for i in n.input)
+    got = OnnxGraph(int8, IMAGE_ENCODER).run({name: pixels.numpy()})[IMAGE_ENCODER.outputs[0].name]
+    np.testing.assert_allclose(got @ F.normalize(axis, dim=0).numpy(), np.full(3, 0.3), atol=1e-5)
     student.set_mean_share(None)
     torch.testing.assert_close(student.encode_image(pixels), plain)
     assert student.fingerprint() != loaded.fingerprint()
