@@ -105,6 +105,21 @@ def test_a_file_changed_after_gating_or_a_rejected_variant_does_not_ship(run, tm
         bundle_from_parity(copy, "int8", tmp_path / "b")
     with pytest.raises(GatedBundleError, match="no variant 'fp16'"):
         bundle_from_parity(copy, "fp16", tmp_path / "b")
+    (copy / "onnx" / "image_encoder.fp32.onnx").unlink()  # and the path recorded for it leads nowhere either
+    subject(report, "fp32")["path"] = str(tmp_path / "gone" / "image_encoder.fp32.onnx")
+    (copy / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(GatedBundleError, match=r"image_encoder.fp32.onnx: missing \(.*parity.json subject 'fp32' lists it\)"):
+        bundle_from_parity(copy, "fp32", tmp_path / "b")
+    del report["student"]["variant_class_head"]
+    (copy / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(GatedBundleError, match="written by an older exports.parity without the class head"):
+        bundle_from_parity(copy, "fp32", tmp_path / "b")
+    (copy / "parity.json").write_text('{"student": ')
+    with pytest.raises(GatedBundleError, match=r"parity.json: unreadable JSON \(JSONDecodeError"):
+        bundle_from_parity(copy, "fp32", tmp_path / "b")
+    (copy / "parity.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no parity report"):
+        bundle_from_parity(copy, "fp32", tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
 
