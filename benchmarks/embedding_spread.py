@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from clipcore.bootstrap import difference_interval
-from clipcore.data import DataSpec, ImageDataset, load_hf_dataset, make_loader, resolve_columns
 from distill.benchmark import evaluate_entry, retrieval_query_hits, score_of, zeroshot_hits
-from distill.evaluate import (EmbeddedImages, embed_captions, embed_images, retrieval_eval, zeroshot_eval,
-                              zeroshot_logits)
+from distill.evaluate import EmbeddedImages, embed_captions, retrieval_eval, zeroshot_eval, zeroshot_logits
+from distill.mean_share import embed_source
 from distill.suite import load_suite, prepare_suite
 from students import load_model
 from students.image_only import with_mean_share
@@ -68,14 +67,6 @@ def fixed_share(embeddings: torch.Tensor, mean: torch.Tensor, share: float) -> t
 def mean_resultant_length(embeddings: torch.Tensor) -> float:
     """|mean of the unit embeddings|: 0 spread evenly over the sphere, 1 all the same."""
     return float(F.normalize(embeddings.float(), dim=-1).mean(0).norm())
-
-
-def embed_source(model, source: str, limit: int, batch_size: int) -> torch.Tensor:
-    path, _, split = source.rpartition(":")
-    spec = DataSpec(path, split=split or None, limit=limit, shuffle_seed=0)
-    ds = load_hf_dataset(spec)
-    data = ImageDataset(ds, {"model": model.image_transform}, resolve_columns(ds, spec), name=source)
-    return embed_images(model, make_loader(data, batch_size), progress=False).embeddings
 
 
 def score(model, prepared, images: EmbeddedImages, captions=None):

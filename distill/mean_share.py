@@ -42,20 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def embed_source(model, source: str, limit: int, batch_size: int) -> torch.Tensor:
+    """``model``'s unit image embeddings of ``limit`` seeded images of ``source`` (``PATH`` or ``PATH:SPLIT``)."""
+    path, sep, split = source.rpartition(":")
+    if not sep or "/" in split:  # no split given (a path may hold ':' only before its last '/')
+        path, split = source, None
+    spec = DataSpec(path, split=split, limit=limit, shuffle_seed=0)
+    ds = load_hf_dataset(spec)
+    data = ImageDataset(ds, {"model": model.image_transform}, resolve_columns(ds, spec), name=source)
+    return embed_images(model, make_loader(data, batch_size), desc=source, progress=False).embeddings
+
+
 def teacher_mean(teacher, sources: Sequence[str], limit: int, batch_size: int) -> torch.Tensor:
     """The mean of the teacher's unit image embeddings over ``limit`` seeded images per source."""
-    sums, count = None, 0
-    for source in sources:
-        path, sep, split = source.rpartition(":")
-        if not sep or "/" in split:  # no split given (a path may hold ':' only before its last '/')
-            path, split = source, None
-        spec = DataSpec(path, split=split, limit=limit, shuffle_seed=0)
-        ds = load_hf_dataset(spec)
-        data = ImageDataset(ds, {"model": teacher.image_transform}, resolve_columns(ds, spec), name=source)
-        emb = embed_images(teacher, make_loader(data, batch_size), desc=source, progress=False).embeddings
-        sums = emb.sum(0) if sums is None else sums + emb.sum(0)
-        count += len(emb)
-    return sums / count
+    return torch.cat([embed_source(teacher, s, limit, batch_size) for s in sources]).mean(0)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
