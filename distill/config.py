@@ -36,6 +36,9 @@ class StudentConfig:
     head: str = "linear"  # image-only students: linear | mlp | teacher (copy a tower teacher's MLP image head)
     head_hidden: int | None = None  # head: mlp only: its hidden size (None: 1024)
     freeze_blocks: int = 0  # efficientnet_lite students: freeze the stem and the first N blocks (faster steps)
+    # image-only students: train with every image embedding given the teacher's share along the teacher's mean unit
+    # image embedding (1,000 seeded images per training source), as python -m distill.mean_share does afterwards
+    mean_share: bool = False
 
 
 @dataclass

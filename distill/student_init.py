@@ -4,6 +4,8 @@
   logit scale: a fine-tune, or the quantisation-aware fine-tune of ``configs/general_qat.yaml``.
 * ``qat.enabled`` folds the image tower's batch norms and fake-quantises it (:mod:`students.qat`);
   :func:`finish_qat` removes that before the student is saved, leaving fp32 weights on their int8 grids.
+* ``student.mean_share`` gives an image-only student the teacher's share along the teacher's mean
+  image embedding before it trains (:func:`set_teacher_mean_share`), so every loss sees it.
 * ``export.text_student`` pairs the trained image-only student with a text student for the export
   (:func:`with_text_student`), so an open-vocabulary bundle ships a small text encoder.
 """
@@ -18,8 +20,11 @@ import torch
 
 from clipcore.dual_encoder import DualEncoder
 from distill.config import ConfigError, TrainConfig
+from distill.mean_share import teacher_mean
+from distill.stream_data import is_stream
 from students import PairedStudent, build_student, freeze_early_blocks, load_student
 from students.checkpoint import STUDENT_FILE, load_text_student
+from students.image_only import FrozenTextStudent
 from students.qat import QAT_RANGES_FILE, QATHandle, load_ranges, prepare_qat, save_ranges
 
 log = logging.getLogger("distill.student_init")
@@ -54,6 +59,43 @@ def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> D
     if cfg.student.freeze_blocks:
         freeze_early_blocks(student, cfg.student.freeze_blocks)
     return student
+
+
+MEAN_SHARE_IMAGES = 1000  # seeded training images per source, as python -m distill.mean_share takes by default
+
+
+def train_sources(data) -> list[str]:
+    """``data.train`` as ``PATH:SPLIT`` strings, one per source."""
+    if isinstance(data.train, str):
+        return [f"{data.train}:{data.train_split}"]
+    return [f"{src.path}:{src.split}" for src in data.train]
+
+
+def set_teacher_mean_share(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder) -> float | None:
+    """``student.mean_share``: give ``student`` the teacher's share along the teacher's mean unit image
+    embedding (over :data:`MEAN_SHARE_IMAGES` seeded images of each training source) before it trains, so
+    that the losses train its residual directions through it; the share it got (None when off).
+
+    Every process computes the same mean from the same seeded images; it is saved with the student.
+
+    Raises:
+        ConfigError: the student is not image-only (its text side is not the teacher's), or the training
+            data is streamed (no seeded subset to take).
+    """
+    if not cfg.student.mean_share:
+        return None
+    if not isinstance(student, FrozenTextStudent):
+        raise ConfigError(f"student.mean_share=true: {student.name} has its own text tower; the teacher's share "
+                          "only fits an image-only student, whose text side is the teacher's")
+    if is_stream(cfg.data):
+        raise ConfigError("student.mean_share=true takes the teacher's mean over seeded images of each data.train "
+                          "source, which streamed or sharded data cannot give; use python -m distill.mean_share "
+                          "on a map-style copy of some training images after training instead")
+    mean = teacher_mean(teacher, train_sources(cfg.data), MEAN_SHARE_IMAGES, cfg.optim.batch_size)
+    share = float(mean.norm())
+    student.set_mean_share(mean, share)
+    log.info("student.mean_share: every image embedding trains with share %.4f along the teacher's mean", share)
+    return share
 
 
 def qat_self_reference(cfg: TrainConfig, student: DualEncoder) -> DualEncoder | None:

@@ -52,7 +52,7 @@ from distill.train_data import TrainData, build_train_data, check_path, is_mixtu
 from exports.pipeline import export_and_check
 from distill.final import save_final
 from distill.student_init import (attach_qat, finish_qat, initial_student, qat_checkpoint_writer, qat_self_reference,
-                                  restore_qat_ranges, with_text_student)
+                                  restore_qat_ranges, set_teacher_mean_share, with_text_student)
 from distill.ema import attach_ema, checkpoint_writers
 # NonFiniteLossError and NonFiniteWeightsError are imported from here by callers and tests
 from distill.divergence import (  # noqa: F401
@@ -233,6 +233,7 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     teacher = load_teacher(cfg.teacher.name_or_path, random_init=cfg.teacher.random_init, device=accelerator.device)
     torch.manual_seed(cfg.seed)  # the student's init must not depend on how the teacher was built
     student = initial_student(cfg, teacher, tokenizer=_load_tokenizer(cfg.student.tokenizer))
+    set_teacher_mean_share(cfg, teacher, student)  # before any copy of it (QAT's self reference, an EMA)
     if cfg.export.enabled:
         with_text_student(cfg, student)  # a missing or mismatched export.text_student fails now, not after training
     if cfg.loss.tower_weight > 0:

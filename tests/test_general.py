@@ -561,3 +561,41 @@ def test_every_shipped_recipe_parses(recipe):
         return
     cfg = load_config(REPO / "configs" / recipe)
     assert cfg.output_dir and cfg.data.train
+
+
+def test_mean_share_trains_every_step_through_the_teachers_share(mixture, tmp_path, monkeypatch):
+    """student.mean_share: the share is set before the first step (the task trains through it) and saved."""
+    import torch.nn.functional as F
+
+    from clipcore.loading import load_teacher
+    from distill import train as train_mod
+    from distill.mean_share import teacher_mean
+    from students import load_model
+
+    root, teacher_dir, _ = mixture
+    seen = {}
+    real = train_mod.DistillTask
+
+    def spy(student, *args, **kwargs):
+        seen.update(axis=student.mean_axis.clone(), share=student.mean_share)
+        return real(student, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "DistillTask", spy)
+    main(_general_args(mixture, tmp_path, "student.mean_share=true", "optim.max_steps=2", "optim.ema_decay=0.5"))
+    teacher = load_teacher(str(teacher_dir))
+    # the teacher's mean over each source's seeded images (1,000 or all it has), as python -m distill.mean_share takes it
+    mean = teacher_mean(teacher, [f"{root / 'a'}:train", f"{root / 'b'}:train"], 1000, 8)
+    assert seen["share"] == pytest.approx(float(mean.norm()), abs=1e-5) and 0 < seen["share"] < 1
+    torch.testing.assert_close(F.normalize(seen["axis"], dim=0), F.normalize(mean, dim=0), atol=1e-5, rtol=0)
+    saved = json.loads((tmp_path / "out" / "final" / "student.json").read_text())["mean_share"]
+    assert saved["share"] == pytest.approx(seen["share"])
+    student = load_model(tmp_path / "out" / "final", teacher=teacher)
+    pixels = torch.rand(3, 3, *student.image_transform.output_size)
+    along = student.encode_image(pixels) @ F.normalize(student.mean_axis, dim=0)
+    torch.testing.assert_close(along, torch.full((3,), seen["share"]), atol=1e-5, rtol=0)
+
+
+def test_mean_share_needs_an_image_only_student(mixture, tmp_path):
+    with pytest.raises(ConfigError, match="student.mean_share=true: .* has its own text tower"):
+        main(_general_args(mixture, tmp_path, "student.mean_share=true", "student.arch=test-tiny"))
+    assert not (tmp_path / "out" / "final").exists()
