@@ -599,3 +599,21 @@ def test_mean_share_needs_an_image_only_student(mixture, tmp_path):
     with pytest.raises(ConfigError, match="student.mean_share=true: .* has its own text tower"):
         main(_general_args(mixture, tmp_path, "student.mean_share=true", "student.arch=test-tiny"))
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_two_processes_train_through_the_same_mean_share(mixture, tmp_path):
+    """student.mean_share under torchrun (gloo): every process takes the same teacher mean; the saved student has it."""
+    import torch.nn.functional as F
+
+    from clipcore.loading import load_teacher
+    from distill.mean_share import teacher_mean
+
+    root, teacher_dir, _ = mixture
+    proc = torchrun_train(_general_args(mixture, tmp_path, "cpu=true", "optim.max_steps=2", "student.mean_share=true"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("student.mean_share: every image embedding trains with share") == 2  # one per process
+    mean = teacher_mean(load_teacher(str(teacher_dir)), [f"{root / 'a'}:train", f"{root / 'b'}:train"], 1000, 8)
+    saved = json.loads((tmp_path / "out" / "final" / "student.json").read_text())["mean_share"]
+    assert saved["share"] == pytest.approx(float(mean.norm()), abs=1e-5)
+    torch.testing.assert_close(F.normalize(torch.tensor(saved["axis"]), dim=0), F.normalize(mean, dim=0),
+                               atol=1e-5, rtol=0)
