@@ -3,6 +3,9 @@
     python -m distill.mean_share --student outputs/general/final --out outputs/general-share \\
         --data ../shared/data/tiny-imagenet:train --data ../shared/data/scene-photos:train
 
+Without ``--data`` the mean is taken over the sources the student was trained on (its
+``training_config.yaml``), as ``student.mean_share: true`` takes it before training.
+
 A student that cannot see what decides the teacher's embedding learns its expectation, nearer the
 mean of all embeddings than the teacher's own, so its component along that mean varies from image
 to image more than the teacher's does, and image->text retrieval ranks the same captions high for
@@ -24,22 +27,49 @@ import torch
 
 from clipcore.data import DataSpec, ImageDataset, load_hf_dataset, make_loader, resolve_columns
 from distill.cli import debug_requested, run_cli
+from distill.config import DataConfig, load_config
 from distill.evaluate import embed_images
 from students import load_model, save_student
 from students.image_only import FrozenTextStudent
+
+
+MEAN_SHARE_IMAGES = 1000  # seeded images per source (--limit; student.mean_share takes as many)
+TRAINING_CONFIG = "training_config.yaml"  # written beside every trained student (distill/final.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.mean_share", description=__doc__.split("\n\n")[0])
     p.add_argument("--student", required=True, help="a saved image-only student (its text side is the teacher's)")
     p.add_argument("--out", required=True, help="new directory for the student with the share")
-    p.add_argument("--data", action="append", required=True, metavar="PATH[:SPLIT]",
-                   help="training images the teacher's mean is taken over (repeatable)")
-    p.add_argument("--limit", type=int, default=1000, help="seeded images per --data source (default 1000)")
+    p.add_argument("--data", action="append", default=None, metavar="PATH[:SPLIT]",
+                   help="training images the teacher's mean is taken over (repeatable; default: the data.train "
+                        "sources of the student's training_config.yaml)")
+    p.add_argument("--limit", type=int, default=MEAN_SHARE_IMAGES,
+                   help=f"seeded images per --data source (default {MEAN_SHARE_IMAGES})")
     p.add_argument("--teacher", default=None, help="the teacher (default: the one recorded with the student)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (also: CLIP_DISTILL_DEBUG=1)")
     return p
+
+
+def train_sources(data: DataConfig) -> list[str]:
+    """``data.train`` as ``PATH:SPLIT`` strings, one per source."""
+    if isinstance(data.train, str):
+        return [f"{data.train}:{data.train_split}"]
+    return [f"{src.path}:{src.split}" for src in data.train]
+
+
+def recorded_sources(student_dir: str | Path) -> list[str]:
+    """The training sources recorded beside a trained student.
+
+    Raises:
+        FileNotFoundError: there is no ``training_config.yaml`` beside it (say ``--data`` instead).
+    """
+    path = Path(student_dir) / TRAINING_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"--student {student_dir}: no {TRAINING_CONFIG} records what it was trained on; "
+                                "name the training images with --data PATH[:SPLIT]")
+    return train_sources(load_config(path).data)
 
 
 def embed_source(model, source: str, limit: int, batch_size: int) -> torch.Tensor:
@@ -69,17 +99,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not isinstance(student, FrozenTextStudent) or student.teacher is None:
         raise ValueError(f"--student {args.student}: {type(student).__name__} is not an image-only student with its "
                          "teacher; the share is taken from the teacher whose text side it uses")
-    mean = teacher_mean(student.teacher, args.data, args.limit, args.batch_size)
+    sources = args.data or recorded_sources(args.student)
+    mean = teacher_mean(student.teacher, sources, args.limit, args.batch_size)
     share = float(mean.norm())
     student.set_mean_share(mean, share)
     save_student(student, out)
-    print(f"{out}: share {share:.4f} along the teacher's mean image embedding ({len(args.data)} sources x "
-          f"<= {args.limit} images)")
-    return {"out": str(out), "share": share}
+    print(f"{out}: share {share:.4f} along the teacher's mean image embedding ({len(sources)} sources x "
+          f"<= {args.limit} images: {', '.join(sources)})")
+    return {"out": str(out), "share": share, "sources": sources}
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Exit 0 written, 2 bad input (a missing model or data, a student without a teacher, a non-empty --out)."""
+    """Exit 0 written, 2 bad input (a missing model or data, a student without a teacher, a non-empty --out, no
+    --data and no training_config.yaml beside the student)."""
     return run_cli(lambda: main(argv), debug_requested(argv))
 
 

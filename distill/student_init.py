@@ -20,7 +20,7 @@ import torch
 
 from clipcore.dual_encoder import DualEncoder
 from distill.config import ConfigError, TrainConfig
-from distill.mean_share import teacher_mean
+from distill.mean_share import MEAN_SHARE_IMAGES, teacher_mean, train_sources
 from distill.stream_data import is_stream
 from students import PairedStudent, build_student, freeze_early_blocks, load_student
 from students.checkpoint import STUDENT_FILE, load_text_student
@@ -59,16 +59,6 @@ def initial_student(cfg: TrainConfig, teacher: DualEncoder, tokenizer=None) -> D
     if cfg.student.freeze_blocks:
         freeze_early_blocks(student, cfg.student.freeze_blocks)
     return student
-
-
-MEAN_SHARE_IMAGES = 1000  # seeded training images per source, as python -m distill.mean_share takes by default
-
-
-def train_sources(data) -> list[str]:
-    """``data.train`` as ``PATH:SPLIT`` strings, one per source."""
-    if isinstance(data.train, str):
-        return [f"{data.train}:{data.train_split}"]
-    return [f"{src.path}:{src.split}" for src in data.train]
 
 
 def set_teacher_mean_share(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder) -> float | None:

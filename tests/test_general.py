@@ -593,6 +593,12 @@ def test_mean_share_trains_every_step_through_the_teachers_share(mixture, tmp_pa
     pixels = torch.rand(3, 3, *student.image_transform.output_size)
     along = student.encode_image(pixels) @ F.normalize(student.mean_axis, dim=0)
     torch.testing.assert_close(along, torch.full((3,), seen["share"]), atol=1e-5, rtol=0)
+    # python -m distill.mean_share without --data takes the same sources from the run's training_config.yaml
+    from distill.mean_share import main as mean_share_main
+
+    again = mean_share_main(["--student", str(tmp_path / "out" / "final"), "--out", str(tmp_path / "again")])
+    assert again["sources"] == [f"{root / 'a'}:train", f"{root / 'b'}:train"]
+    assert again["share"] == pytest.approx(seen["share"], abs=1e-5)
 
 
 def test_mean_share_needs_an_image_only_student(mixture, tmp_path):

@@ -117,3 +117,8 @@ def test_the_command_writes_a_student_with_the_teachers_mean(setup, tmp_path, ca
     assert cli(["--student", str(setup["student_dir"]), "--out", str(tmp_path / "m"), "--data",
                 str(tmp_path / "nowhere")]) == 2
     assert not (tmp_path / "m").exists()
+    # without --data the sources come from the student's training_config.yaml, which this one lacks: named
+    assert cli(["--student", str(setup["student_dir"]), "--out", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert "no training_config.yaml records what it was trained on" in err and "--data" in err
+    assert not (tmp_path / "n").exists()
