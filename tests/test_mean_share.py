@@ -122,3 +122,18 @@ def test_the_command_writes_a_student_with_the_teachers_mean(setup, tmp_path, ca
     err = capsys.readouterr().err
     assert "no training_config.yaml records what it was trained on" in err and "--data" in err
     assert not (tmp_path / "n").exists()
+
+
+def test_training_through_the_share_refuses_streamed_data(setup):
+    """student.mean_share takes seeded images of each source, which a stream cannot give: a named config error."""
+    from distill.config import ConfigError, load_config
+    from distill.student_init import set_teacher_mean_share
+
+    student = build_student("test-tiny-resnet", teacher=setup["teacher"])
+    cfg = load_config(None, [f"teacher.name_or_path={setup['teacher_dir']}", f"data.train={setup['data']}",
+                             "data.streaming=true", "student.mean_share=true"])
+    with pytest.raises(ConfigError, match="student.mean_share=true .* streamed or sharded data"):
+        set_teacher_mean_share(cfg, setup["teacher"], student)
+    assert student.mean_axis is None  # nothing set
+    off = load_config(None, [f"teacher.name_or_path={setup['teacher_dir']}", f"data.train={setup['data']}"])
+    assert set_teacher_mean_share(off, setup["teacher"], student) is None and student.mean_axis is None
