@@ -54,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_sources(data: DataConfig) -> list[str]:
     """``data.train`` as ``PATH:SPLIT`` strings, one per source."""
-    if isinstance(data.train, str):
-        return [f"{data.train}:{data.train_split}"]
-    return [f"{src.path}:{src.split}" for src in data.train]
+    return [f"{src.path}:{src.split}" for src in data.sources()]
 
 
 def recorded_sources(student_dir: str | Path) -> list[str]:
