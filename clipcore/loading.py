@@ -21,13 +21,22 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _path_like(name: str) -> bool:
+    """True for names that can only be local paths: a hub id is ``name`` or ``owner/name``."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
 def _resolve_error(name_or_path: str, exc: Exception) -> ModelNotFoundError:
     path = Path(name_or_path)
-    if path.exists() and path.is_dir():
+    if path.is_dir():
         return ModelNotFoundError(
             f"{name_or_path}: directory is not a loadable Hugging Face model "
             f"(no config.json or weights; {type(exc).__name__}: {exc})"
         )
+    if path.exists():
+        return ModelNotFoundError(f"{name_or_path}: is a file; a model is a directory or a hub id (owner/name)")
+    if _path_like(name_or_path):  # the hub's own message would only complain about the id's characters
+        return ModelNotFoundError(f"{name_or_path}: no such directory (and not a hub id, which reads owner/name)")
     hint = (
         f"'{name_or_path}' is not a local directory and could not be loaded from the Hugging Face "
         f"cache{' while offline (HF_HUB_OFFLINE=1)' if _hub_offline() else ''}. On a connected machine run "
