@@ -340,12 +340,30 @@ class TrainConfig:
         if self.qat.consistency_scale < 0:
             raise ConfigError(f"qat.consistency_scale={self.qat.consistency_scale}: a logit scale > 0, or 0 for the "
                               "student's own")
+        self._validate_pair_losses()
         if self.loss.caption_weight > 0 and (isinstance(self.data.train, str)
                                             or not any(src.caption_column for src in self.data.train)):
             raise ConfigError(f"loss.caption_weight={self.loss.caption_weight} scores images against the captions of the "
                               "training sources: make data.train a list of sources and name a caption column "
                               "(data.train[i].caption_column), or set loss.caption_weight=0")
         return self
+
+    def _validate_pair_losses(self) -> None:
+        # a mixture's rows without captions take random vocabulary prompts as affinity texts; the CLIP and interactive
+        # losses would take those as true pairs, so every source must pair its images with its own captions
+        if not (self.loss.clip_weight > 0 or self.loss.interactive_weight > 0):
+            return
+        if not (self.data.vocabulary or not isinstance(self.data.train, str)):
+            return  # one dataset: its caption column is checked where it loads (distill.train_data)
+        bare = [f"data.train[{i}] ({src.path})" for i, src in enumerate(self.data.sources())
+                if not (src.caption_column and src.caption_affinity)]
+        if self.data.mosaics.count:
+            bare.append(f"data.mosaics (count {self.data.mosaics.count})")
+        if bare:
+            raise ConfigError(f"loss.clip_weight={self.loss.clip_weight} / loss.interactive_weight="
+                              f"{self.loss.interactive_weight} take each image and its own caption as a true pair, but "
+                              f"{', '.join(bare)} pair no captions (no caption_column, caption_affinity: false, or "
+                              "mosaics); set those weights to 0 or train on captioned sources only")
 
     def _validate_sources(self) -> None:
         # checked here, not where streams are built: a map-style run would otherwise ignore it silently

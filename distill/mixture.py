@@ -30,10 +30,11 @@ from clipcore.data import Columns, DataSpec, ImageDataset, flatten_captions, loa
 from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
 from distill import mosaics
+from clipcore.distill_loss import LossConfig
 from distill.config import CacheConfig, ConfigError, DataConfig, TrainSource
 from distill.features import embed_texts, teacher_image_rows, teacher_tower_features
 from distill.task import TextBank
-from distill.train_data import TrainData, TrainRows, check_path
+from distill.train_data import TrainData, TrainRows, check_path, check_true_pairs
 
 log = logging.getLogger("distill.train")
 IMAGE = "image"
@@ -180,14 +181,19 @@ def build_vocabulary_bank(data: DataConfig, cache: CacheConfig, teacher: DualEnc
 
 
 def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,
-                       accelerator, *, seed: int, batch_size: int, tower_targets: bool = False) -> TrainData:
+                       accelerator, *, seed: int, batch_size: int, tower_targets: bool = False,
+                       loss: LossConfig | None = None) -> TrainData:
     """:class:`distill.train_data.TrainData` for image-only training on ``data.train``'s sources
-    (``tower_targets``: with the teacher's frozen image-tower features of every row, for ``loss.tower_weight``)."""
+    (``tower_targets``: with the teacher's frozen image-tower features of every row, for ``loss.tower_weight``;
+    ``loss``: its pair losses need a caption on every row, checked before any image is embedded)."""
     parts = load_sources(data, seed)
     if data.mosaics.count:
         parts.append(mosaics.get_or_build(parts, data.mosaics, seed, accelerator))
     sources = data.sources() + [TrainSource()] * (len(parts) - len(data.sources()))  # + mosaics: no captions
-    bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator, source_captions(parts, sources))
+    captions = source_captions(parts, sources)
+    if loss is not None:
+        check_true_pairs(loss, captions[1], "data.train (" + ", ".join(src.path for src in sources if src.path) + ")")
+    bank, names = build_vocabulary_bank(data, cache, teacher, student, accelerator, captions)
     layout = RowViews([SourceViews(len(ds), ViewSpec(views=src.views, seed=seed), src.repeat)
                        for (ds, _), src in zip(parts, sources)])
 

@@ -242,7 +242,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
     qat = attach_qat(cfg, student)
     if is_mixture(cfg.data):  # image-only: several sources, a vocabulary
         data = build_mixture_data(cfg.data, cfg.cache, teacher, student, accelerator, seed=cfg.seed,
-                                  batch_size=cfg.optim.batch_size, tower_targets=cfg.loss.tower_weight > 0)
+                                  batch_size=cfg.optim.batch_size, tower_targets=cfg.loss.tower_weight > 0,
+                                  loss=cfg.loss)
     else:
         build = build_stream_data if is_stream(cfg.data) else build_train_data  # shards / `datasets` streaming
         data = build(cfg.data, cfg.cache, cfg.loss, teacher, student, accelerator, seed=cfg.seed,

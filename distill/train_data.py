@@ -110,6 +110,18 @@ def check_path(path: str, what: str) -> None:
         )
 
 
+def check_true_pairs(loss: LossConfig, caption_rows: list[list[int]], where: str) -> None:
+    """loss.clip_weight / interactive_weight take each image and one of its own captions as a true pair; a row
+    without a caption would be paired with a random class prompt instead, so such rows are refused by count."""
+    if not (loss.clip_weight > 0 or loss.interactive_weight > 0):
+        return
+    bare = sum(1 for caps in caption_rows if not caps)
+    if bare:
+        raise ConfigError(f"loss.clip_weight / loss.interactive_weight take each image and its own caption as a true "
+                          f"pair, but {bare} of {len(caption_rows)} rows of {where} have no caption (they would be "
+                          "paired with a random class prompt); train on captioned rows only or set those weights to 0")
+
+
 def is_mixture(data: DataConfig) -> bool:
     """Image-only training on several sources against a vocabulary (:mod:`distill.mixture`)."""
     return bool(data.vocabulary) or not isinstance(data.train, str)
@@ -147,6 +159,8 @@ def build_train_data(data: DataConfig, cache: CacheConfig, loss: LossConfig, tea
             f"loss.clip_weight / loss.interactive_weight need image-text pairs, but {spec.label} has no caption "
             f"column (columns: {ds.column_names}); set data.caption_column=... or set those weights to 0"
         )
+    if cols.captions:
+        check_true_pairs(loss, caption_rows, spec.label)
     if not texts:
         raise ValueError(f"{spec.label}: no class names and no captions; set data.classnames=... or data.caption_column")
     cached, hit, teacher_text, towers = None, None, None, None

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from clipcore.testing import make_tiny_clip
 from distill.config import ConfigError, TrainSource, load_config
 from distill.mixture import vocabulary_names
 from distill.train import main
-from tests.datagen import write_captions, write_labelled
+from tests.datagen import png, write_captions, write_labelled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -623,3 +624,60 @@ def test_two_processes_train_through_the_same_mean_share(mixture, tmp_path):
     assert saved["share"] == pytest.approx(float(mean.norm()), abs=1e-5)
     torch.testing.assert_close(F.normalize(torch.tensor(saved["axis"]), dim=0), F.normalize(mean, dim=0),
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weight", ["loss.clip_weight=1", "loss.interactive_weight=1"])
+def test_pair_losses_on_a_mixture_need_every_source_captioned(weight, tmp_path):
+    # rows without captions take a random vocabulary prompt as their text: a pair loss would call it their caption
+    recipe = _recipe(tmp_path, {"data": {"train": [{"path": "crops"}, {"path": "photos", "caption_column": "c"}],
+                                         "vocabulary": "cat,dog", "eval": "crops"}})
+    with pytest.raises(ConfigError, match=r"true pair.*data\.train\[0\] \(crops\) pair no captions"):
+        load_config(recipe, [weight])
+    muted = [{"path": "photos", "caption_column": "c", "caption_affinity": False}]
+    with pytest.raises(ConfigError, match=r"data\.train\[0\] \(photos\)"):
+        load_config(recipe, [weight, "data.train=" + json.dumps(muted)])
+    with pytest.raises(ConfigError, match=r"data\.mosaics \(count 4\)"):
+        load_config(recipe, [weight, 'data.train=[{path: photos, caption_column: c}]', "data.mosaics.count=4"])
+    cfg = load_config(recipe, [weight, 'data.train=[{path: photos, caption_column: c}]'])  # every row its captions
+    assert cfg.data.sources()[0].caption_column == "c"
+
+
+def test_pair_losses_refuse_rows_without_a_caption_before_any_image_is_embedded(mixture, tmp_path, monkeypatch):
+    root, _, _ = mixture
+    feats = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))})
+    part = tmp_path / "part"
+    part.mkdir()
+    rows = {"image": [{"bytes": png(200 + i), "path": None} for i in range(6)],
+            "captions": [[f"scene {i}"] if i % 3 else [] for i in range(6)]}  # rows 0 and 3: no caption (COCO-like)
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(part / "train-00000-of-00001.parquet"))
+    from distill import mixture as mixture_mod
+    monkeypatch.setattr(mixture_mod, "_source_targets", lambda *a, **k: pytest.fail("embedded images before the check"))
+    args = _general_args(mixture, tmp_path, "loss.interactive_weight=1")
+    recipe = Path(args[1])
+    data = yaml.safe_load(recipe.read_text())
+    data["data"]["train"] = [{"path": str(root / "b"), "caption_column": "captions"},
+                             {"path": str(part), "caption_column": "captions"}]
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"2 of 18 rows of data\.train \(.*part\) have no caption"):
+        main(args)
+    data["data"]["train"] = data["data"]["train"][:1]  # every row of source b has a caption: it trains
+    recipe.write_text(yaml.safe_dump(data))
+    monkeypatch.undo()
+    log = main(args)
+    assert "eval/zeroshot_top1" in log
+    first = json.loads((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["interactive_loss"] > 0
+
+
+def test_pair_losses_on_one_captioned_dataset_refuse_rows_without_a_caption(mixture, tmp_path):
+    _, teacher, _ = mixture
+    feats = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))})
+    rows = {"image": [{"bytes": png(300 + i), "path": None} for i in range(5)],
+            "captions": [["a scene"], [], ["a street"], ["a dog"], []]}
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(tmp_path / "train-00000-of-00001.parquet"))
+    args = ["--config", str(REPO / "configs" / "default.yaml"), f"teacher.name_or_path={teacher}",
+            "student.arch=test-tiny-resnet", f"data.train={tmp_path}", "data.caption_column=captions",
+            "data.classnames=null", "loss.clip_weight=1", "data.eval=null", "export.enabled=false", "progress=false",
+            f"output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match=r"2 of 5 rows of .* have no caption"):
+        main(args)
