@@ -13,6 +13,7 @@ import torch.nn as nn
 from clipcore.losses import (
     FEATURE_KINDS,
     CaptionBankKL,
+    CaptionContrastiveLoss,
     ClipLoss,
     EmbeddingCache,
     FeatureDistillLoss,
@@ -39,6 +40,9 @@ EMBEDDING_KEYS = (
     "student_tower",
     "teacher_tower",
     "caption_bank",
+    "caption_candidates",
+    "caption_targets",
+    "caption_mask",
 )
 
 
@@ -60,6 +64,9 @@ class LossConfig:
         ``kl_temperature``; needs data.train as a list of sources, one of them with a caption column.
     image_affinity_weight: :class:`ImageAffinityKL`, the teacher's image->image affinities within the batch (each
         student image against the teacher's embeddings of the batch's images) at ``kl_temperature``.
+    caption_contrastive_weight: :class:`CaptionContrastiveLoss`, each captioned image ranked first against its own
+        caption among ``caption_bank_size`` captions of other images (cross-entropy at the teacher's fixed logit scale:
+        CLIP-KD's interactive loss with the captions as the pairs); needs a source with a ``caption_column``.
     """
 
     kl_weight: float = 1.0
@@ -74,10 +81,11 @@ class LossConfig:
     caption_weight: float = 0.0
     caption_bank_size: int = 4096
     image_affinity_weight: float = 0.0
+    caption_contrastive_weight: float = 0.0
 
     def __post_init__(self):
         for f in ("kl_weight", "clip_weight", "feature_weight", "interactive_weight", "tower_weight", "caption_weight",
-                  "image_affinity_weight"):
+                  "image_affinity_weight", "caption_contrastive_weight"):
             check_weight(f, getattr(self, f))
         check_temperature("kl_temperature", self.kl_temperature)
         if self.feature_kind not in FEATURE_KINDS:
@@ -123,6 +131,7 @@ class DistillLoss(nn.Module):
         self.tower = TowerHintLoss(cfg.tower_weight)
         self.caption = CaptionBankKL(cfg.caption_weight, cfg.kl_temperature)
         self.image_affinity = ImageAffinityKL(cfg.image_affinity_weight, cfg.kl_temperature)
+        self.caption_contrastive = CaptionContrastiveLoss(cfg.caption_contrastive_weight)
 
     def forward(self, **embeddings) -> dict[str, torch.Tensor]:
         unknown = sorted(set(embeddings) - set(EMBEDDING_KEYS))
@@ -131,7 +140,7 @@ class DistillLoss(nn.Module):
         cache = EmbeddingCache()
         out: dict[str, torch.Tensor] = {}
         for term in (self.clip, self.kl, self.feature, self.interactive, self.tower, self.caption,
-                     self.image_affinity):
+                     self.image_affinity, self.caption_contrastive):
             out.update(term(**embeddings, cache=cache))
         if "logit_scale" not in out and embeddings.get("student_log_scale") is not None:
             out["logit_scale"] = logit_scale(embeddings["student_log_scale"]).detach()

@@ -483,6 +483,52 @@ class CaptionBankKL(nn.Module):
         return {"kl_caption_loss": self.weight * kl}
 
 
+class CaptionContrastiveLoss(nn.Module):
+    """CLIP-KD's interactive contrastive loss with the photos' own captions: each student image with captions is
+    scored against the teacher's embeddings of ``caption_candidates`` (its own caption among captions of other
+    images) and trained by cross-entropy to rank its own first, at the teacher's logit scale: a fixed scale, so the
+    term leaves the student's learnable one to the KL terms, which match it against the teacher's distributions.
+
+    ``caption_targets`` (B,) is the column of each row's own caption in ``caption_candidates`` (N, Dt), or -1 for a
+    row without captions (skipped); ``caption_mask`` (B, N) is True where a candidate is another caption of the
+    row's own image (another view of it, or a bank draw of it): those are left out, not counted as negatives. Where
+    the class and caption-bank KLs copy the teacher's affinities, this term uses what the captions say about their
+    image, which the teacher (aligned on class prompts) only partly knows. Per process: the candidates are the
+    same on every rank (the bank) plus this rank's own captions. Returns ``{"caption_contrastive_loss"}``.
+    """
+
+    def __init__(self, weight: float = 0.0):
+        super().__init__()
+        self.weight = check_weight("CaptionContrastiveLoss weight", weight)
+
+    def forward(self, student_image: torch.Tensor | None = None, student_image_proj: torch.Tensor | None = None,
+                caption_candidates: torch.Tensor | None = None, caption_targets: torch.Tensor | None = None,
+                caption_mask: torch.Tensor | None = None, teacher_scale=None,
+                cache: EmbeddingCache | None = None, **_unused) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            return {}
+        name = "CaptionContrastiveLoss"
+        s_image = _require(_in_teacher_space(student_image, student_image_proj), "student_image", name)
+        candidates = _require(caption_candidates, "caption_candidates", name)
+        targets = _require(caption_targets, "caption_targets", name)
+        mask = _require(caption_mask, "caption_mask", name)
+        scale = torch.as_tensor(_require(teacher_scale, "teacher_scale", name), dtype=torch.float32).detach()
+        _same_dim(s_image, candidates, "student_image", "caption_candidates", name)
+        if targets.shape != (s_image.shape[0],) or mask.shape != (s_image.shape[0], candidates.shape[0]):
+            raise ValueError(f"{name}: caption_targets {tuple(targets.shape)} and caption_mask {tuple(mask.shape)} must "
+                             f"be ({s_image.shape[0]},) and ({s_image.shape[0]}, {candidates.shape[0]})")
+        keep = targets >= 0
+        if not bool(keep.any()):  # a batch without captioned rows: no term, but the graph stays connected
+            return {"caption_contrastive_loss": s_image.float().sum() * 0.0}
+        image = F.normalize(s_image[keep].float(), dim=-1)
+        text = F.normalize(candidates.detach().float(), dim=-1)
+        others = mask[keep].clone()
+        others[torch.arange(others.shape[0], device=others.device), targets[keep]] = False  # never the row's own
+        logits = (scale.to(image.device) * image @ text.T).masked_fill(others, float("-inf"))
+        loss = F.cross_entropy(logits, targets[keep])
+        return {"caption_contrastive_loss": self.weight * loss}
+
+
 class ImageAffinityKL(nn.Module):
     """The teacher's image->image affinities within the batch (relational distillation, CLIP-KD's CRD family).
 

@@ -341,12 +341,30 @@ class TrainConfig:
             raise ConfigError(f"qat.consistency_scale={self.qat.consistency_scale}: a logit scale > 0, or 0 for the "
                               "student's own")
         self._validate_pair_losses()
+        self._validate_caption_contrastive()
         if self.loss.caption_weight > 0 and (isinstance(self.data.train, str)
                                             or not any(src.caption_column for src in self.data.train)):
             raise ConfigError(f"loss.caption_weight={self.loss.caption_weight} scores images against the captions of the "
                               "training sources: make data.train a list of sources and name a caption column "
                               "(data.train[i].caption_column), or set loss.caption_weight=0")
         return self
+
+    def _validate_caption_contrastive(self) -> None:
+        # its positives are the rows' own captions drawn as affinity texts, from map-style data
+        weight = self.loss.caption_contrastive_weight
+        if weight <= 0:
+            return
+        if self.mode != "distill" or self.data.streaming or (isinstance(self.data.train, str)
+                                                             and is_shard_spec(self.data.train)):
+            raise ConfigError(f"loss.caption_contrastive_weight={weight} needs mode=distill and map-style data with a "
+                              "caption column, not streamed data or WebDataset shards")
+        mixture = self.data.vocabulary or not isinstance(self.data.train, str)
+        captioned = (any(src.caption_column for src in self.data.sources()) if mixture
+                     else bool(self.data.caption_column))
+        if not captioned:
+            raise ConfigError(f"loss.caption_contrastive_weight={weight} ranks each image's own captions first: name a "
+                              "caption column (data.train[i].caption_column, or data.caption_column for one "
+                              "dataset), or set it to 0")
 
     def _validate_pair_losses(self) -> None:
         # a mixture's rows without captions take random vocabulary prompts as affinity texts; the CLIP and interactive

@@ -67,6 +67,8 @@ def _loss_note(loss: LossConfig) -> str:
         (loss.tower_weight, f"tower hint {loss.tower_weight}"),
         (loss.caption_weight, f"caption bank {loss.caption_weight} ({loss.caption_bank_size} captions a step)"),
         (loss.image_affinity_weight, f"image affinities {loss.image_affinity_weight}"),
+        (loss.caption_contrastive_weight, f"caption contrastive {loss.caption_contrastive_weight} "
+                                          f"({loss.caption_bank_size} captions a step)"),
     ]
     return ", ".join(text for weight, text in terms if weight > 0)
 

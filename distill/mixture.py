@@ -137,26 +137,27 @@ def class_head_from_bank(bank: TextBank) -> torch.Tensor:
 
 
 def source_captions(parts: list[tuple[datasets.Dataset, str]], sources: list[TrainSource]
-                    ) -> tuple[list[str], list[list[int]]]:
-    """The captions of every source that names a ``caption_column`` (each once, whatever its repeat),
-    and for every row of the mixture, repeats included, the indices of its own captions among them
-    (``[]``: a row without captions, or of a source with ``caption_affinity: false``, which takes a
-    vocabulary prompt as its affinity text)."""
-    texts, rows = [], []
+                    ) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """The captions of every source that names a ``caption_column`` (each once, whatever its repeat); for every row
+    of the mixture, repeats included, the indices of its own captions among them as its affinity texts (``[]``: a
+    row without captions, or of a source with ``caption_affinity: false``, which takes a vocabulary prompt as its
+    affinity text); and the indices of its own captions whatever ``caption_affinity`` says."""
+    texts, rows, owned = [], [], []
     for (ds, _), src in zip(parts, sources):
         own: list[list[int]] = [[] for _ in range(len(ds))]
         if src.caption_column:
             caps, owner = flatten_captions(ds, src.caption_column)
-            if src.caption_affinity:
-                for j, row in enumerate(owner):
-                    own[row].append(len(texts) + j)
+            for j, row in enumerate(owner):
+                own[row].append(len(texts) + j)
             texts += caps
-        rows += own * (src.views * src.repeat)
-    return texts, rows
+        copies = src.views * src.repeat
+        owned += own * copies
+        rows += (own if src.caption_affinity else [[] for _ in own]) * copies
+    return texts, rows, owned
 
 
 def build_vocabulary_bank(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,
-                          accelerator, captions: tuple[list[str], list[list[int]]] = ([], [])
+                          accelerator, captions: tuple[list[str], list[list[int]], list[list[int]]] = ([], [], [])
                           ) -> tuple[TextBank, list[str]]:
     """Prompts of every vocabulary name x template, then the sources' captions (:func:`source_captions`),
     with cached teacher embeddings."""
@@ -166,9 +167,10 @@ def build_vocabulary_bank(data: DataConfig, cache: CacheConfig, teacher: DualEnc
     names = vocabulary_names(data.vocabulary)
     templates = list(get_templates(data.vocabulary_templates or data.templates))
     texts = [t.format(c) for c in names for t in templates]
-    prompts, (caption_texts, caption_rows) = len(texts), captions
+    prompts, (caption_texts, caption_rows, owned) = len(texts), captions
     texts += caption_texts
     caption_rows = [[prompts + j for j in row] for row in caption_rows] if caption_texts else []
+    owned = [[prompts + j for j in row] for row in owned] if caption_texts else []
     teacher_text = _text_targets(cache, teacher, texts, accelerator)
     ids = mask = None
     if student.has_own_text_tower:
@@ -177,7 +179,7 @@ def build_vocabulary_bank(data: DataConfig, cache: CacheConfig, teacher: DualEnc
     prompt_rows = torch.arange(prompts).view(len(names), len(templates))
     log.info("vocabulary: %d class names x %d templates = %d prompts; %d captions", len(names), len(templates),
              prompts, len(caption_texts))
-    return TextBank(texts, ids, mask, teacher_text, prompt_rows, caption_rows), names
+    return TextBank(texts, ids, mask, teacher_text, prompt_rows, caption_rows, owned), names
 
 
 def build_mixture_data(data: DataConfig, cache: CacheConfig, teacher: DualEncoder, student: DualEncoder,

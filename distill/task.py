@@ -62,6 +62,13 @@ class TextBank:
     teacher_emb: torch.Tensor  # (M, D_teacher) normalised
     prompt_rows: torch.Tensor  # (C, T) rows of "template t applied to class c"
     caption_rows: list[list[int]]  # dataset row -> rows of its captions ([] for label-only data)
+    # dataset row -> rows of its own captions, also where they are not its affinity texts (caption_affinity: false);
+    # None: the same as caption_rows
+    own_captions: list[list[int]] | None = None
+
+    def captions_of(self, row: int) -> list[int]:
+        rows = self.caption_rows if self.own_captions is None else self.own_captions
+        return rows[row] if rows else []
 
 
 class DistillTask(nn.Module):
@@ -213,6 +220,7 @@ class DistillTask(nn.Module):
             s_tower, t_tower = self.tower_hint(batch.get("teacher_tower"))
         consistency = self._qat_consistency(pixels, s_img)
         texts = batch.get("text")
+        text_rows = None
         if texts is not None and all(t is not None for t in texts):  # streamed pairs: each its own caption
             t_txt, s_txt = self._streamed_texts(batch, list(texts), device)
         else:
@@ -235,26 +243,59 @@ class DistillTask(nn.Module):
             teacher_scale=teacher_scale,
             student_tower=s_tower,
             teacher_tower=t_tower,
-            caption_bank=self._caption_bank(torch.Generator().manual_seed(seed * 1_000_003 + step + 900_007), device),
+            **self._caption_terms(batch, text_rows, torch.Generator().manual_seed(seed * 1_000_003 + step + 900_007),
+                                  device),
         )
         if consistency is not None:
             out["qat_consistency_loss"] = consistency
         out["loss"] = total_loss(out)
         return out
 
-    def _caption_bank(self, generator: torch.Generator, device) -> torch.Tensor | None:
-        """``loss.caption_weight``: the teacher's embeddings of ``loss.caption_bank_size`` captions of the bank,
-        drawn afresh each step (its own generator: the texts sampled for the other terms stay the same)."""
-        if self.loss_cfg.caption_weight <= 0:
-            return None
+    def _caption_terms(self, batch: dict, text_rows: torch.Tensor | None, generator: torch.Generator,
+                       device) -> dict[str, torch.Tensor]:
+        """The caption terms' inputs: ``loss.caption_bank_size`` captions of the bank drawn afresh each step (its own
+        generator: the texts sampled for the other terms stay the same), as the caption KL's bank and as the
+        contrastive term's negatives, after each captioned row's own caption (the one drawn as its affinity text)."""
+        cfg = self.loss_cfg
+        if cfg.caption_weight <= 0 and cfg.caption_contrastive_weight <= 0:
+            return {}
+        drawn = self._draw_captions(generator)
+        out = {}
+        if cfg.caption_weight > 0:
+            out["caption_bank"] = self.bank.teacher_emb[drawn].to(device)
+        if cfg.caption_contrastive_weight > 0:
+            if text_rows is None:
+                raise ValueError("loss.caption_contrastive_weight needs the captions of map-style data (a caption column),"
+                                 " not streamed pairs")
+            out.update(self._contrastive_captions(batch["index"].tolist(), drawn, generator, device))
+        return out
+
+    def _draw_captions(self, generator: torch.Generator) -> torch.Tensor:
         first = self.bank.prompt_rows.numel()  # the bank holds the prompts first, then the sources' captions
         count = len(self.bank.texts) - first
         if count <= 0:
-            raise ValueError("loss.caption_weight > 0 but the training sources gave no captions: name a caption "
-                             "column (data.train[i].caption_column) whose rows hold text")
+            raise ValueError("loss.caption_weight / caption_contrastive_weight > 0 but the training sources gave no "
+                             "captions: name a caption column (data.train[i].caption_column) whose rows hold text")
         take = min(self.loss_cfg.caption_bank_size, count)
         rows = torch.randperm(count, generator=generator)[:take] if take < count else torch.arange(count)
-        return self.bank.teacher_emb[first + rows].to(device)
+        return first + rows
+
+    def _contrastive_captions(self, indices: list[int], drawn: torch.Tensor, generator: torch.Generator,
+                              device) -> dict[str, torch.Tensor]:
+        """Candidates: one of each row's own captions, drawn at random (a prompt column, never a target, for a row
+        without captions), then the drawn bank. A row's target is its own column; every other column holding one of
+        its image's captions (another view of the photo, a draw of it) is masked, so it is not ranked as a negative."""
+        own = [self.bank.captions_of(i) for i in indices]
+        picks = [mine[int(torch.randint(len(mine), (1,), generator=generator))] if mine else 0 for mine in own]
+        width = max(1, max(len(mine) for mine in own))
+        padded = torch.full((len(own), width), -1, dtype=torch.long)  # -1 matches no candidate
+        for r, mine in enumerate(own):
+            padded[r, : len(mine)] = torch.tensor(mine, dtype=torch.long)
+        candidates = torch.cat([torch.tensor(picks, dtype=torch.long), drawn])
+        targets = torch.tensor([r if mine else -1 for r, mine in enumerate(own)], dtype=torch.long)
+        mask = (candidates[None, None, :] == padded[:, :, None]).any(dim=1)  # (B, N): a caption of the row's image
+        return {"caption_candidates": self.bank.teacher_emb[candidates].to(device),
+                "caption_targets": targets.to(device), "caption_mask": mask.to(device)}
 
     def _qat_consistency(self, pixels: torch.Tensor, s_img: torch.Tensor) -> torch.Tensor | None:
         """``qat.consistency``: weight x how far the fake-quantised image embeddings are from those of the same pixels

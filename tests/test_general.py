@@ -408,13 +408,14 @@ def test_a_caption_bank_scores_every_image_against_the_sources_captions(mixture,
     from distill.task import DistillTask
 
     banks = []
-    real = DistillTask._caption_bank
+    real = DistillTask._draw_captions
 
-    def spy(self, generator, device):
-        banks.append(real(self, generator, device))
-        return banks[-1]
+    def spy(self, generator):
+        rows = real(self, generator)
+        banks.append(self.bank.teacher_emb[rows])
+        return rows
 
-    monkeypatch.setattr(DistillTask, "_caption_bank", spy)
+    monkeypatch.setattr(DistillTask, "_draw_captions", spy)
     data = _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=3", "loss.caption_weight=2",
                                 "loss.caption_bank_size=10", caption_column="captions", caption_affinity=False)
     bank, prompts = data.bank, 6
@@ -430,14 +431,64 @@ def test_a_caption_bank_scores_every_image_against_the_sources_captions(mixture,
     assert all(row["kl_caption_loss"] > 0 for row in log)
 
 
+def test_caption_contrastive_ranks_each_photo_own_caption_first_among_the_rest(mixture, tmp_path, monkeypatch):
+    from distill.task import DistillTask
+
+    seen = []
+    real = DistillTask._contrastive_captions
+
+    def spy(self, indices, drawn, generator, device):
+        out = real(self, indices, drawn, generator, device)
+        seen.append((indices, drawn, out, self.bank))
+        return out
+
+    monkeypatch.setattr(DistillTask, "_contrastive_captions", spy)
+    # caption_affinity: false: the rows' affinity texts stay prompts, the contrastive term still pairs their captions
+    _train_with_source_b(mixture, tmp_path, monkeypatch, "optim.max_steps=3", "loss.caption_contrastive_weight=1",
+                         "loss.caption_bank_size=6", caption_column="captions", caption_affinity=False, repeat=2)
+    assert len(seen) == 3
+    captions = [[f"picture number {i}", f"another view {i}"][: 1 + i % 2] for i in range(12)]
+    for indices, drawn, out, bank in seen:
+        assert bank.caption_rows == [[]] * (16 + 24)  # affinity texts: prompts only
+        emb = out["caption_candidates"]
+        assert emb.shape == (len(indices) + 6, bank.teacher_emb.shape[1])
+        candidates = (emb.float() @ bank.teacher_emb.float().t()).argmax(1)  # which text each column holds
+        torch.testing.assert_close(emb, bank.teacher_emb[candidates])
+        assert candidates[len(indices):].tolist() == drawn.tolist()
+        for r, i in enumerate(indices):
+            own = set(bank.captions_of(i))
+            assert [bank.texts[j] for j in sorted(own)] == (captions[(i - 16) % 12] if i >= 16 else [])
+            assert int(out["caption_targets"][r]) == (r if own else -1)  # source a's rows (0-15): no caption
+            if own:
+                assert int(candidates[r]) in own  # the target column is one of the row's own captions
+            assert out["caption_mask"][r].tolist() == [int(c) in own for c in candidates]  # its image's captions
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert all(row["caption_contrastive_loss"] > 0 for row in log)
+    assert "caption contrastive 1.0 (6 captions a step)" in (tmp_path / "out" / "final" / "README.md").read_text()
+
+
+def test_caption_contrastive_needs_captions_it_can_pair(tmp_path):
+    recipe = _recipe(tmp_path, {"data": {"train": [{"path": "crops"}, {"path": "photos"}],
+                                         "vocabulary": "cat,dog", "eval": "crops"}})
+    with pytest.raises(ConfigError, match="caption_contrastive_weight=1.0 ranks each image's own captions first"):
+        load_config(recipe, ["loss.caption_contrastive_weight=1"])
+    cfg = load_config(recipe, ["loss.caption_contrastive_weight=1",
+                               'data.train=[{path: crops}, {path: photos, caption_column: c, caption_affinity: false}]'])
+    assert cfg.loss.caption_contrastive_weight == 1.0
+    with pytest.raises(ConfigError, match="not streamed data or WebDataset shards"):
+        load_config(None, ["teacher.name_or_path=t", "data.train=shards/{000..003}.tar", "data.targets=sidecars",
+                           "loss.caption_contrastive_weight=1"])
+
+
 def test_two_processes_train_with_a_caption_bank(mixture, tmp_path):
-    """Each process scores its own images against the same per-step draw of captions (gloo, torchrun)."""
+    """Each process scores its own images against the same per-step draw of captions, by the caption KL and the
+    caption contrastive term (gloo, torchrun)."""
     args = _general_args(mixture, tmp_path, "cpu=true", "optim.max_steps=2", "loss.caption_weight=1",
-                         "loss.caption_bank_size=5", "loss.image_affinity_weight=1")
-    proc = torchrun_train(_with_source_b(args, caption_column="captions", caption_affinity=False))
+                         "loss.caption_bank_size=5", "loss.image_affinity_weight=1", "loss.caption_contrastive_weight=1")
+    proc = torchrun_train(_with_source_b(args, caption_column="captions"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and all(row["kl_caption_loss"] > 0 for row in log)
+    assert len(log) == 2 and all(row["kl_caption_loss"] > 0 and row["caption_contrastive_loss"] > 0 for row in log)
     # the image affinities over the images of both processes (gathered): trained, and finite
     assert all(0 < row["kl_image_affinity_loss"] < float("inf") for row in log)
     assert (tmp_path / "out" / "final").is_dir()

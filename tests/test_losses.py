@@ -11,6 +11,7 @@ from clipcore.distill_loss import DistillLoss, LossConfig, build_losses
 from clipcore.losses import (
     LOG_SCALE_MAX,
     CaptionBankKL,
+    CaptionContrastiveLoss,
     ClipLoss,
     FeatureDistillLoss,
     ImageAffinityKL,
@@ -209,6 +210,56 @@ def test_caption_bank_kl_matches_reference(T):
     got = CaptionBankKL(1.0)(**narrow, caption_bank=bank, student_image_proj=proj)["kl_caption_loss"]
     assert torch.autograd.grad(got, proj)[0].abs().sum() > 0
     assert CaptionBankKL(0.0)(**x, caption_bank=bank) == {}
+
+
+def ref_caption_contrastive(image, candidates, targets, mask, scale):
+    """Cross-entropy of each captioned row over the candidates it may rank, one row at a time."""
+    rows = []
+    for i in range(image.shape[0]):
+        if targets[i] < 0:
+            continue
+        keep = [j for j in range(candidates.shape[0]) if j == targets[i] or not mask[i, j]]
+        logits = scale * torch.stack([ref_normalize(image[i]) @ ref_normalize(candidates[j])
+                                                     for j in keep])
+        rows.append(-(logits[keep.index(int(targets[i]))] - torch.log(torch.exp(logits).sum())))
+    return sum(rows) / len(rows)
+
+
+def test_caption_contrastive_ranks_each_captioned_row_against_the_rest():
+    x = make_inputs()
+    g = torch.Generator().manual_seed(5)
+    candidates = torch.randn(B + 6, DT, generator=g)
+    targets = torch.tensor([0, -1, 2, 3, -1])  # rows 1 and 4: no captions
+    mask = torch.zeros(B, B + 6, dtype=torch.bool)
+    mask[0, 7] = mask[2, 3] = True  # another caption of row 0's image drawn in the bank; row 3's column is row 2's
+    mask[3, 3] = True  # a mask over the row's own target is ignored
+    out = CaptionContrastiveLoss(2.0)(**x, caption_candidates=candidates, caption_targets=targets, caption_mask=mask)
+    ref = 2.0 * ref_caption_contrastive(x["student_image"], candidates, targets, mask, TEACHER_SCALE)
+    assert set(out) == {"caption_contrastive_loss"}
+    # at the teacher's fixed scale: the student's own logit scale takes no gradient from it
+    assert_same_forward_backward(out["caption_contrastive_loss"], ref, [x["student_image"], x["student_log_scale"]])
+    grad = torch.autograd.grad(out["caption_contrastive_loss"], x["student_image"])[0]
+    assert grad[[1, 4]].abs().sum() == 0 and grad[[0, 2, 3]].abs().sum() > 0  # uncaptioned rows take no gradient
+    mask[:, 7] = True  # a candidate masked for every row is no negative at all: moving it changes nothing
+    out = CaptionContrastiveLoss(2.0)(**x, caption_candidates=candidates, caption_targets=targets, caption_mask=mask)
+    moved = candidates.clone()
+    moved[7] = torch.randn(DT, generator=g)
+    again = CaptionContrastiveLoss(2.0)(**x, caption_candidates=moved, caption_targets=targets, caption_mask=mask)
+    torch.testing.assert_close(again["caption_contrastive_loss"], out["caption_contrastive_loss"])
+    none = CaptionContrastiveLoss(1.0)(**x, caption_candidates=candidates, caption_targets=torch.full((B,), -1),
+                                       caption_mask=mask)["caption_contrastive_loss"]
+    assert float(none.detach()) == 0.0 and none.requires_grad  # a batch without captions: no term, the graph intact
+    assert CaptionContrastiveLoss(0.0)(**x) == {}
+    with pytest.raises(ValueError, match="caption_candidates"):
+        CaptionContrastiveLoss(1.0)(**x)
+    with pytest.raises(ValueError, match=r"caption_mask \(5, 3\) must be \(5,\) and \(5, 11\)"):
+        CaptionContrastiveLoss(1.0)(**x, caption_candidates=candidates, caption_targets=targets,
+                                    caption_mask=mask[:, :3])
+    cfg = LossConfig(caption_contrastive_weight=1.0)
+    assert "caption_contrastive_loss" in DistillLoss(cfg)(**x, caption_candidates=candidates, caption_targets=targets,
+                                                          caption_mask=mask)
+    with pytest.raises(ValueError, match="caption_contrastive_weight"):
+        LossConfig(caption_contrastive_weight=-1.0)
 
 
 def test_caption_bank_kl_checks_its_inputs():
