@@ -27,10 +27,10 @@ from clipcore.augment import RowViews, SourceViews, ViewSpec
 from clipcore.cache import TeacherTargetCache, cache_key, texts_sha
 from clipcore.classnames import load_classname_source, synonyms
 from clipcore.data import Columns, DataSpec, ImageDataset, flatten_captions, load_hf_dataset, resolve_columns
+from clipcore.distill_loss import LossConfig
 from clipcore.dual_encoder import DualEncoder
 from clipcore.templates import get_templates
 from distill import mosaics
-from clipcore.distill_loss import LossConfig
 from distill.config import CacheConfig, ConfigError, DataConfig, TrainSource
 from distill.features import embed_texts, teacher_image_rows, teacher_tower_features
 from distill.task import TextBank

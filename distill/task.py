@@ -243,19 +243,19 @@ class DistillTask(nn.Module):
             teacher_scale=teacher_scale,
             student_tower=s_tower,
             teacher_tower=t_tower,
-            **self._caption_terms(batch, text_rows, torch.Generator().manual_seed(seed * 1_000_003 + step + 900_007),
-                                  device),
+            **self._caption_terms(batch, text_rows is None,
+                                  torch.Generator().manual_seed(seed * 1_000_003 + step + 900_007), device),
         )
         if consistency is not None:
             out["qat_consistency_loss"] = consistency
         out["loss"] = total_loss(out)
         return out
 
-    def _caption_terms(self, batch: dict, text_rows: torch.Tensor | None, generator: torch.Generator,
+    def _caption_terms(self, batch: dict, streamed: bool, generator: torch.Generator,
                        device) -> dict[str, torch.Tensor]:
         """The caption terms' inputs: ``loss.caption_bank_size`` captions of the bank drawn afresh each step (its own
         generator: the texts sampled for the other terms stay the same), as the caption KL's bank and as the
-        contrastive term's negatives, after each captioned row's own caption (the one drawn as its affinity text)."""
+        contrastive term's negatives, after one of each captioned row's own captions."""
         cfg = self.loss_cfg
         if cfg.caption_weight <= 0 and cfg.caption_contrastive_weight <= 0:
             return {}
@@ -264,7 +264,7 @@ class DistillTask(nn.Module):
         if cfg.caption_weight > 0:
             out["caption_bank"] = self.bank.teacher_emb[drawn].to(device)
         if cfg.caption_contrastive_weight > 0:
-            if text_rows is None:
+            if streamed:
                 raise ValueError("loss.caption_contrastive_weight needs the captions of map-style data (a caption column),"
                                  " not streamed pairs")
             out.update(self._contrastive_captions(batch["index"].tolist(), drawn, generator, device))
