@@ -1,5 +1,6 @@
 """General students: training-source mixtures, a vocabulary instead of labels, the 64 px students."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def test_general_recipe_parses_and_never_sees_cifar():
     assert cfg.student.image_size >= 64
 
 
+def _images(cfg) -> list[tuple]:
+    """What a recipe trains on, image-wise (the teacher-target cache follows these; captions do not change it)."""
+    return [(s.path, s.split, s.limit, s.repeat, s.views, s.teacher_side) for s in cfg.data.sources()]
+
+
 def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     photos = [s for s in load_config(REPO / "configs" / "general.yaml").data.sources() if "scene-photos" in s.path]
     assert len(photos) == 1 and photos[0].split == "train" and photos[0].views == 3  # never its validation split
@@ -87,32 +93,39 @@ def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
     assert [(s.repeat, s.views) for s in repeat_photos] == [(3, 1)] and repeat.output_dir == "outputs/general-repeat"
     # the fifth session's recipe (the losses weighted alike), still reproducible: the same data, its own directory
     views, general = load_config(REPO / "configs" / "general_views.yaml"), load_config(REPO / "configs" / "general.yaml")
-    assert views.data.sources() == general.data.sources() and views.output_dir == "outputs/general-views"
+    assert _images(views) == _images(general) and views.output_dir == "outputs/general-views"
     assert (views.loss.feature_weight, general.loss.feature_weight) == (1.0, 4.0)
     # the seventh to tenth sessions' recipe (no tower hint), still reproducible: the same data, its own directory
     fw4 = load_config(REPO / "configs" / "general_fw4.yaml")
-    assert fw4.data.sources() == general.data.sources() and fw4.output_dir == "outputs/general-fw4"
+    assert _images(fw4) == _images(general) and fw4.output_dir == "outputs/general-fw4"
     assert (fw4.loss.tower_weight, general.loss.tower_weight) == (0.0, 4.0) and fw4.loss.feature_weight == 4.0
     # the eleventh to fifteenth sessions' recipe (6,000 steps), still reproducible: only the length and directory differ
     hint = load_config(REPO / "configs" / "general_hint.yaml")
-    assert hint.data.sources() == general.data.sources() and hint.loss == general.loss and hint.student == general.student
+    assert _images(hint) == _images(general) and hint.student == general.student
+    assert hint.loss == dataclasses.replace(general.loss, caption_contrastive_weight=0.0)
     assert hint.optim.ema_decay == 0.0
     assert (hint.optim.max_steps, general.optim.max_steps) == (6000, 7000) and hint.output_dir == "outputs/general-hint"
     # the sixteenth session's 7,000 steps without the weight average, still reproducible
     steps7k = load_config(REPO / "configs" / "general_7000.yaml")
-    assert steps7k.data.sources() == general.data.sources() and steps7k.loss == general.loss
+    assert _images(steps7k) == _images(general)
+    assert steps7k.loss == dataclasses.replace(general.loss, caption_contrastive_weight=0.0)
     assert steps7k.optim.max_steps == general.optim.max_steps and steps7k.output_dir == "outputs/general-7000"
     assert (steps7k.optim.ema_decay, general.optim.ema_decay) == (0.0, 0.9995)
+    # the sixteenth to twenty-first sessions' recipe (no caption contrastive term), still reproducible
+    ema = load_config(REPO / "configs" / "general_ema.yaml")
+    assert _images(ema) == _images(general) and ema.optim == general.optim and ema.output_dir == "outputs/general-ema"
+    assert ema.loss == dataclasses.replace(general.loss, caption_contrastive_weight=0.0)
+    assert general.loss.caption_contrastive_weight > 0 and [(s.caption_column, s.caption_affinity) for s in photos] == [
+        ("captions", False)]  # the captions only pair their photos; the affinity texts stay the vocabulary's
     qat = load_config(REPO / "configs" / "general_qat.yaml")  # fine-tunes on the general run's cached targets
-    assert [(s.path, s.repeat, s.views) for s in qat.data.sources()] == [
-        (s.path, s.repeat, s.views) for s in load_config(REPO / "configs" / "general.yaml").data.sources()]
+    assert _images(qat) == _images(general)
 
 
 def test_qat_recipe_fine_tunes_the_general_student_and_bundles_the_text_student():
     cfg = load_config(REPO / "configs" / "general_qat.yaml")
     general = load_config(REPO / "configs" / "general.yaml")
     assert cfg.qat.enabled and cfg.student.init == general.output_dir + "/final"
-    assert cfg.student.arch == general.student.arch and cfg.data.sources() == general.data.sources()  # its cache
+    assert cfg.student.arch == general.student.arch and _images(cfg) == _images(general)  # its cache
     assert cfg.export.enabled and cfg.export.bundle_text and cfg.export.bundle_precision == "int8"
     from distill.text_config import load_text_config
 
