@@ -224,6 +224,10 @@ class QATConfig:
     # classes: the logit scale of both distributions; 0 = the student's own (held fixed). A sharper one (CLIP's cap,
     # 100) leaves a confident image's KL near 0 and puts the loss on near-ties, the images whose top-1 rounding flips.
     consistency_scale: float = 0.0
+    # how each activation range is set. observed: the moving average of batch min/max (what calibration would see).
+    # learned: set by the first batch, then a learned scale and zero point (LSQ), trained with the weights under the
+    # optimiser's learning rate: the range may clip a rare outlier for a finer step (students/qat.py LearnedRange)
+    ranges: str = "observed"
 
 
 @dataclass
@@ -335,6 +339,8 @@ class TrainConfig:
             raise ConfigError(f"qat.target={self.qat.target!r}; expected 'teacher' or 'self'")
         if self.qat.consistency < 0 or (self.qat.consistency > 0 and not self.qat.enabled):
             raise ConfigError(f"qat.consistency={self.qat.consistency}: a weight >= 0, and > 0 only with qat.enabled=true")
+        if self.qat.ranges not in ("observed", "learned"):
+            raise ConfigError(f"qat.ranges={self.qat.ranges!r}; expected 'observed' or 'learned'")
         if self.qat.consistency_on not in ("embedding", "classes"):
             raise ConfigError(f"qat.consistency_on={self.qat.consistency_on!r}; expected 'embedding' or 'classes'")
         if self.qat.consistency_scale < 0:

@@ -120,7 +120,7 @@ def attach_qat(cfg: TrainConfig, student: DualEncoder) -> QATHandle | None:
         raise ConfigError(f"qat.enabled=true: {student.name} has no image_tower (QAT covers image-only students)")
     side = student.image_transform.output_size
     example = torch.randn(2, 3, *side, generator=torch.Generator().manual_seed(cfg.seed)).to(student.device)
-    handle = prepare_qat(tower, lambda: tower(example), momentum=cfg.qat.momentum)
+    handle = prepare_qat(tower, lambda: tower(example), momentum=cfg.qat.momentum, learned=cfg.qat.ranges == "learned")
     handle.reset_ranges()  # the first training batch sets them: random pixels are not images
     log.info("%s", handle.summary())
     return handle

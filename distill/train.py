@@ -263,6 +263,8 @@ def build_distill(cfg: TrainConfig, accelerator) -> tuple[DistillTask, TrainData
                           "set data.vocabulary (or data.classnames) and loss.kl_on_classes=true, or use "
                           "qat.consistency_on=embedding")
     task.qat = qat  # removed before the student is saved (finish_qat)
+    if qat is not None and qat.range_module is not None:
+        task.qat_ranges = qat.range_module  # qat.ranges=learned: the optimiser (built over the task) trains them
     return task, data
 
 

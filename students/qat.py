@@ -18,6 +18,10 @@ QDQ export places it:
   as ``x + bias`` with identity statistics, so the saved model has the same keys and the export
   folds it away exactly) and stay in eval mode.
 
+With ``learned=True`` (``qat.ranges: learned``) each range, once the first batch has set it, is a learned
+scale and zero point instead (LSQ, Esser et al. 2020, through torch's learnable fake-quantise): the
+weights and the clipping points learn together, so a range may give up a rare outlier for a finer step.
+
 ``strip`` leaves plain fp32 weights on their int8 grids (the saved model is an ordinary student, and
 static int8 export quantises its weights without loss), quantised by ``quantize_int8_static`` as any
 other: only the activations are rounded at export (on the general student, weights on the grid
@@ -152,6 +156,39 @@ class FakeQuantWeight(nn.Module):
         return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
 
 
+class LearnedRange(nn.Module):
+    """A uint8 range as a learned scale and zero point (LSQ): ``qat.ranges: learned``.
+
+    The gradient to the scale is LSQ's (the rounding error inside the range, the clipping outside it), scaled by
+    ``1 / sqrt(elements x 255)`` as the paper does; the zero point learns too and rounds as onnxruntime's does.
+    """
+
+    def __init__(self, device: torch.device | None = None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, device=device))
+        self.zero_point = nn.Parameter(torch.zeros(1, device=device))
+
+    def set(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        with torch.no_grad():
+            scale = ((high - low) / (ACT_QMAX - ACT_QMIN)).clamp_min(1e-8)
+            self.scale.copy_(scale.reshape(1))
+            self.zero_point.copy_(torch.round(ACT_QMIN - low / scale).clamp(ACT_QMIN, ACT_QMAX).reshape(1))
+
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of the integer grid this range rounds to now (what the export writes)."""
+        scale = float(self.scale.detach().abs().clamp_min(1e-8))
+        zero = float(self.zero_point.detach().round().clamp(ACT_QMIN, ACT_QMAX))
+        return (ACT_QMIN - zero) * scale, (ACT_QMAX - zero) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # keep the grid valid: a positive step, a zero point on uint8
+            self.scale.abs_().clamp_min_(1e-8)
+            self.zero_point.clamp_(ACT_QMIN, ACT_QMAX)
+        grad_factor = 1.0 / (x.numel() * ACT_QMAX) ** 0.5
+        return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, self.zero_point, ACT_QMIN, ACT_QMAX,
+                                                               grad_factor)
+
+
 @dataclass
 class ActivationQuant:
     """A uint8 range observed as the moving average of batch min/max; fake-quantises a tensor.
@@ -165,6 +202,7 @@ class ActivationQuant:
     high: torch.Tensor | None = None
     key: str = ""  # where it sits (site_key): saved with its range, matched to an ONNX tensor at export
     bypass: bool = False  # QATHandle.float_activations: pass the tensor through unrounded and unobserved
+    learned: LearnedRange | None = None  # qat.ranges=learned: set from the first batch's min/max, then trained
 
     def observe(self, x: torch.Tensor) -> None:
         low, high = x.detach().amin().clamp_max(0.0), x.detach().amax().clamp_min(0.0)
@@ -177,6 +215,11 @@ class ActivationQuant:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return x
+        if self.learned is not None:
+            if self.low is None:  # its first batch (or reset_ranges): the learned range starts at its min/max
+                self.observe(x)
+                self.learned.set(self.low, self.high)
+            return self.learned(x)
         if torch.is_grad_enabled() or self.low is None:
             self.observe(x)
         scale = ((self.high - self.low) / (ACT_QMAX - ACT_QMIN)).clamp_min(1e-8).float().reshape(1)
@@ -194,6 +237,8 @@ class QATHandle:
     observers: list[ActivationQuant] = field(default_factory=list)
     handles: list = field(default_factory=list)
     norms: list[nn.BatchNorm2d] = field(default_factory=list)
+    # qat.ranges=learned: every observer's LearnedRange, for the optimiser (the trainer registers it on its task)
+    range_module: nn.ModuleList | None = None
 
     def strip(self, rounded: bool = True) -> None:
         """Remove the hooks; ``rounded`` leaves each weight on its int8 grid (the values it will run as:
@@ -222,7 +267,8 @@ class QATHandle:
     def ranges(self) -> dict[str, list[float]]:
         """``{site key: [low, high]}`` of every activation range set so far: what the export should use
         instead of recalibrating (``exports.qat_ranges``), so the int8 graph rounds as training did."""
-        return {o.key: [float(o.low), float(o.high)] for o in self.observers if o.low is not None}
+        return {o.key: (list(o.learned.bounds()) if o.learned is not None else [float(o.low), float(o.high)])
+                for o in self.observers if o.low is not None}
 
     def reset_ranges(self) -> None:
         """Forget the activation ranges: the next forward sets them afresh."""
@@ -243,10 +289,13 @@ class QATHandle:
             low_high = ranges.get(observer.key)
             observer.low, observer.high = ((None, None) if low_high is None
                                            else (torch.tensor(float(v), device=device) for v in low_high))
+            if observer.learned is not None and observer.low is not None:
+                observer.learned.set(observer.low, observer.high)
 
     def summary(self) -> str:
+        learned = " (learned)" if self.range_module is not None else ""
         return (f"QAT: {len(self.layers)} conv/linear layers with int8 weights, {len(self.observers)} uint8 "
-                f"activation ranges, {self.folded} batch norms folded")
+                f"activation ranges{learned}, {self.folded} batch norms folded")
 
 
 def _output_site(call: Call, users: dict[int, list[Call]]) -> Call:
@@ -271,13 +320,15 @@ def parse_site_key(key: str) -> tuple[str, str]:
     return kind, rest.rsplit("#", 1)[0] if kind == "out" else rest
 
 
-def prepare_qat(model: nn.Module, run: Callable[[], object], *, momentum: float = 0.01) -> QATHandle:
+def prepare_qat(model: nn.Module, run: Callable[[], object], *, momentum: float = 0.01,
+                learned: bool = False) -> QATHandle:
     """Fold ``model``'s batch norms and fake-quantise it in place as static QDQ int8 will.
 
     Args:
         model: the module to quantise (an image tower); every ``Conv2d``/``Linear`` it calls.
         run: calls ``model`` on an example batch (read twice: the call graph, then first ranges).
         momentum: of the activation ranges' moving average.
+        learned: each range a :class:`LearnedRange` (``handle.range_module``'s parameters) once first set.
 
     Raises:
         ValueError: ``run`` calls no ``Conv2d``/``Linear`` of ``model``.
@@ -320,6 +371,11 @@ def prepare_qat(model: nn.Module, run: Callable[[], object], *, momentum: float 
     if not handle.layers:
         handle.strip()
         raise ValueError(f"QAT: the example run calls no Conv2d/Linear of {type(model).__name__}")
+    if learned:
+        device = next(model.parameters()).device
+        for observer in handle.observers:
+            observer.learned = LearnedRange(device)
+        handle.range_module = nn.ModuleList(o.learned for o in handle.observers)
     with torch.no_grad():
         run()  # first ranges, so that an evaluation before any training step is quantised too
     return handle

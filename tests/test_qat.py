@@ -127,6 +127,44 @@ def test_float_activations_is_the_model_strip_leaves_and_keeps_the_ranges():
     assert not torch.allclose(rounded, net(x), atol=1e-6)  # outside the context the activations were rounded
 
 
+def test_learned_ranges_start_at_the_first_batch_train_and_round_as_the_export_will():
+    """qat.ranges=learned: the first batch's min/max, as an observed range starts; then a scale and zero point that
+    the optimiser moves; the bounds ranges() reports (what the export and int8_bits read) round exactly as they did."""
+    x = _pixels()
+    observed_net, learned_net = _net(), _net()
+    observed = prepare_qat(observed_net, lambda: observed_net(x))
+    learned = prepare_qat(learned_net, lambda: learned_net(x), learned=True)
+    assert learned.range_module is not None and observed.range_module is None
+    assert len(list(learned.range_module.parameters())) == 2 * len(learned.observers)
+    assert "(learned)" in learned.summary() and "(learned)" not in observed.summary()
+    for handle in (observed, learned):
+        handle.reset_ranges()
+    observed_net.train(), learned_net.train()
+    torch.testing.assert_close(learned_net(x), observed_net(x), atol=1e-5, rtol=1e-5)  # the same first range
+    for key, (low, high) in observed.ranges().items():
+        assert learned.ranges()[key] == pytest.approx([low, high], abs=2e-3 * (high - low))  # zero point on the grid
+    before = learned.ranges()
+    optimiser = torch.optim.SGD(learned.range_module.parameters(), lr=0.05)
+    for _ in range(3):
+        optimiser.zero_grad()
+        (learned_net(x) ** 2).mean().backward()
+        assert any(float(r.scale.grad.abs()) > 0 for r in learned.range_module)
+        optimiser.step()
+    after = learned.ranges()
+    assert after != before and after.keys() == before.keys()
+    with torch.no_grad():
+        trained = learned_net(x)
+    replay_net = _net()  # an observed-range model given the learnt bounds: the int8 graph's rounding
+    replay = prepare_qat(replay_net, lambda: replay_net(x))
+    for layer, source in zip(replay.layers, learned.layers):
+        layer.parametrizations.weight.original.data.copy_(source.parametrizations.weight.original.data)
+    replay.set_ranges(after)
+    with torch.no_grad():
+        torch.testing.assert_close(replay_net(x), trained, atol=1e-5, rtol=1e-5)
+    learned.set_ranges(before)  # a resumed run: the learned scale and zero point start from the saved bounds
+    assert all(learned.ranges()[k] == pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in before.items())
+
+
 def test_prepare_qat_refuses_a_model_without_layers():
     net = nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match="no Conv2d/Linear"):
@@ -297,6 +335,8 @@ def test_init_from_a_student_of_another_arch_and_qat_of_a_clip_student_are_refus
         load_config(None, _overrides(saved, tmp_path / "o", "mixed_precision=bf16"))
     with pytest.raises(ConfigError, match=r"qat.momentum=0.0"):
         load_config(None, _overrides(saved, tmp_path / "o", "qat.momentum=0"))
+    with pytest.raises(ConfigError, match=r"qat.ranges='lsq'; expected 'observed' or 'learned'"):
+        load_config(None, _overrides(saved, tmp_path / "o", "qat.ranges=lsq"))
 
 
 def test_a_run_from_a_qat_student_drops_its_saved_ranges(saved, tmp_path):
@@ -519,6 +559,27 @@ def test_a_resumed_qat_run_keeps_the_activation_ranges_it_had_reached(saved, tmp
     (older / "checkpoints" / "step-2" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"step-2 holds no qat_ranges.json .*start the QAT fine-tune afresh"):
         train(["--config", str(root / "empty.yaml"), *_overrides(saved, older, "save_every=1"), "resume=latest"])
+
+
+def test_learned_ranges_are_trained_by_the_run_and_saved_on_their_grid(saved, tmp_path):
+    """The trainer's optimiser (built over the task) holds the learned ranges: they move, and the saved bounds
+    are those of a uint8 grid (an integer zero point), which the int8 export writes as they are."""
+    import json
+
+    from distill.train import main as train
+    from students.qat import QAT_RANGES_FILE
+
+    root = saved[0]
+    runs = {}
+    for ranges in ("observed", "learned"):
+        out = tmp_path / ranges
+        train(["--config", str(root / "empty.yaml"), *_overrides(saved, out, f"qat.ranges={ranges}", "optim.lr=0.01",
+                                                                 "optim.max_steps=3")])
+        runs[ranges] = json.loads((out / "final" / QAT_RANGES_FILE).read_text())
+    assert runs["learned"].keys() == runs["observed"].keys() and runs["learned"] != runs["observed"]
+    for low, high in runs["learned"].values():
+        scale = (high - low) / 255
+        assert low <= 0 <= high and -low / scale == pytest.approx(round(-low / scale), abs=1e-3)
 
 
 def test_set_ranges_refuses_sites_the_model_does_not_have():
