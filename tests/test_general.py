@@ -124,7 +124,11 @@ def test_general_recipes_train_on_scene_photos_train_never_on_test_sets():
 def test_qat_recipe_fine_tunes_the_general_student_and_bundles_the_text_student():
     cfg = load_config(REPO / "configs" / "general_qat.yaml")
     general = load_config(REPO / "configs" / "general.yaml")
-    assert cfg.qat.enabled and cfg.student.init == general.output_dir + "/final"
+    assert cfg.qat.enabled and cfg.student.init == general.output_dir + "/final" and cfg.qat.ranges == "learned"
+    # the general recipe's caption term and captions: without them QAT unlearns part of the photos' retrieval
+    assert cfg.loss.caption_contrastive_weight == general.loss.caption_contrastive_weight > 0
+    assert [(s.caption_column, s.caption_affinity) for s in cfg.data.train] == [
+        (s.caption_column, s.caption_affinity) for s in general.data.train]
     assert cfg.student.arch == general.student.arch and _images(cfg) == _images(general)  # its cache
     assert cfg.export.enabled and cfg.export.bundle_text and cfg.export.bundle_precision == "int8"
     from distill.text_config import load_text_config
