@@ -500,8 +500,10 @@ def test_qat_consistency_on_classes_is_the_kl_between_the_two_class_distribution
                                                                  "loss.kl_on_classes=false")])
 
 
-def test_qat_on_two_cpu_processes(saved, tmp_path):
-    """torchrun, gloo: each process rounds alike (ranges are per process); the saved student loads."""
+@pytest.mark.parametrize("ranges", ["observed", "learned"])
+def test_qat_on_two_cpu_processes(saved, tmp_path, ranges):
+    """torchrun, gloo: each process rounds alike (observed ranges are per process, learned ones are parameters
+    that DDP keeps equal); the saved student loads."""
     import os
     import subprocess
     import sys
@@ -515,11 +517,12 @@ def test_qat_on_two_cpu_processes(saved, tmp_path):
     out = tmp_path / "ddp"
     train = Path(__file__).resolve().parents[1] / "distill" / "train.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(train), "--config", str(root / "empty.yaml"), *_overrides(saved, out, "cpu=true")]
+           str(train), "--config", str(root / "empty.yaml"), *_overrides(saved, out, "cpu=true", f"qat.ranges={ranges}")]
     proc = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("QAT: 7 conv/linear layers with int8 weights, 14 uint8 activation ranges, "
+    learned = " (learned)" if ranges == "learned" else ""
+    assert proc.stderr.count(f"QAT: 7 conv/linear layers with int8 weights, 14 uint8 activation ranges{learned}, "
                              "6 batch norms folded") == 2  # both processes
     assert "QAT removed" in proc.stderr
     start, final = load_file(str(root / "start" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
