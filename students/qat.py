@@ -156,6 +156,17 @@ class FakeQuantWeight(nn.Module):
         return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
 
 
+def uint8_grid(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step and zero point (fp32 tensors of shape ``(1,)``) of the uint8 grid spanning ``[low, high]``.
+
+    Both range kinds round to it: the observed range every forward pass, the learned range when it starts. Computed
+    in fp32, so bf16 ranges (observed under autocast) give the grid of their fp32 values.
+    """
+    low, high = low.float(), high.float()
+    scale = ((high - low) / (ACT_QMAX - ACT_QMIN)).clamp_min(1e-8).reshape(1)
+    return scale, torch.round(ACT_QMIN - low / scale).clamp(ACT_QMIN, ACT_QMAX).reshape(1)
+
+
 class LearnedRange(nn.Module):
     """A uint8 range as a learned scale and zero point (LSQ): ``qat.ranges: learned``.
 
@@ -170,9 +181,9 @@ class LearnedRange(nn.Module):
 
     def set(self, low: torch.Tensor, high: torch.Tensor) -> None:
         with torch.no_grad():
-            scale = ((high - low) / (ACT_QMAX - ACT_QMIN)).clamp_min(1e-8)
-            self.scale.copy_(scale.reshape(1))
-            self.zero_point.copy_(torch.round(ACT_QMIN - low / scale).clamp(ACT_QMIN, ACT_QMAX).reshape(1))
+            scale, zero = uint8_grid(low, high)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero)
 
     def bounds(self) -> tuple[float, float]:
         """``(low, high)`` of the integer grid this range rounds to now (what the export writes)."""
@@ -222,9 +233,8 @@ class ActivationQuant:
             return self.learned(x)
         if torch.is_grad_enabled() or self.low is None:
             self.observe(x)
-        scale = ((self.high - self.low) / (ACT_QMAX - ACT_QMIN)).clamp_min(1e-8).float().reshape(1)
-        zero = torch.round(ACT_QMIN - self.low / scale).clamp(ACT_QMIN, ACT_QMAX).to(torch.int32).reshape(1)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
+        scale, zero = uint8_grid(self.low, self.high)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero.to(torch.int32), ACT_QMIN, ACT_QMAX)
 
 
 @dataclass

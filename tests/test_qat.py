@@ -10,7 +10,7 @@ from torch import nn
 
 from exports.precision import ArrayCalibrationReader, quantize_int8_static
 from exports.runtime import load_session
-from students.qat import conv_norm_pairs, fold_batchnorm, prepare_qat, trace_calls
+from students.qat import ActivationQuant, LearnedRange, conv_norm_pairs, fold_batchnorm, prepare_qat, trace_calls, uint8_grid
 
 
 class PaddedConv(nn.Conv2d):
@@ -163,6 +163,24 @@ def test_learned_ranges_start_at_the_first_batch_train_and_round_as_the_export_w
         torch.testing.assert_close(replay_net(x), trained, atol=1e-5, rtol=1e-5)
     learned.set_ranges(before)  # a resumed run: the learned scale and zero point start from the saved bounds
     assert all(learned.ranges()[k] == pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in before.items())
+
+
+def test_both_range_kinds_round_to_one_uint8_grid_and_bf16_ranges_to_their_fp32_values():
+    """uint8_grid is the one step/zero-point rule: an observed range and a learned range set from the same bounds
+    round a tensor alike, and ranges observed in bf16 (autocast) give the grid of their fp32 values."""
+    scale, zero = uint8_grid(torch.tensor(-1.0), torch.tensor(3.0))
+    assert float(scale) == pytest.approx(4 / 255) and float(zero) == 64.0  # round(1 / (4 / 255)) = round(63.75)
+    low, high = torch.tensor(-0.37, dtype=torch.bfloat16), torch.tensor(5.9, dtype=torch.bfloat16)
+    assert uint8_grid(low, high)[0].dtype == torch.float32
+    for got, want in zip(uint8_grid(low, high), uint8_grid(low.float(), high.float())):
+        assert torch.equal(got, want)
+    x = torch.linspace(-1.5, 3.5, 101)
+    observed = ActivationQuant(low=torch.tensor(-1.0), high=torch.tensor(3.0))
+    learned = LearnedRange()
+    learned.set(torch.tensor(-1.0), torch.tensor(3.0))
+    with torch.no_grad():
+        torch.testing.assert_close(learned(x), observed(x), atol=1e-6, rtol=0)
+    assert len(torch.unique(observed(x))) < len(x)  # it did round (and clip), not pass through
 
 
 def test_prepare_qat_refuses_a_model_without_layers():
