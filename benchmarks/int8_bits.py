@@ -22,7 +22,10 @@ tenths of a point of agreement (docs/edge-bundle.md). Rows:
 ``--margins`` adds two tables from the 8-bit run: the flips by the unquantised student's top-1 margin (the
 cosine gap between its two best classes), and the agreement a student with K times larger margins would keep
 under the same rounding error (argmax of the unquantised cosines plus the 8-bit run's cosine error / K: the
-decisions of logits scaled by K around the same error).
+decisions of logits scaled by K around the same error). ``--teacher PATH`` (with ``--margins``) asks whether a student
+as decisive as its teacher would do better: the teacher's margins on the same images and head prompts, each over the
+spread of that image's class cosines, against the student's, and the teacher's top-1 agreement under the student's
+8-bit error rescaled to the teacher's spread (image by image, class by class).
 
 Needs ``../shared/data/tiny-imagenet``. Writes nothing.
 """
@@ -42,6 +45,7 @@ from int8_placement import images, tiny_names  # noqa: E402
 
 import students.qat as qat  # noqa: E402
 from clipcore.imaging import decode_image  # noqa: E402
+from clipcore.loading import load_teacher  # noqa: E402
 from students import load_model  # noqa: E402
 from students.qat import ACT_QMIN, ActivationQuant, load_ranges, prepare_qat  # noqa: E402
 
@@ -84,6 +88,8 @@ def main() -> None:
                    help="sites kept in float one at a time, reported best first (0: skip the site rows, 100 passes)")
     p.add_argument("--margins", action="store_true",
                    help="add the flips by margin and the agreement with K times larger margins (8 bits)")
+    p.add_argument("--teacher", help="with --margins: compare the teacher's margins and its agreement under the "
+                                     "student's relative 8-bit error")
     args = p.parse_args()
     torch.set_num_threads(2)
     student = load_model(args.student).eval()
@@ -130,6 +136,8 @@ def main() -> None:
         site_rows(handle, args.top, lambda: embed(student, pixels), ref, row)
     if args.margins:
         margin_rows(ref @ head.T, rounded)
+        if args.teacher:
+            teacher_rows(args.teacher, args.limit, ref @ head.T, rounded)
 
 
 def margin_rows(clean: np.ndarray, rounded: np.ndarray) -> None:
@@ -149,6 +157,38 @@ def margin_rows(clean: np.ndarray, rounded: np.ndarray) -> None:
     for k in (1, 1.5, 2, 3, 4, 6):
         agree = float(((clean + error / k).argmax(1) == clean.argmax(1)).mean())
         print(f"| K = {k:g} | {agree:.1%} |")
+
+
+def teacher_rows(teacher_path: str, limit: int, clean: np.ndarray, rounded: np.ndarray) -> None:
+    """The teacher's margins against the student's and its agreement under the student's relative 8-bit error
+    (``relative_margins``, ``moved_error_agreement``) on the same images and head prompts."""
+    teacher = load_teacher(teacher_path)
+    pixels = np.stack([teacher.image_transform(decode_image(im, "validation image"))
+                       for im in images("validation", limit, 1)]).astype(np.float32)
+    with torch.no_grad():
+        head = teacher.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
+    t_clean = embed(teacher, pixels) @ head.T
+    print("\n| top-1 margin / spread of the image's class cosines | p10 | p20 | median | mean |\n|---|---|---|---|---|")
+    for name, m in (("student", relative_margins(clean)), ("teacher", relative_margins(t_clean))):
+        print(f"| {name} | {np.quantile(m, 0.1):.3f} | {np.quantile(m, 0.2):.3f} | {np.median(m):.3f} | {m.mean():.3f} |")
+    print(f"\nthe teacher's top-1 under the student's relative 8-bit error: "
+          f"{moved_error_agreement(clean, rounded, t_clean):.1%} agreement (the student's own: "
+          f"{float((rounded.argmax(1) == clean.argmax(1)).mean()):.1%}); teacher and unquantised student agree on "
+          f"{float((t_clean.argmax(1) == clean.argmax(1)).mean()):.1%}")
+
+
+def relative_margins(cos: np.ndarray) -> np.ndarray:
+    """Each image's top-1 margin (cosine gap to its second class) over the spread (std) of its class cosines: top-1
+    decisions do not change when an image's cosines are shifted or scaled, so this compares models of any scale."""
+    top2 = np.sort(cos, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) / cos.std(1)
+
+
+def moved_error_agreement(clean: np.ndarray, rounded: np.ndarray, other: np.ndarray) -> float:
+    """Top-1 agreement of ``other``'s cosines (another model, the same images and classes) under the student's
+    rounding error, image by image and class by class, rescaled from the student's spread to ``other``'s."""
+    error = (rounded - clean) / clean.std(1, keepdims=True) * other.std(1, keepdims=True)
+    return float(((other + error).argmax(1) == other.argmax(1)).mean())
 
 
 def site_rows(handle, top: int, run, ref: np.ndarray, row) -> None:

@@ -33,3 +33,23 @@ def test_margin_rows_count_flips_and_scale_the_margins(capsys):
     assert "| K = 2 | 80.0% |" in out  # error / 2 = 0.015 still beats the 0.01 margin
     assert "| K = 4 | 100.0% |" in out  # 0.0075 < 0.01
     assert out.count("| 1 |") == 5  # one image per quintile
+
+
+def test_relative_margins_and_the_moved_error_are_free_of_each_models_scale():
+    # the "teacher" is the student's cosines scaled by 3 and shifted: the same decisions, the same relative margins,
+    # so it keeps exactly the student's agreement under the student's error moved to its scale
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0.2, 0.05, size=(200, 20))
+    rounded = clean + rng.normal(0.0, 0.01, size=clean.shape)
+    script = _script()
+    teacher = 3 * clean + 0.4
+    np.testing.assert_allclose(script.relative_margins(teacher), script.relative_margins(clean))
+    student_agreement = float((rounded.argmax(1) == clean.argmax(1)).mean())
+    assert 0.5 < student_agreement < 1.0  # the error flips some decisions, not all
+    assert script.moved_error_agreement(clean, rounded, teacher) == student_agreement
+    # a teacher with twice the student's relative margins on every image flips fewer decisions under that error
+    top = clean.argmax(1)
+    wider = clean.copy()
+    wider[np.arange(len(top)), top] += np.sort(clean, axis=1)[:, -1] - np.sort(clean, axis=1)[:, -2]
+    assert (script.relative_margins(wider) > script.relative_margins(clean)).all()
+    assert script.moved_error_agreement(clean, rounded, wider) > student_agreement
