@@ -9,7 +9,10 @@ also records (``report["flips"][name]``, rendered by :func:`flips_markdown` / :f
 * ``per_class``: per true class, agreement and the accuracy delta (variant - torch student),
   the classes that lose most first;
 * ``histograms``: per-image KL(student || variant) (log10 bins) and embedding cosine against the
-  torch student, on bin edges shared by all variants so they overlay.
+  torch student, on bin edges shared by all variants so they overlay;
+* ``by_margin``: the images in fifths by the torch student's top-1 margin (its log-probability gap between
+  its two best classes), the flips in each. Rounding flips near-ties: a 96 % agreement whose flips all sit in
+  the smallest-margin fifth is a different file from one that flips confident images.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 KL_FLOOR = 1e-12  # per-image KL of an exact copy is 0; log10 bins need a floor
 THUMB_PX = 64
+MARGIN_PARTS = 5  # fifths: enough to show where flips sit, each still ~200 images of a 1,000-image report
 
 
 def per_image_kl(ref_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
@@ -44,6 +48,30 @@ def per_class(labels: np.ndarray, student_pred: np.ndarray, pred: np.ndarray, cl
                      "agreement": float((pred[sel] == student_pred[sel]).mean()),
                      "top1_student": torch_acc, "top1": acc, "top1_delta": acc - torch_acc})
     return sorted(rows, key=lambda r: (r["top1_delta"], r["agreement"], r["class"]))
+
+
+def top1_margin(logp: np.ndarray) -> np.ndarray:
+    """Each row's log-probability gap between its best and second-best class (0 for a single class)."""
+    if logp.shape[1] < 2:
+        return np.zeros(len(logp))
+    top2 = np.sort(logp, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def by_margin(margin: np.ndarray, flipped: np.ndarray, parts: int = MARGIN_PARTS) -> list[dict[str, Any]]:
+    """The images in ``parts`` equal groups by ``margin`` (the torch student's top-1 margin), smallest first: each
+    group's margin range, images, flips and agreement. Groups by rank, so ties and small sets still split evenly."""
+    rank = np.empty(len(margin), dtype=np.int64)
+    rank[np.argsort(margin, kind="stable")] = np.arange(len(margin))
+    group = rank * parts // max(len(margin), 1)
+    rows = []
+    for k in range(parts):
+        sel = group == k
+        if sel.any():
+            rows.append({"part": k + 1, "margin_low": float(margin[sel].min()), "margin_high": float(margin[sel].max()),
+                         "images": int(sel.sum()), "flipped": int(flipped[sel].sum()),
+                         "agreement": float(1.0 - flipped[sel].mean())})
+    return rows
 
 
 def histogram(values: np.ndarray, edges: np.ndarray) -> dict[str, Any]:
@@ -92,6 +120,7 @@ def analyse(variants: Mapping[str, tuple[np.ndarray, np.ndarray]], student: tupl
         return {}
     s_logp, s_emb = student
     s_pred = s_logp.argmax(axis=1)
+    s_margin = top1_margin(s_logp)
     kls = {n: np.log10(np.maximum(per_image_kl(s_logp, lp), KL_FLOOR)) for n, (lp, _) in variants.items()}
     coss = {n: (e.astype(np.float64) * s_emb).sum(axis=1) for n, (_, e) in variants.items()}
     kl_edges = shared_edges(list(kls.values()), bins, floor=np.log10(KL_FLOOR))
@@ -106,6 +135,7 @@ def analyse(variants: Mapping[str, tuple[np.ndarray, np.ndarray]], student: tupl
             "images": int(len(labels)),
             "shown": [flip_entry(i, int(rows[i]), labels, s_logp, logp, classnames, kls[name], image_at) for i in shown],
             "per_class": per_class(labels, s_pred, pred, classnames),
+            "by_margin": by_margin(s_margin, pred != s_pred),
             "histograms": {"log10_kl_student": histogram(kls[name], kl_edges),
                            "emb_cos_student": histogram(coss[name], cos_edges)},
         }
@@ -138,6 +168,25 @@ def _class_rows(section: Mapping[str, Any]) -> list[list[str]]:
              f"{100 * r['top1']:.2f}", f"{100 * r['top1_delta']:+.2f}"] for r in section["per_class"][:CLASS_ROWS]]
 
 
+def _margin_rows(section: Mapping[str, Any]) -> list[list[str]]:
+    return [[f"{r['part']} of {MARGIN_PARTS}", f"{r['margin_low']:.3f}–{r['margin_high']:.3f}", str(r["images"]),
+             str(r["flipped"]), f"{100 * r['agreement']:.2f}"] for r in section.get("by_margin", [])]
+
+
+def _margin_note(section: Mapping[str, Any]) -> str:
+    """Where the flips sit: the agreement outside the smallest-margin fifth (empty when nothing flipped)."""
+    rows = section.get("by_margin", [])
+    if not section["flipped"] or len(rows) < 2:
+        return ""
+    rest = rows[1:]
+    images, flipped = sum(r["images"] for r in rest), sum(r["flipped"] for r in rest)
+    first = rows[0]
+    return (f"{first['flipped']} of the {section['flipped']} flips are among the {first['images']} images whose torch "
+            f"top-1 wins by the smallest margin (up to {first['margin_high']:.3f} in log-probability); on the other "
+            f"{images} the agreement is {100 * (1 - flipped / images):.2f} %")
+
+
+MARGIN_HEADERS = ["torch student's top-1 margin, part", "margin (log-prob gap)", "images", "flipped", "agreement %"]
 CLASS_HEADERS = ["class", "images", "agreement %", "top-1 student %", "top-1 variant %", "Δ top-1 (points)"]
 FLIP_HEADERS = ["row", "true label", "torch student top-3", "variant top-3", "log10 KL"]
 
@@ -160,6 +209,10 @@ def flips_markdown(report: Mapping[str, Any]) -> list[str]:
             out += ["| " + " | ".join(FLIP_HEADERS) + " |", "|" + "---|" * len(FLIP_HEADERS)]
             out += [f"| {f['row']} | {f['label']} | {_top3_text(f['student_top3'])} | {_top3_text(f['variant_top3'])} "
                     f"| {f['log10_kl']:.2f} |" for f in section["shown"]] + [""]
+        if _margin_note(section):
+            out += [_margin_note(section) + ":", "", "| " + " | ".join(MARGIN_HEADERS) + " |",
+                    "|" + "---|" * len(MARGIN_HEADERS)]
+            out += ["| " + " | ".join(r) + " |" for r in _margin_rows(section)] + [""]
         out += [f"Classes that lose most (first {CLASS_ROWS}):", "", "| " + " | ".join(CLASS_HEADERS) + " |",
                 "|" + "---|" * len(CLASS_HEADERS)]
         out += ["| " + " | ".join(r) + " |" for r in _class_rows(section)] + [""]
@@ -181,6 +234,8 @@ def flips_html(report: Mapping[str, Any], table) -> list[str]:
         parts += [f"<h3>{escape(name)}</h3>", f"<p>{escape(_summary(name, section))}.</p>"]
         if section["shown"]:
             parts.append('<div class="flips">' + "".join(_flip_card(f) for f in section["shown"]) + "</div>")
+        if _margin_note(section):
+            parts += [f"<p>{escape(_margin_note(section))}:</p>", table(MARGIN_HEADERS, _margin_rows(section), text_columns=2)]
         parts += [f"<p>Classes that lose most (first {CLASS_ROWS}):</p>",
                   table(CLASS_HEADERS, _class_rows(section), text_columns=1)]
     return parts

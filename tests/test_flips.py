@@ -16,7 +16,7 @@ from PIL import Image
 from clipcore.data import DataSpec
 from clipcore.loading import load_teacher
 from clipcore.testing import make_tiny_clip
-from exports.flips import analyse, per_image_kl
+from exports.flips import analyse, by_margin, per_image_kl, top1_margin
 from exports.onnx_export import export_image_encoder
 from exports.parity import DEFAULT_GATES, Gate, ParitySettings, run_parity
 from exports.providers import ProviderInfo
@@ -52,10 +52,29 @@ def test_analyse_counts_orders_and_bins():
     assert thumb.size == (64, 64) and thumb.getpixel((0, 0)) == (60, 0, 0)
     # dog lost its only image (100 -> 0 %), cat lost one of two (-50 points), car none
     assert [(r["class"], r["top1_delta"]) for r in v["per_class"]] == [("dog", -1.0), ("cat", -0.5), ("car", 0.0)]
+    # the flips are images 3 (margin log 2, the smallest: the first part) and 1 (log 8, tied with images 0 and 2,
+    # which keep their order: the third part)
+    assert [(r["images"], r["flipped"]) for r in v["by_margin"]] == [(1, 1), (1, 0), (1, 1), (1, 0)]
     assert v["per_class"][1]["agreement"] == 0.5
     for key in ("log10_kl_student", "emb_cos_student"):
         assert sum(v["histograms"][key]["counts"]) == 4
         assert v["histograms"][key]["edges"] == out["same"]["histograms"][key]["edges"]  # shared: they overlay
+
+
+def test_flips_by_the_students_top1_margin():
+    """Fifths by the torch student's log-probability gap between its two best classes, smallest first: a variant
+    that flips only near-ties shows every flip in the first fifth."""
+    logp = _logp([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.34, 0.33, 0.33]])
+    np.testing.assert_allclose(top1_margin(logp), [np.log(0.5 / 0.45), np.log(0.9 / 0.05), np.log(0.34 / 0.33)])
+    assert top1_margin(np.zeros((2, 1))).tolist() == [0.0, 0.0]
+    margin = np.arange(10, dtype=float)[::-1]  # image 9 has the smallest margin
+    flipped = np.zeros(10, dtype=bool)
+    flipped[[9, 8, 5]] = True  # both of the smallest fifth, one of the middle one
+    rows = by_margin(margin, flipped)
+    assert [r["images"] for r in rows] == [2] * 5 and [r["flipped"] for r in rows] == [2, 0, 1, 0, 0]
+    assert rows[0]["margin_low"] == 0.0 and rows[0]["margin_high"] == 1.0 and rows[0]["agreement"] == 0.0
+    assert rows[2]["agreement"] == 0.5 and rows[-1]["margin_high"] == 9.0
+    assert [r["images"] for r in by_margin(np.ones(3), np.zeros(3, dtype=bool))] == [1, 1, 1]  # ties split by rank
 
 
 def negated(src: Path, dst: Path) -> Path:
@@ -100,6 +119,10 @@ def test_flips_in_json_markdown_and_html(report_dir):
     md = (report_dir / "parity.md").read_text()
     assert "## What flips (against the torch student)" in md and "### noisy" in md
     assert f"{noisy['flipped']} of {noisy['images']} images flipped top-1" in md
+    assert sum(r["flipped"] for r in noisy["by_margin"]) == noisy["flipped"]
+    assert sum(r["images"] for r in noisy["by_margin"]) == noisy["images"]
+    assert "whose torch top-1 wins by the smallest margin" in md and "| 1 of 5 |" in md
+    assert fp32["by_margin"] and "smallest margin" not in md.split("### fp32")[1].split("###")[0]  # no flips: no note
     html = (report_dir / "parity.html").read_text()
     root = ET.fromstring(html)
     imgs = [e for e in root.iter() if e.tag.endswith("}img")]
