@@ -94,8 +94,8 @@ def main() -> None:
     torch.set_num_threads(2)
     student = load_model(args.student).eval()
     transform = student.image_transform
-    pixels = np.stack([transform(decode_image(im, "validation image"))
-                       for im in images("validation", args.limit, 1)]).astype(np.float32)
+    validation = images("validation", args.limit, 1)  # the teacher rows (--teacher) embed the same images
+    pixels = np.stack([transform(decode_image(im, "validation image")) for im in validation]).astype(np.float32)
     cal = torch.from_numpy(np.stack([transform(decode_image(im, "calibration image")) for im in images("train", 128, 0)]))
     with torch.no_grad():
         head = student.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
@@ -137,7 +137,7 @@ def main() -> None:
     if args.margins:
         margin_rows(ref @ head.T, rounded)
         if args.teacher:
-            teacher_rows(args.teacher, args.limit, ref @ head.T, rounded)
+            teacher_rows(args.teacher, validation, ref @ head.T, rounded)
 
 
 def margin_rows(clean: np.ndarray, rounded: np.ndarray) -> None:
@@ -159,12 +159,12 @@ def margin_rows(clean: np.ndarray, rounded: np.ndarray) -> None:
         print(f"| K = {k:g} | {agree:.1%} |")
 
 
-def teacher_rows(teacher_path: str, limit: int, clean: np.ndarray, rounded: np.ndarray) -> None:
+def teacher_rows(teacher_path: str, validation: list, clean: np.ndarray, rounded: np.ndarray) -> None:
     """The teacher's margins against the student's and its agreement under the student's relative 8-bit error
     (``relative_margins``, ``moved_error_agreement``) on the same images and head prompts."""
     teacher = load_teacher(teacher_path)
     pixels = np.stack([teacher.image_transform(decode_image(im, "validation image"))
-                       for im in images("validation", limit, 1)]).astype(np.float32)
+                       for im in validation]).astype(np.float32)
     with torch.no_grad():
         head = teacher.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
     t_clean = embed(teacher, pixels) @ head.T

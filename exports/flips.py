@@ -209,8 +209,9 @@ def flips_markdown(report: Mapping[str, Any]) -> list[str]:
             out += ["| " + " | ".join(FLIP_HEADERS) + " |", "|" + "---|" * len(FLIP_HEADERS)]
             out += [f"| {f['row']} | {f['label']} | {_top3_text(f['student_top3'])} | {_top3_text(f['variant_top3'])} "
                     f"| {f['log10_kl']:.2f} |" for f in section["shown"]] + [""]
-        if _margin_note(section):
-            out += [_margin_note(section) + ":", "", "| " + " | ".join(MARGIN_HEADERS) + " |",
+        note = _margin_note(section)
+        if note:
+            out += [note + ":", "", "| " + " | ".join(MARGIN_HEADERS) + " |",
                     "|" + "---|" * len(MARGIN_HEADERS)]
             out += ["| " + " | ".join(r) + " |" for r in _margin_rows(section)] + [""]
         out += [f"Classes that lose most (first {CLASS_ROWS}):", "", "| " + " | ".join(CLASS_HEADERS) + " |",
@@ -234,8 +235,9 @@ def flips_html(report: Mapping[str, Any], table) -> list[str]:
         parts += [f"<h3>{escape(name)}</h3>", f"<p>{escape(_summary(name, section))}.</p>"]
         if section["shown"]:
             parts.append('<div class="flips">' + "".join(_flip_card(f) for f in section["shown"]) + "</div>")
-        if _margin_note(section):
-            parts += [f"<p>{escape(_margin_note(section))}:</p>", table(MARGIN_HEADERS, _margin_rows(section), text_columns=2)]
+        note = _margin_note(section)
+        if note:
+            parts += [f"<p>{escape(note)}:</p>", table(MARGIN_HEADERS, _margin_rows(section), text_columns=2)]
         parts += [f"<p>Classes that lose most (first {CLASS_ROWS}):</p>",
                   table(CLASS_HEADERS, _class_rows(section), text_columns=1)]
     return parts
