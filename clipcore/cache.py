@@ -53,7 +53,8 @@ def texts_sha(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()[:20]
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary name, synced, then renamed: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, array)
@@ -62,7 +63,8 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """``path.write_text`` through a temporary name and ``os.replace``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -265,7 +267,7 @@ class TeacherTargetCache:
             (self.path / META).unlink(missing_ok=True)  # mark incomplete before shards change
         start, end = shard_rows(num_rows, self.world, self.rank)
         shard = np.asarray(embed_rows(start, end), np.float16)
-        _atomic_save(self.path / f"images-r{self.rank}.npy", shard)
+        atomic_save_npy(self.path / f"images-r{self.rank}.npy", shard)
         self.barrier()
         # every rank reads every shard (as load_images will), so all raise together and none waits at a barrier;
         # without meta.json the shards are an unfinished entry, never read
@@ -281,7 +283,7 @@ class TeacherTargetCache:
         if self.rank == 0:  # rank 0's (K, D) stands for every shard: load_images checks each against it
             meta = {"num_rows": num_rows, "world": self.world, "views": shard.shape[1], "dim": shard.shape[2],
                     "shards": [file_digest(self.path / f"images-r{r}.npy") for r in range(self.world)]}
-            _atomic_write_text(self.path / META, json.dumps(meta))
+            atomic_write_text(self.path / META, json.dumps(meta))
         self.barrier()
         return self.load_images(num_rows)
 
@@ -298,8 +300,8 @@ class TeacherTargetCache:
                 raise NonFiniteTargets(f"teacher-target cache {self.path}: the teacher gives NaN/inf text embeddings "
                                        f"for {int(bad.sum())} of {len(texts)} texts (first: {texts[int(bad.argmax())]!r}); "
                                        "nothing was cached (check the teacher's weights)")
-            _atomic_save(array, embedded)
+            atomic_save_npy(array, embedded)
             meta = {"texts_sha256": _full_texts_sha(texts), "num_texts": len(texts), "sha256": _sha256_bytes(array)}
-            _atomic_write_text(marker, json.dumps(meta))
+            atomic_write_text(marker, json.dumps(meta))
         self.barrier()
         return self.load_texts(texts)

@@ -79,12 +79,7 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Tokenise with this model's tokenizer and return L2-normalised embeddings."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if len(texts) == 0:
-            raise ValueError("encode_text got an empty list of texts")
-        tokens = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
-        return self.encode_tokens(tokens["input_ids"], tokens.get("attention_mask"))
+        return encode_text_with(self, texts)
 
     def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Temperature-scaled logits ``logit_scale * cos(image, text) / T``, shape (B_img, B_txt)."""
@@ -142,6 +137,17 @@ class HFDualEncoder(DualEncoder):
                 list(texts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
         )
+
+
+def encode_text_with(model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+    """``model.encode_tokens`` of ``model.tokenize(texts)`` on the model's device: the ``encode_text``
+    of every text encoder (``DualEncoder`` and the text students), one string or a non-empty list."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if len(texts) == 0:
+        raise ValueError("encode_text got an empty list of texts")
+    tokens = {k: v.to(model.device) for k, v in model.tokenize(texts).items()}
+    return model.encode_tokens(tokens["input_ids"], tokens.get("attention_mask"))
 
 
 def module_fingerprint(module: nn.Module, extra: str = "") -> str:

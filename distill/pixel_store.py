@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipcore.augment import RowViews
-from clipcore.cache import check_digest, file_digest
+from clipcore.cache import atomic_save_npy, atomic_write_text, check_digest, file_digest
 from clipcore.data import DataSpecError
 from clipcore.imaging import ImageDecodeError, ImageTransform, decode_image, to_rgb
 
@@ -121,15 +120,6 @@ def substitutes(valid: np.ndarray, max_tries: int = 16) -> torch.Tensor:
     return out
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build(ds, image_column: str, transform: ImageTransform, path: Path, name: str, num_workers: int = 0,
           view: RowViews | None = None) -> None:
     """Decode every row once into ``path`` (meta.json last)."""
@@ -145,13 +135,11 @@ def build(ds, image_column: str, transform: ImageTransform, path: Path, name: st
         pixels[start:start + len(batch)] = batch.numpy()
         valid[start:start + len(batch)] = ok.numpy()
         start += len(batch)
-    _atomic_npy(path / "pixels.npy", pixels)
-    _atomic_npy(path / "valid.npy", valid)
+    atomic_save_npy(path / "pixels.npy", pixels)
+    atomic_save_npy(path / "valid.npy", valid)
     meta = {"format": FORMAT, "num_rows": len(ds), "failed": int((~valid).sum()), "transform": transform.to_dict(),
             "files": {name: file_digest(path / name) for name in FILES}}
-    tmp = path / f".{META}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, path / META)
+    atomic_write_text(path / META, json.dumps(meta))
 
 
 def damage(path: Path, num_rows: int) -> str | None:

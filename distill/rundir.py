@@ -17,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+from clipcore.cache import atomic_write_text
 from distill.checkpoint import CheckpointError, checkpoint_dir, earlier_runs_checkpoints, list_checkpoints, read_manifest
 
 log = logging.getLogger("distill.train")
@@ -204,6 +205,4 @@ def truncate_log(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipcore.dual_encoder import module_fingerprint
+from clipcore.dual_encoder import encode_text_with, module_fingerprint
 from clipcore.towers import projection_head
 from students.configs import TextStudentConfig
 
@@ -131,12 +131,7 @@ class TextStudent(nn.Module):
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised embeddings of ``texts`` (the ``DualEncoder.encode_text`` contract)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if len(texts) == 0:
-            raise ValueError("encode_text got an empty list of texts")
-        tokens = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
-        return self.encode_tokens(tokens["input_ids"], tokens["attention_mask"])
+        return encode_text_with(self, texts)
 
     def fingerprint(self) -> str:
         return module_fingerprint(self, extra=f"{self.arch}/{self.max_length}")
