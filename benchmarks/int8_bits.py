@@ -25,7 +25,9 @@ under the same rounding error (argmax of the unquantised cosines plus the 8-bit 
 decisions of logits scaled by K around the same error). ``--teacher PATH`` (with ``--margins``) asks whether a student
 as decisive as its teacher would do better: the teacher's margins on the same images and head prompts, each over the
 spread of that image's class cosines, against the student's, and the teacher's top-1 agreement under the student's
-8-bit error rescaled to the teacher's spread (image by image, class by class).
+8-bit error rescaled to the teacher's spread (image by image, class by class). ``--image-size N`` resamples every
+preprocessed image (validation and calibration) to N x N, bicubic, before the runs: does a larger input, whose last
+feature map averages more positions into the embedding, round less? (Only the input changes, not the student.)
 
 Needs ``../shared/data/tiny-imagenet``. Writes nothing.
 """
@@ -72,6 +74,14 @@ def _per_channel(self: ActivationQuant, x: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_channel_affine(x, scale, zero, 1, ACT_QMIN, qat.ACT_QMAX)
 
 
+def resample(pixels: np.ndarray, size: int | None) -> np.ndarray:
+    """``(N, C, H, W)`` preprocessed images resampled to ``size x size`` (bicubic; ``None``: unchanged)."""
+    if size is None:
+        return pixels
+    out = torch.nn.functional.interpolate(torch.from_numpy(pixels), size=(size, size), mode="bicubic", align_corners=False)
+    return out.numpy()
+
+
 def embed(student, pixels: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = torch.cat([student.image_features(torch.from_numpy(pixels[i:i + 125])) for i in range(0, len(pixels), 125)])
@@ -90,13 +100,16 @@ def main() -> None:
                    help="add the flips by margin and the agreement with K times larger margins (8 bits)")
     p.add_argument("--teacher", help="with --margins: compare the teacher's margins and its agreement under the "
                                      "student's relative 8-bit error")
+    p.add_argument("--image-size", type=int, help="resample every preprocessed image to this side first (bicubic)")
     args = p.parse_args()
     torch.set_num_threads(2)
     student = load_model(args.student).eval()
     transform = student.image_transform
     validation = images("validation", args.limit, 1)  # the teacher rows (--teacher) embed the same images
-    pixels = np.stack([transform(decode_image(im, "validation image")) for im in validation]).astype(np.float32)
-    cal = torch.from_numpy(np.stack([transform(decode_image(im, "calibration image")) for im in images("train", 128, 0)]))
+    pixels = resample(np.stack([transform(decode_image(im, "validation image")) for im in validation]).astype(np.float32),
+                      args.image_size)
+    cal = torch.from_numpy(resample(np.stack([transform(decode_image(im, "calibration image"))
+                                              for im in images("train", 128, 0)]).astype(np.float32), args.image_size))
     with torch.no_grad():
         head = student.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
     ref = embed(student, pixels)

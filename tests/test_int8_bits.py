@@ -53,3 +53,13 @@ def test_relative_margins_and_the_moved_error_are_free_of_each_models_scale():
     wider[np.arange(len(top)), top] += np.sort(clean, axis=1)[:, -1] - np.sort(clean, axis=1)[:, -2]
     assert (script.relative_margins(wider) > script.relative_margins(clean)).all()
     assert script.moved_error_agreement(clean, rounded, wider) > student_agreement
+
+
+def test_resample_keeps_or_resizes_the_preprocessed_images():
+    script = _script()
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert script.resample(pixels, None) is pixels
+    out = script.resample(pixels, 16)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == np.float32
+    flat = np.full((1, 3, 8, 8), 0.5, dtype=np.float32)  # a flat image stays flat at any size
+    np.testing.assert_allclose(script.resample(flat, 16), 0.5, atol=1e-6)
