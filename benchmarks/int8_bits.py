@@ -28,6 +28,9 @@ spread of that image's class cosines, against the student's, and the teacher's t
 8-bit error rescaled to the teacher's spread (image by image, class by class). ``--image-size N`` resamples every
 preprocessed image (validation and calibration) to N x N, bicubic, before the runs: does a larger input, whose last
 feature map averages more positions into the embedding, round less? (Only the input changes, not the student.)
+``--perturb`` puts the 8-bit flips beside flips no quantisation makes: the unquantised student's (and with
+``--teacher`` the teacher's) top-1 agreement with itself when each image gets uniform noise of +-0.5 or +-1 of
+an 8-bit pixel level, or is re-saved as a JPEG (quality 95, 90) before preprocessing.
 
 Needs ``../shared/data/tiny-imagenet``. Writes nothing.
 """
@@ -35,6 +38,7 @@ Needs ``../shared/data/tiny-imagenet``. Writes nothing.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -46,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # int8_placement, besi
 from int8_placement import images, tiny_names  # noqa: E402
 
 import students.qat as qat  # noqa: E402
-from clipcore.imaging import decode_image  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from clipcore.imaging import ImageTransform, decode_image  # noqa: E402
 from clipcore.loading import load_teacher  # noqa: E402
 from students import load_model  # noqa: E402
 from students.qat import ACT_QMIN, ActivationQuant, load_ranges, prepare_qat  # noqa: E402
@@ -74,6 +80,42 @@ def _per_channel(self: ActivationQuant, x: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_channel_affine(x, scale, zero, 1, ACT_QMIN, qat.ACT_QMAX)
 
 
+def head_prompts() -> list[str]:
+    """One prompt per Tiny-ImageNet class (its first WordNet name): the 200-way zero-shot head of every row."""
+    return [f"a photo of a {n.split(',')[0]}." for n in tiny_names()]
+
+
+def jpeg_resaved(image: Image.Image, quality: int) -> Image.Image:
+    """``image`` saved as a JPEG of ``quality`` and read back, as a photo re-saved by any editor would be."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def perturbations(decoded: list[Image.Image], transform: ImageTransform, seed: int = 0) -> dict[str, np.ndarray]:
+    """Preprocessed pixels of ``decoded`` under changes no quantisation makes: uniform noise of +-0.5 / +-1 of an
+    8-bit pixel level (in the transform's normalised units), and the images re-saved as JPEGs (quality 95, 90)."""
+    clean = np.stack([transform(im) for im in decoded]).astype(np.float32)
+    level = np.float32(transform.rescale_factor) / np.asarray(transform.std, np.float32)[None, :, None, None]
+    rng = np.random.default_rng(seed)
+    out = {f"uniform noise of +-{k:g} pixel level": clean + rng.uniform(-k, k, clean.shape).astype(np.float32) * level
+           for k in (0.5, 1.0)}
+    for quality in (95, 90):
+        out[f"re-saved as JPEG, quality {quality}"] = np.stack([transform(jpeg_resaved(im, quality)) for im in decoded])
+    return out
+
+
+def perturbation_rows(name: str, model, decoded: list[Image.Image]) -> None:
+    """``model``'s top-1 agreement with itself (200-way zero-shot, unquantised) under each of :func:`perturbations`."""
+    with torch.no_grad():
+        head = model.encode_text(head_prompts()).float().numpy()
+    clean = (embed(model, np.stack([model.image_transform(im) for im in decoded]).astype(np.float32)) @ head.T).argmax(1)
+    for what, pixels in perturbations(decoded, model.image_transform).items():
+        agree = float(((embed(model, pixels.astype(np.float32)) @ head.T).argmax(1) == clean).mean())
+        print(f"| {name} | {what} | {agree:.1%} |", flush=True)
+
+
 def resample(pixels: np.ndarray, size: int | None) -> np.ndarray:
     """``(N, C, H, W)`` preprocessed images resampled to ``size x size`` (bicubic; ``None``: unchanged)."""
     if size is None:
@@ -99,7 +141,9 @@ def main() -> None:
     p.add_argument("--margins", action="store_true",
                    help="add the flips by margin and the agreement with K times larger margins (8 bits)")
     p.add_argument("--teacher", help="with --margins: compare the teacher's margins and its agreement under the "
-                                     "student's relative 8-bit error")
+                                     "student's relative 8-bit error; with --perturb: its rows too")
+    p.add_argument("--perturb", action="store_true",
+                   help="first: the unquantised top-1 agreement under pixel noise and JPEG re-saving")
     p.add_argument("--image-size", type=int, help="resample every preprocessed image to this side first (bicubic)")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -111,8 +155,14 @@ def main() -> None:
     cal = torch.from_numpy(resample(np.stack([transform(decode_image(im, "calibration image"))
                                               for im in images("train", 128, 0)]).astype(np.float32), args.image_size))
     with torch.no_grad():
-        head = student.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
+        head = student.encode_text(head_prompts()).float().numpy()
     ref = embed(student, pixels)
+    if args.perturb:
+        decoded = [decode_image(im, "validation image") for im in validation]
+        print("| model (unquantised) | each image | top-1 agreement with the unchanged image |\n|---|---|---|")
+        perturbation_rows("student", student, decoded)
+        if args.teacher:
+            perturbation_rows("teacher", load_teacher(args.teacher), decoded)
     tower = student.image_tower
     handle = prepare_qat(tower, lambda: tower(cal), momentum=1.0)
     saved = load_ranges(args.student)
@@ -179,7 +229,7 @@ def teacher_rows(teacher_path: str, validation: list, clean: np.ndarray, rounded
     pixels = np.stack([teacher.image_transform(decode_image(im, "validation image"))
                        for im in validation]).astype(np.float32)
     with torch.no_grad():
-        head = teacher.encode_text([f"a photo of a {n.split(',')[0]}." for n in tiny_names()]).float().numpy()
+        head = teacher.encode_text(head_prompts()).float().numpy()
     t_clean = embed(teacher, pixels) @ head.T
     print("\n| top-1 margin / spread of the image's class cosines | p10 | p20 | median | mean |\n|---|---|---|---|---|")
     for name, m in (("student", relative_margins(clean)), ("teacher", relative_margins(t_clean))):

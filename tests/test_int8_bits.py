@@ -63,3 +63,26 @@ def test_resample_keeps_or_resizes_the_preprocessed_images():
     assert out.shape == (2, 3, 16, 16) and out.dtype == np.float32
     flat = np.full((1, 3, 8, 8), 0.5, dtype=np.float32)  # a flat image stays flat at any size
     np.testing.assert_allclose(script.resample(flat, 16), 0.5, atol=1e-6)
+
+
+def test_perturbations_stay_within_their_pixel_levels_and_jpeg_changes_the_image():
+    from PIL import Image
+
+    from clipcore.imaging import ImageTransform
+
+    script = _script()
+    rng = np.random.default_rng(0)
+    decoded = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(3)]
+    transform = ImageTransform(size=16, crop_size=(16, 16))
+    clean = np.stack([transform(im) for im in decoded])
+    out = script.perturbations(decoded, transform)
+    assert list(out) == ["uniform noise of +-0.5 pixel level", "uniform noise of +-1 pixel level",
+                         "re-saved as JPEG, quality 95", "re-saved as JPEG, quality 90"]
+    level = (1 / 255) / np.asarray(transform.std, np.float32)[None, :, None, None]
+    for k, name in ((0.5, "uniform noise of +-0.5 pixel level"), (1.0, "uniform noise of +-1 pixel level")):
+        change = np.abs(out[name] - clean) / level
+        assert out[name].shape == clean.shape and change.max() <= k + 1e-4 and change.mean() > k / 4
+    for quality in (95, 90):  # noise images lose detail in a JPEG: the re-saved pixels differ, the shape stays
+        resaved = out[f"re-saved as JPEG, quality {quality}"]
+        assert resaved.shape == clean.shape and np.abs(resaved - clean).max() > 0.01
+    assert script.jpeg_resaved(decoded[0], 95).size == (16, 16)
