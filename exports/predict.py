@@ -5,7 +5,8 @@ it carries (bundles built from a parity run). ``--classes "cat,dog,red fox"`` (o
 ``--classes-file``) classifies among new class names with the bundle's text encoder
 (open-vocabulary bundles), building the head on the device and caching it. Needs only
 onnxruntime, numpy, pillow and, for ``--classes``, tokenizers. Images are decoded one batch at a
-time, so memory does not grow with the number of files. An image that cannot be decoded, or has
+time, so memory does not grow with the number of files; a directory stands for the image files
+under it (by extension, recursively, in sorted order). An image that cannot be decoded, or has
 more than ``--max-pixels`` pixels, is reported and the others are still classified; the exit
 status is then 1 (2 when the bundle itself, the class list or a flag is unusable).
 """
@@ -34,7 +35,8 @@ DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; past 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m exports.predict", description=__doc__.splitlines()[0])
     p.add_argument("bundle", help="bundle directory written by exports.bundle.write_bundle")
-    p.add_argument("images", nargs="*", help="image files (any PIL-readable format and mode)")
+    p.add_argument("images", nargs="*",
+                   help="image files (any PIL-readable format and mode), or directories of them (searched recursively)")
     p.add_argument("--info", action="store_true", help="print the bundle's model, precision and parity certificate")
     p.add_argument("--classes", default=None, help="comma-separated class names (needs a bundle with a text encoder)")
     p.add_argument("--classes-file", default=None, help="class names: a JSON list, or one name per line")
@@ -49,6 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse an image with more pixels, before decoding it (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     return p
+
+
+def image_paths(arguments: Sequence[str]) -> list[str]:
+    """``arguments`` with each directory replaced by the image files under it (an extension PIL reads, hidden files
+    and folders left out), sorted; files are kept as given, whatever their extension.
+
+    Raises:
+        FileNotFoundError: a directory with no image file under it.
+    """
+    from PIL import Image
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    paths: list[str] = []
+    for argument in arguments:
+        folder = Path(argument)
+        if not folder.is_dir():
+            paths.append(argument)
+            continue
+        found = sorted(str(f) for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in extensions
+                       and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+        if not found:
+            raise FileNotFoundError(f"{argument}: no image files under this directory (looked for the extensions "
+                                    "PIL reads: .jpg, .png, .webp, ...)")
+        paths.extend(found)
+    return paths
 
 
 def predict_files(classifier: BundleClassifier, paths: Sequence[str], top_k: int, batch_size: int,
@@ -83,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {flag} must be a positive integer, got {value}", file=sys.stderr)
             return 2
     try:
+        images = image_paths(args.images)
         names = requested_classes(args)  # the flags first: a wrong one fails before the bundle loads
         templates = requested_templates(args.templates)
         problem = names is not None and output_path_problem(args.cache_dir, "dir")
@@ -102,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
 
     try:
-        predictions, errors = predict_files(classifier, args.images, args.top_k, args.batch_size, args.max_pixels)
+        predictions, errors = predict_files(classifier, images, args.top_k, args.batch_size, args.max_pixels)
     except NonFiniteOutputError as exc:  # a broken model: nothing is printed rather than NaN for every class
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -110,12 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = [
             {"image": p, "error": errors[i]} if i in errors
             else {"image": p, "predictions": [x.to_dict() for x in predictions[i]]}
-            for i, p in enumerate(args.images)
+            for i, p in enumerate(images)
         ]
         json.dump({"bundle": args.bundle, "precision": classifier.precision, "results": results}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        for i, p in enumerate(args.images):
+        for i, p in enumerate(images):
             if i in errors:
                 print(f"{p}: error: {errors[i]}")
                 continue

@@ -102,3 +102,29 @@ def test_classifier_refuses_top_k_and_batch_size_below_one(bundle, tmp_path):
         clf.predict([image], top_k=0)
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         clf.predict([image], batch_size=0)
+
+
+def test_a_directory_stands_for_the_images_under_it(bundle, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    (photos / "cats").mkdir(parents=True)
+    (photos / ".thumbnails").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(photos / "b.png")
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(photos / "cats" / "a.JPG")
+    Image.new("RGB", (8, 8)).save(photos / ".thumbnails" / "b.png")  # hidden: left out
+    (photos / "notes.txt").write_text("not an image")  # no image extension: left out
+    loose = tmp_path / "loose.png"
+    Image.new("RGB", (40, 30)).save(loose)
+    assert predict_main([str(bundle), str(photos), str(loose), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["image"] for r in results] == [str(photos / "b.png"), str(photos / "cats" / "a.JPG"), str(loose)]
+    assert all("predictions" in r for r in results)
+
+
+def test_a_directory_without_images_is_an_error(bundle, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    assert predict_main([str(bundle), str(empty)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().startswith(f"error: {empty}: no image files under this directory")
