@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from clipcore.imaging import ImageDecodeError, decode_image
 from clipcore.templates import get_templates
@@ -60,8 +61,6 @@ def image_paths(arguments: Sequence[str]) -> list[str]:
     Raises:
         FileNotFoundError: a directory with no image file under it.
     """
-    from PIL import Image
-
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     paths: list[str] = []
     for argument in arguments:
