@@ -28,6 +28,8 @@ spread of that image's class cosines, against the student's, and the teacher's t
 8-bit error rescaled to the teacher's spread (image by image, class by class). ``--image-size N`` resamples every
 preprocessed image (validation and calibration) to N x N, bicubic, before the runs: does a larger input, whose last
 feature map averages more positions into the embedding, round less? (Only the input changes, not the student.)
+``--halves`` adds two rows: the first half of the activation sites (in network order: the stem and the early blocks)
+in float, the rest at 8 bits, and the other way round.
 ``--perturb`` puts the 8-bit flips beside flips no quantisation makes: the unquantised student's (and with
 ``--teacher`` the teacher's) top-1 agreement with itself when each image gets uniform noise of +-0.5 or +-1 of
 an 8-bit pixel level, or is re-saved as a JPEG (quality 95, 90) before preprocessing.
@@ -144,6 +146,8 @@ def main() -> None:
                                      "student's relative 8-bit error; with --perturb: its rows too")
     p.add_argument("--perturb", action="store_true",
                    help="first: the unquantised top-1 agreement under pixel noise and JPEG re-saving")
+    p.add_argument("--halves", action="store_true",
+                   help="add the rows with the first / the second half of the sites (network order) in float")
     p.add_argument("--image-size", type=int, help="resample every preprocessed image to this side first (bicubic)")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -195,6 +199,8 @@ def main() -> None:
     for bits in (8, 7):
         row(f"per-channel ranges, activations {bits} bits", bits)
     PER_CHANNEL["on"] = False
+    if args.halves:
+        half_rows(handle.observers, row)
     if args.top > 0:
         site_rows(handle, args.top, lambda: embed(student, pixels), ref, row)
     if args.margins:
@@ -252,6 +258,18 @@ def moved_error_agreement(clean: np.ndarray, rounded: np.ndarray, other: np.ndar
     rounding error, image by image and class by class, rescaled from the student's spread to ``other``'s."""
     error = (rounded - clean) / clean.std(1, keepdims=True) * other.std(1, keepdims=True)
     return float(((other + error).argmax(1) == other.argmax(1)).mean())
+
+
+def half_rows(observers: list, row) -> None:
+    """8 bits everywhere but the first (then the second) half of the sites, in the order the network runs them."""
+    half = len(observers) // 2
+    for name, in_float in ((f"the first {half} sites in float (stem and early blocks)", lambda j: j < half),
+                           (f"the last {len(observers) - half} sites in float", lambda j: j >= half)):
+        for j, observer in enumerate(observers):
+            observer.in_float = in_float(j)
+        row(name)
+    for observer in observers:
+        observer.in_float = False
 
 
 def site_rows(handle, top: int, run, ref: np.ndarray, row) -> None:

@@ -14,6 +14,11 @@ Exports the student's image encoder, quantises it statically as the export does 
 2. cumulative: the ``--keep`` most sensitive nodes kept fp32 together, with their share of the
    weights and (``--latency``) the batch-1 latency against fp32 and full int8.
 
+``--first 13,25`` replaces both with rows that keep the first N weighted nodes in graph order fp32 (the stem and the
+early blocks, with their activations: one float region, so no node in it sits between a DequantizeLinear and a
+QuantizeLinear for onnxruntime to fuse back into an int8 kernel) and quantise the rest: the mixed graph that
+``int8_bits.py --halves`` simulates.
+
 A QAT student (one with ``qat_ranges.json``) is quantised with its own ranges, as the export does.
 Needs ``../shared/data/tiny-imagenet``; writes only temporary ONNX files.
 """
@@ -68,9 +73,9 @@ def weighted_nodes(path: Path) -> list[tuple[list[str], int]]:
     return out
 
 
-def latency_ms(path: Path, iters: int) -> float:
-    """Median batch-1 milliseconds on 2 threads (benchmarks/onnx_latency.py's timing)."""
-    return batch1_latency({"x": str(path)}, threads=2, warmup=20, iters=iters)["x"][0]
+def latency_ms(path: Path, iters: int, threads: int = 2) -> float:
+    """Median batch-1 milliseconds (benchmarks/onnx_latency.py's timing)."""
+    return batch1_latency({"x": str(path)}, threads=threads, warmup=20, iters=iters)["x"][0]
 
 
 def main() -> None:
@@ -78,8 +83,10 @@ def main() -> None:
     p.add_argument("--student", required=True)
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--keep", default="1,2,4,8,16", help="cumulative rows: this many most sensitive nodes kept fp32")
+    p.add_argument("--first", help="instead: rows keeping the first N weighted nodes (graph order) fp32, e.g. 13,25")
     p.add_argument("--latency", action="store_true", help="also time each cumulative row at batch 1")
     p.add_argument("--iters", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads of the latency rows")
     p.add_argument("--optimization", default="all", choices=("all", "disable"),
                    help="onnxruntime graph optimisations when measuring agreement: 'disable' computes the QDQ "
                         "graph as written (dequantise -> float op -> quantise), i.e. what excluding a node means "
@@ -109,6 +116,9 @@ def main() -> None:
 
         nodes = weighted_nodes(fp32)
         total = sum(size for _, size in nodes)
+        if args.first:
+            prefix_rows(nodes, [int(k) for k in args.first.split(",")], int8, fp32, args, pixels, head, top1)
+            return
         _, base_agree, base_cos = int8([])
         print(f"{len(nodes)} weighted nodes; all int8: agreement {base_agree:.1%}, cosine {base_cos:.5f}", flush=True)
         gains, groups, share = {}, {}, {}
@@ -123,7 +133,7 @@ def main() -> None:
         print("\n| kept fp32 | weights fp32 | agreement | agreement (all) | mean cosine | batch-1 ms |\n"
               "|---|---|---|---|---|---|")
         rows = [(0, "all int8")] + [(int(k), None) for k in args.keep.split(",")]
-        fp32_ms = latency_ms(fp32, args.iters) if args.latency else None
+        fp32_ms = latency_ms(fp32, args.iters, args.threads) if args.latency else None
         for k, label in rows:
             kept = ranked[:k]
             exclude = [n for name in kept for n in groups[name]]
@@ -131,13 +141,32 @@ def main() -> None:
             # the same graph as onnxruntime runs it (already measured when --optimization is all)
             agree_all = agree if args.optimization == "all" else float(
                 ((embed(path, pixels) @ head.T).argmax(1) == top1).mean())
-            ms = f"{latency_ms(path, args.iters):.3f}" if args.latency else "-"
+            ms = f"{latency_ms(path, args.iters, args.threads):.3f}" if args.latency else "-"
             weights = sum(share[n] for n in kept) / total
             print(f"| {label or ', '.join(kept) if k <= 2 else f'{k} most sensitive'} | {weights:.1%} | {agree:.1%} "
                   f"| {agree_all:.1%} | {cos:.5f} | {ms} |", flush=True)
         if fp32_ms is not None:
             print(f"| fp32 graph | 100 % | 100 % | 100 % | 1 | {fp32_ms:.3f} |")
         print(json.dumps({"ranked": ranked[:32], "gains": {n: gains[n] for n in ranked[:32]}}))
+
+
+def prefix_rows(nodes, counts: list[int], int8, fp32: Path, args, pixels, head, top1) -> None:
+    """The rows of ``--first``: the first N weighted nodes (and their activations) fp32, the rest int8."""
+    total = sum(size for _, size in nodes)
+    fp32_ms = latency_ms(fp32, args.iters, args.threads) if args.latency else None
+    print(f"{len(nodes)} weighted nodes\n\n| first nodes kept fp32 | weights fp32 | agreement | agreement (all) "
+          "| mean cosine | batch-1 ms | x fp32 |\n|---|---|---|---|---|---|---|")
+    for k in [0, *counts]:
+        exclude = [name for group, _ in nodes[:k] for name in group]
+        path, agree, cos = int8(exclude, f"first{k}.onnx")
+        agree_all = agree if args.optimization == "all" else float(
+            ((embed(path, pixels) @ head.T).argmax(1) == top1).mean())
+        ms = latency_ms(path, args.iters, args.threads) if args.latency else None
+        timing = f"{ms:.3f} | {ms / fp32_ms:.2f}" if ms is not None else "- | -"
+        print(f"| {k} (last: {nodes[k - 1][0][0] if k else '-'}) | {sum(s for _, s in nodes[:k]) / total:.1%} "
+              f"| {agree:.1%} | {agree_all:.1%} | {cos:.5f} | {timing} |", flush=True)
+    if fp32_ms is not None:
+        print(f"| fp32 graph | 100 % | 100 % | 100 % | 1 | {fp32_ms:.3f} | 1 |")
 
 
 if __name__ == "__main__":

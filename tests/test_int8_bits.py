@@ -86,3 +86,19 @@ def test_perturbations_stay_within_their_pixel_levels_and_jpeg_changes_the_image
         resaved = out[f"re-saved as JPEG, quality {quality}"]
         assert resaved.shape == clean.shape and np.abs(resaved - clean).max() > 0.01
     assert script.jpeg_resaved(decoded[0], 95).size == (16, 16)
+
+
+def test_half_rows_leave_each_half_in_float_in_turn_and_restore_every_site():
+    class Site:
+        in_float = False
+
+    sites = [Site() for _ in range(5)]
+    seen = []
+
+    def row(name):
+        seen.append((name, [s.in_float for s in sites]))
+
+    _script().half_rows(sites, row)
+    assert seen == [("the first 2 sites in float (stem and early blocks)", [True, True, False, False, False]),
+                    ("the last 3 sites in float", [False, False, True, True, True])]
+    assert not any(s.in_float for s in sites)
