@@ -44,34 +44,9 @@ from benchmarks.onnx_latency import batch1_latency  # noqa: E402
 from clipcore.imaging import decode_image  # noqa: E402
 from exports.interface import IMAGE_ENCODER  # noqa: E402
 from exports.onnx_export import export_image_encoder  # noqa: E402
-from exports.precision import ImageCalibrationReader, quantize_int8_static  # noqa: E402
+from exports.precision import ImageCalibrationReader, quantize_int8_static, weighted_nodes  # noqa: E402
 from exports.qat_ranges import activation_ranges  # noqa: E402
 from students import load_model  # noqa: E402
-
-WEIGHTED = ("Conv", "MatMul", "Gemm")
-
-
-def weighted_nodes(path: Path) -> list[tuple[list[str], int]]:
-    """(node names, weight elements) of every Conv/MatMul/Gemm with a constant weight, in graph order.
-
-    A node whose only reader is a Clip or Relu comes with it: kept fp32 alone, the convolution would
-    hand the quantiser its activation's *input*, negative values and all, and that activation's int8
-    range would then cover what ReLU6 discards (the placement exports/precision.py avoids).
-    """
-    graph = onnx.load(str(path)).graph
-    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    out = []
-    for n in graph.node:
-        if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in sizes:
-            after = readers.get(n.output[0], [])
-            act = [after[0].name] if len(after) == 1 and after[0].op_type in ("Clip", "Relu") else []
-            out.append(([n.name, *act], sizes[n.input[1]]))
-    return out
-
 
 def latency_ms(path: Path, iters: int, threads: int = 2) -> float:
     """Median batch-1 milliseconds (benchmarks/onnx_latency.py's timing)."""
@@ -114,7 +89,7 @@ def main() -> None:
             emb = embed(out, pixels, optimization)
             return out, float(((emb @ head.T).argmax(1) == top1).mean()), float((emb * ref).sum(1).mean())
 
-        nodes = weighted_nodes(fp32)
+        nodes = weighted_nodes(onnx.load(str(fp32)).graph)
         total = sum(size for _, size in nodes)
         if args.first:
             prefix_rows(nodes, [int(k) for k in args.first.split(",")], int8, fp32, args, pixels, head, top1)

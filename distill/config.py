@@ -179,6 +179,9 @@ class ExportConfig:
     variants: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
     parity_limit: int | None = 1000  # evaluation images for the parity report (None: the whole split)
     calibration_limit: int = 128  # static int8: seeded random training images (seed = the run's seed)
+    # static int8: keep the first N weighted layers (Conv/MatMul/Gemm, graph order) fp32, a mixed graph that rounds
+    # less where rounding flips the most top-1 decisions, at some of int8's speed and size (docs/edge-bundle.md)
+    int8_float_layers: int = 0
     bundle_precision: str | None = "int8"  # edge bundle of this variant (one of `variants`) if it passed its gate
     bundle_text: bool = False  # open vocabulary: gate and ship the text encoder + tokenizer (predict --classes)
     # an image-only student's text side for the export: a text student directory (python -m distill.text_student)
@@ -196,6 +199,8 @@ class ExportConfig:
                               f"export.variants={self.variants!r}; add it there or set export.bundle_precision=null")
         if self.calibration_limit < 1:
             raise ConfigError(f"export.calibration_limit must be >= 1, got {self.calibration_limit}")
+        if self.int8_float_layers < 0:
+            raise ConfigError(f"export.int8_float_layers must be >= 0, got {self.int8_float_layers}")
 
 
 @dataclass

@@ -149,7 +149,7 @@ def export_student(cfg: TrainConfig, teacher: DualEncoder, student: DualEncoder,
                               bundle_precision=cfg.export.bundle_precision, gates=cfg.export.gates,
                               calibration=calibration_spec(cfg),
                               calibration_limit=cfg.export.calibration_limit, bundle_text=cfg.export.bundle_text,
-                              reference=reference)
+                              reference=reference, int8_float_layers=cfg.export.int8_float_layers)
     log.info("parity %s; report: %s%s\n%s", "PASSED" if result.passed else "FAILED", result.report_paths["html"],
              f"; edge bundle: {result.bundle}" if result.bundle else "", result.summary)
     return result.passed

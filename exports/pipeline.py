@@ -45,7 +45,8 @@ def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec,
                      bundle_precision: str | None = None,
                      gates: Mapping[str, Mapping[str, float | None]] | None = None,
                      calibration: DataSpec | None = None, calibration_limit: int = 128,
-                     bundle_text: bool = False, reference: DualEncoder | None = None) -> ExportResult:
+                     bundle_text: bool = False, reference: DualEncoder | None = None,
+                     int8_float_layers: int = 0) -> ExportResult:
     """Parity of every variant against the teacher and the torch student; bundle a kept precision.
 
     Args:
@@ -56,13 +57,14 @@ def export_and_check(teacher: DualEncoder, student: DualEncoder, data: DataSpec,
             int8 one when it passed its gate, else the fp32 one.
         reference: the torch model the variants must agree with, if not ``student``
             (:func:`exports.parity.run_parity`).
+        int8_float_layers: static int8 keeps the first this many weighted layers fp32 (a mixed graph).
     """
     out_dir = Path(out_dir)
     cal = {} if calibration is None else {"calibration_data": calibration.path,
                                           "calibration_split": calibration.split or "train",
                                           "calibration_seed": calibration.shuffle_seed or 0}
     settings = ParitySettings(templates=templates, classnames=classnames, calibration_limit=calibration_limit,
-                              text_encoder=bundle_text, **cal)
+                              text_encoder=bundle_text, int8_float_layers=int8_float_layers, **cal)
     # Everything is built in a directory beside out_dir and renamed into place at the end: the
     # previous export (its report, ONNX files and bundle) never survives next to this one's
     staging = out_dir.parent / f".tmp-{out_dir.name}"

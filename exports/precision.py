@@ -343,6 +343,45 @@ class ImageCalibrationReader(ArrayCalibrationReader):
 STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "Clip", "Relu")
 
 
+WEIGHTED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+def weighted_nodes(graph: onnx.GraphProto) -> list[tuple[list[str], int]]:
+    """(node names, weight elements) of every Conv/MatMul/Gemm with a constant weight, in graph order.
+
+    A node whose only reader is a Clip or Relu comes with it: kept fp32 alone, the convolution would
+    hand the quantiser its activation's *input*, negative values and all, and that activation's int8
+    range would then cover what ReLU6 discards (the placement of :data:`STATIC_OP_TYPES`).
+    """
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    out = []
+    for n in graph.node:
+        if n.op_type in WEIGHTED_OP_TYPES and len(n.input) > 1 and n.input[1] in sizes:
+            after = readers.get(n.output[0], [])
+            act = [after[0].name] if len(after) == 1 and after[0].op_type in ("Clip", "Relu") else []
+            out.append(([n.name, *act], sizes[n.input[1]]))
+    return out
+
+
+def float_prefix_nodes(graph: onnx.GraphProto, layers: int) -> list[str]:
+    """The nodes a mixed int8 graph keeps fp32: the first ``layers`` weighted nodes (:func:`weighted_nodes`, graph
+    order) with their activations. One region from the input on, so no float node sits between a DequantizeLinear
+    and a QuantizeLinear, which onnxruntime's CPU provider would fuse back into an int8 kernel.
+
+    Raises:
+        ValueError: ``layers`` below 0 or above the graph's weighted nodes.
+    """
+    nodes = weighted_nodes(graph)
+    if not 0 <= layers <= len(nodes):
+        raise ValueError(f"int8_float_layers={layers}: expected 0 to {len(nodes)} (the graph's Conv/MatMul/Gemm "
+                         "nodes with constant weights)")
+    return [name for group, _ in nodes[:layers] for name in group]
+
+
 def quantize_int8_static(
     src: str | Path,
     dst: str | Path,
@@ -356,6 +395,7 @@ def quantize_int8_static(
     nodes_to_exclude: Sequence[str] = (),
     reduce_range: bool | None = None,
     ranges: ActivationRanges | None = None,
+    float_layers: int = 0,
 ) -> Path:
     """Calibrated int8 in QDQ format (QuantizeLinear/DequantizeLinear pairs around each op).
 
@@ -368,6 +408,9 @@ def quantize_int8_static(
             onnxruntime recommends there; the file then suits the CPU it was made and checked on.
         ranges: a QAT student's learnt activation ranges (:mod:`exports.qat_ranges`): they replace the
             calibrated range of every tensor they match, so the graph rounds as the student trained.
+        float_layers: keep the first this many weighted layers fp32 (:func:`float_prefix_nodes`): a mixed
+            graph that rounds less where rounding flips the most decisions, at some of int8's speed and size
+            (docs/edge-bundle.md).
     """
     if reduce_range is None:
         reduce_range = saturates(cpu_int8_dot())
@@ -387,7 +430,7 @@ def quantize_int8_static(
             activation_type=_qtype(activation_type),
             weight_type=_qtype(weight_type),
             calibrate_method=methods[method],
-            nodes_to_exclude=list(nodes_to_exclude),
+            nodes_to_exclude=[*float_prefix_nodes(onnx.load(str(pre)).graph, float_layers), *nodes_to_exclude],
             reduce_range=reduce_range,
             extra_options=extra,
         )

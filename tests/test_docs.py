@@ -166,7 +166,7 @@ def run_entry(target: str, argv: list[str]) -> None:
     def load_config(path=None, overrides=()):
         raise _Parsed(real_load(path, overrides))
 
-    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    saved_argv, saved_path, imported = sys.argv[:], sys.path[:], set(sys.modules)
     sys.argv = [target, *argv]
     argparse.ArgumentParser.parse_args, config_mod.load_config = parse_args, load_config
     try:
@@ -188,6 +188,11 @@ def run_entry(target: str, argv: list[str]) -> None:
     finally:
         argparse.ArgumentParser.parse_args, config_mod.load_config = real_parse, real_load
         sys.argv[:], sys.path[:] = saved_argv, saved_path
+        # a project module first imported under the patch holds the patched load_config (`from distill.config import
+        # load_config`): forget it, so that a later test imports it afresh with the real one
+        for name in set(sys.modules) - imported:
+            if name.split(".")[0] in ("distill", "clipcore", "students", "exports", "benchmarks"):
+                del sys.modules[name]
 
 
 def uses_argparse(target: str) -> bool:

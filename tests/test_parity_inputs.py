@@ -72,3 +72,12 @@ def test_variant_lists_and_user_graphs_are_checked_before_any_work(tmp_path):
         check_variant_names(["fp32", "int8", "fp32"])
     with pytest.raises(ParityInputError, match=r"--onnx names \['student', 'fp16'\] clash with built-in subjects"):
         check_onnx_files({"student": tmp_path / "a.onnx", "fp16": tmp_path / "b.onnx", "mine": tmp_path / "c.onnx"})
+
+
+def test_int8_float_layers_come_from_the_cli_and_are_checked():
+    from exports.parity.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["--teacher", "t", "--student", "s", "--data", "d", "--int8-float-layers", "13"])
+    assert settings_from_args(args).int8_float_layers == 13
+    with pytest.raises(ParityInputError, match="int8_float_layers"):
+        ParitySettings(int8_float_layers=-1)

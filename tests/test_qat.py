@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from exports.precision import ArrayCalibrationReader, quantize_int8_static
+from exports.precision import ArrayCalibrationReader, float_prefix_nodes, quantize_int8_static, weighted_nodes
 from exports.runtime import load_session
 from students.qat import ActivationQuant, LearnedRange, conv_norm_pairs, fold_batchnorm, prepare_qat, trace_calls, uint8_grid
 
@@ -389,7 +389,7 @@ def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
     root = saved[0]
     first = {}
     export = ["export.enabled=true", "export.variants=fp32,int8", "export.parity_limit=8", "export.calibration_limit=8",
-              "export.fail_on_gate=false"]
+              "export.fail_on_gate=false", "export.int8_float_layers=1"]
     for target in ("teacher", "self"):
         out = tmp_path / target
         train(["--config", str(root / "empty.yaml"),
@@ -410,6 +410,9 @@ def test_qat_self_target_learns_the_fp32_students_own_outputs(saved, tmp_path):
     # the ranges it trained under are saved with it and replace calibration in the int8 export
     assert set(final.image_tower.qat_ranges) == set(json.loads((tmp_path / "self" / "final" / "qat_ranges.json").read_text()))
     assert "activation ranges from QAT" in rows["int8"]["reason"]
+    assert "the first 1 weighted layers fp32" in rows["int8"]["reason"]  # export.int8_float_layers reached it
+    with pytest.raises(ConfigError, match="export.int8_float_layers must be >= 0, got -1"):
+        load_config(None, _overrides(saved, tmp_path / "n", "export.int8_float_layers=-1"))
     assert "qat_ranges.json" not in [p.name for p in (root / "start").iterdir()]  # only QAT students carry them
     cfg = load_config(None, _overrides(saved, tmp_path / "o", "qat.target=self"))
     from distill.task import DistillTask
@@ -612,3 +615,38 @@ def test_set_ranges_refuses_sites_the_model_does_not_have():
     handle.set_ranges(handle.ranges())
     with pytest.raises(ValueError, match=r"ckpt/qat_ranges.json: QAT ranges for sites this model does not have: \['out:nowhere'\]"):
         handle.set_ranges({"out:nowhere": [0.0, 1.0]}, source="ckpt/qat_ranges.json")
+
+
+def test_int8_float_layers_keep_a_prefix_of_the_graph_fp32(tmp_path):
+    """``float_layers``: the first weighted layers (with their ReLU6) stay fp32, their weights unquantised, and the
+    rest is int8; every layer fp32 gives the fp32 graph's outputs; a count past the graph's layers is refused."""
+    net, x = _net(), _pixels(32)
+    fp32_path = tmp_path / "fp32.onnx"
+    torch.onnx.export(_Head(net), (x,), str(fp32_path), input_names=["pixel_values"], output_names=["image_embeds"],
+                      dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17, dynamo=False)
+    layers = weighted_nodes(onnx.load(str(fp32_path)).graph)
+    assert [len(group) for group, _ in layers] == [2, 2, 1, 1]  # stem + ReLU6, dw + ReLU6, proj, head
+    assert float_prefix_nodes(onnx.load(str(fp32_path)).graph, 1) == layers[0][0]
+    calibration = [{"pixel_values": x.numpy()}]
+    fp32 = load_session(fp32_path).run(None, {"pixel_values": x.numpy()})[0]
+
+    def mixed(k: int) -> tuple[onnx.GraphProto, np.ndarray]:
+        path = quantize_int8_static(fp32_path, tmp_path / f"first{k}.onnx", ArrayCalibrationReader(calibration),
+                                    reduce_range=False, float_layers=k)
+        out = load_session(path, optimization="disable").run(None, {"pixel_values": x.numpy()})[0]
+        return onnx.load(str(path)).graph, out
+
+    def quantised_weights(graph: onnx.GraphProto) -> list[str]:
+        dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        return [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in dq_outputs]
+
+    names = [group[0] for group, _ in layers]
+    for k in (0, 2):
+        graph, _ = mixed(k)
+        assert quantised_weights(graph) == names[k:]
+        assert sum(n.op_type == "Clip" for n in graph.node) == k  # a float ReLU6 stays; an int8 one is its range
+    graph, out = mixed(len(layers))
+    assert quantised_weights(graph) == [] and not any(n.op_type == "QuantizeLinear" for n in graph.node)
+    np.testing.assert_allclose(out, fp32, atol=1e-5)
+    with pytest.raises(ValueError, match="int8_float_layers=5: expected 0 to 4"):
+        mixed(5)

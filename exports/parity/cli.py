@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-split", default="train", help="int8-static calibration images (default: train)")
     p.add_argument("--calibration-limit", type=int, default=128)
     p.add_argument("--calibration-data", default=None, help="calibration dataset (default: --data)")
+    p.add_argument("--int8-float-layers", type=int, default=0, metavar="N",
+                   help="int8-static: keep the first N weighted layers fp32, a mixed graph (default 0: all int8)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before the batch-1 latency runs")
     p.add_argument("--iters", type=int, default=20, help="timed batch-1 runs (p50/p95 over these)")
@@ -120,7 +122,8 @@ def settings_from_args(args: argparse.Namespace) -> ParitySettings:
         templates=args.templates, classnames=args.classnames, batch_size=args.batch_size, warmup=args.warmup,
         iters=args.iters, throughput_batch=args.throughput_batch, throughput_iters=args.throughput_iters,
         threads=args.threads, calibration_split=args.calibration_split, calibration_limit=args.calibration_limit,
-        calibration_data=args.calibration_data, calibration_seed=args.seed, text_encoder=args.text_encoder,
+        calibration_data=args.calibration_data, calibration_seed=args.seed, int8_float_layers=args.int8_float_layers,
+        text_encoder=args.text_encoder,
         max_flips=args.max_flips, keep_rejected=args.keep_rejected,
     )
 

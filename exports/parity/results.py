@@ -35,6 +35,8 @@ class ParitySettings:
         calibration_data: where the calibration images come from (default: the evaluation data's
             path); the trainer passes its training set.
         calibration_seed: seed of the calibration subset.
+        int8_float_layers: ``int8-static`` keeps the first this many weighted layers fp32 (a mixed graph,
+            :func:`exports.precision.float_prefix_nodes`); 0: every layer int8.
         max_flips: per variant, at most this many flipped images (with thumbnails) in the report.
         text_encoder: also export, gate and time the text encoder an open-vocabulary bundle ships
             (subjects ``text-fp32``, ``text-int8``; see :mod:`exports.text_parity`).
@@ -53,6 +55,7 @@ class ParitySettings:
     calibration_limit: int = 128
     calibration_data: str | None = None
     calibration_seed: int = 0
+    int8_float_layers: int = 0
     text_encoder: bool = False
     max_flips: int = 12
     keep_rejected: bool = False
@@ -61,7 +64,9 @@ class ParitySettings:
         counts = {"batch_size": self.batch_size, "iters": self.iters, "throughput_batch": self.throughput_batch,
                   "throughput_iters": self.throughput_iters, "calibration_limit": self.calibration_limit}
         bad = {k: v for k, v in counts.items() if v < 1} | {k: v for k, v in (("warmup", self.warmup),
-                                                                            ("max_flips", self.max_flips)) if v < 0}
+                                                                            ("max_flips", self.max_flips),
+                                                                            ("int8_float_layers",
+                                                                             self.int8_float_layers)) if v < 0}
         if bad:
             raise ParityInputError(f"settings must be positive counts: {bad}")
         try:

@@ -36,20 +36,24 @@ def ranges_note(ranges: ActivationRanges) -> str:
 
 def cpu_variant(name: str, fp32: Path, student: Subject, head: np.ndarray, onnx_dir: Path,
                 calibration: Callable[[], ArrayCalibrationReader], threads: int | None,
-                ranges: ActivationRanges | None = None) -> Subject:
+                ranges: ActivationRanges | None = None, float_layers: int = 0) -> Subject:
     """Write and open one onnxruntime CPU variant; a failure becomes an ``error`` subject.
 
     ``int8`` is reported under its name with the precision of the scheme it chose, and why.
     ``ranges``: a QAT student's activation ranges, used by static int8 instead of calibrated ones.
+    ``float_layers``: static int8 keeps the first this many weighted layers fp32.
     """
     path = fp32 if name == "fp32" else onnx_dir / f"image_encoder.{name}.onnx"
     scheme, why = choose_int8_scheme(fp32) if name == AUTO_INT8 else (name, None)
+    static = scheme == "int8-static"
     try:
         if name != "fp32":
-            make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None, ranges=ranges)
+            extra = {"float_layers": float_layers} if static and float_layers else {}
+            make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None, ranges=ranges, **extra)
         subject = onnx_subject(name, scheme, path, student, head, owns_file=True, threads=threads)
-        learnt = ranges_note(ranges) if ranges is not None and scheme == "int8-static" else None
-        subject.reason = ", ".join(filter(None, [why, learnt])) or None
+        learnt = ranges_note(ranges) if ranges is not None and static else None
+        mixed = f"the first {float_layers} weighted layers fp32" if static and float_layers else None
+        subject.reason = ", ".join(filter(None, [why, learnt, mixed])) or None
         return subject
     except Exception as exc:  # quantiser and converter errors are reported, not fatal
         return failed_subject(name, scheme, "error", error_text(exc), "onnxruntime-cpu")
@@ -134,7 +138,8 @@ def build_variants(student: DualEncoder, reference: Subject, head: np.ndarray, d
     out = []
     for name in variants:
         if name in VARIANT_PRECISIONS:
-            out.append(cpu_variant(name, fp32, reference, head, onnx_dir, calibration, settings.threads, ranges))
+            out.append(cpu_variant(name, fp32, reference, head, onnx_dir, calibration, settings.threads, ranges,
+                                   settings.int8_float_layers))
         else:
             out.append(accelerated_variant(name, fp32, reference, head, info, input_shape=shape, max_batch=max_batch,
                                            cache_dir=onnx_dir / "trt_cache", threads=settings.threads))
