@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
 README_LIMIT = 250
@@ -303,9 +305,7 @@ def test_readme_shape():
 
 
 def test_configuration_reference_is_current():
-    spec = importlib.util.spec_from_file_location("config_reference", REPO / "scripts" / "config_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/config_reference.py")
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == module.render(), "docs/configuration.md is out of date: run python scripts/config_reference.py"
 

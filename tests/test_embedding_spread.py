@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -12,15 +9,11 @@ import yaml
 from clipcore.testing import make_tiny_clip
 from students import build_student, load_model, save_student
 from tests.datagen import write_captions, write_labelled
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("embedding_spread", REPO / "benchmarks" / "embedding_spread.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/embedding_spread.py")
 
 
 def test_centring_and_the_mean_resultant_length():

@@ -28,14 +28,9 @@ def test_flops_scale_with_resolution(tmp_path):
 def test_input_side_cost_shows_the_padding_jump(capsys):
     """benchmarks/input_side_cost.py: Lite0's cost jumps between 64 and 68 px (its last feature map goes
     from 2x2 to 3x3 under TF-style "same" padding), far more than the 13 % more pixels."""
-    import importlib.util
-    from pathlib import Path
+    from tests.scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "input_side_cost.py"
-    spec = importlib.util.spec_from_file_location("input_side_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.main(["--student", "efficientnet-lite0-64", "--sides", "64,68"])
+    rows = load_script("benchmarks/input_side_cost.py").main(["--student", "efficientnet-lite0-64", "--sides", "64,68"])
     at64, at68 = (r["gflops"] for r in rows)
     assert 0.06 < at64 < 0.07 and at68 > 1.5 * at64
     assert "| efficientnet-lite0-64 | 68 px |" in capsys.readouterr().out

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _script():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports int8_placement from beside it
-    try:
-        spec = importlib.util.spec_from_file_location("int8_bits", REPO / "benchmarks" / "int8_bits.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return module
+    return load_script("benchmarks/int8_bits.py")
 
 
 def test_margin_rows_count_flips_and_scale_the_margins(capsys):

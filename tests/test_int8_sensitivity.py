@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("int8_sensitivity", REPO / "benchmarks" / "int8_sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/int8_sensitivity.py")
 
 
 def test_prefix_rows_exclude_the_first_nodes_with_their_activations(capsys):
