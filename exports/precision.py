@@ -430,7 +430,8 @@ def quantize_int8_static(
             activation_type=_qtype(activation_type),
             weight_type=_qtype(weight_type),
             calibrate_method=methods[method],
-            nodes_to_exclude=[*float_prefix_nodes(onnx.load(str(pre)).graph, float_layers), *nodes_to_exclude],
+            nodes_to_exclude=[*(float_prefix_nodes(onnx.load(str(pre)).graph, float_layers) if float_layers else ()),
+                              *nodes_to_exclude],
             reduce_range=reduce_range,
             extra_options=extra,
         )
@@ -453,12 +454,13 @@ def quantize_w8a16(src: str | Path, dst: str | Path, calibration: CalibrationDat
 
 def make_variant(
     src: str | Path, dst: str | Path, precision: str, calibration: CalibrationDataReader | None = None,
-    ranges: ActivationRanges | None = None, **kwargs: Any
+    ranges: ActivationRanges | None = None, float_layers: int = 0, **kwargs: Any
 ) -> Path:
     """Write ``src`` (an fp32 graph) at ``precision`` (one of :data:`VARIANT_PRECISIONS`) to ``dst``.
 
     ``int8`` resolves to a concrete scheme first (:func:`exports.int8_scheme.choose_int8_scheme`).
-    ``ranges`` (a QAT student's activation ranges) apply to ``int8-static`` only.
+    ``ranges`` (a QAT student's activation ranges) and ``float_layers`` (leading layers kept fp32) apply to
+    ``int8-static`` only.
     """
     precision = resolve_precision(precision, src) if precision == AUTO_INT8 else precision
     if precision == "fp32":
@@ -472,7 +474,7 @@ def make_variant(
     if precision in CALIBRATED and calibration is None:
         raise ValueError(f"precision {precision!r} needs calibration data (e.g. an ImageCalibrationReader)")
     if precision == "int8-static":
-        return quantize_int8_static(src, dst, calibration, ranges=ranges, **kwargs)
+        return quantize_int8_static(src, dst, calibration, ranges=ranges, float_layers=float_layers, **kwargs)
     if precision == W8A16:
         return quantize_w8a16(src, dst, calibration, **kwargs)
     raise ValueError(f"precision {precision!r}; expected one of {VARIANT_PRECISIONS}")

@@ -48,8 +48,8 @@ def cpu_variant(name: str, fp32: Path, student: Subject, head: np.ndarray, onnx_
     static = scheme == "int8-static"
     try:
         if name != "fp32":
-            extra = {"float_layers": float_layers} if static and float_layers else {}
-            make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None, ranges=ranges, **extra)
+            make_variant(fp32, path, scheme, calibration() if scheme in CALIBRATED else None, ranges=ranges,
+                         float_layers=float_layers)
         subject = onnx_subject(name, scheme, path, student, head, owns_file=True, threads=threads)
         learnt = ranges_note(ranges) if ranges is not None and static else None
         mixed = f"the first {float_layers} weighted layers fp32" if static and float_layers else None
